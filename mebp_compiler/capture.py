@@ -1,0 +1,346 @@
+"""Trace the whole LoRA training step (forward, loss, backward) into one TrainingGraph.
+
+The step is traced once with `make_fx` over a function that runs the model with
+`torch.func.functional_call` and returns the loss and `torch.autograd.grad` of it with
+respect to the LoRA parameters. Every weight, buffer and batch tensor is a graph input, so
+weights can later be streamed rather than baked in.
+
+Each node is attributed to the module it came from and to its transformer block:
+forward ops through module hooks that annotate the trace (`torch.fx.traceback.annotate`),
+backward ops through autograd-node pre-hooks that carry over the annotation of the
+forward op that created the autograd node (matched by autograd sequence number).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.func import functional_call
+from torch.utils.flop_counter import flop_registry
+from torch.utils._pytree import tree_flatten
+
+from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
+from mebp_compiler.models import decoder_layers
+
+#: Largest tensor allowed as a constant inside the graph; anything bigger is a weight
+#: that was baked in and could not be streamed.
+MAX_CONSTANT_BYTES = 4096
+
+
+class CaptureError(ValueError):
+    """The model or batch cannot be captured; the message says what to change."""
+
+
+class UnsupportedOpError(CaptureError):
+    """An op in the traced step that the pipeline cannot schedule exactly."""
+
+    def __init__(self, op: str, module: str, reason: str, fix: str) -> None:
+        where = f"module '{module}'" if module else "the model's top level"
+        super().__init__(f"unsupported op {op} in {where}: {reason}. {fix}")
+        self.op = op
+        self.module = module
+
+
+def capture(model: torch.nn.Module, example_batch: Mapping[str, torch.Tensor]) -> TrainingGraph:
+    """Trace one training step of `model` on a batch shaped like `example_batch`.
+
+    `model` is a causal LM whose trainable parameters are the LoRA parameters (e.g. from
+    `mebp_compiler.models.add_lora`); `example_batch` holds `input_ids` and `labels`,
+    int64 tensors of the same [batch, seq] shape. Values do not matter, only shapes: the
+    trace runs on fake tensors.
+    """
+    input_ids, labels = _check_batch(example_batch)
+    if getattr(model, "is_gradient_checkpointing", False):
+        raise CaptureError(
+            "the model has transformers' gradient checkpointing enabled; call "
+            "model.gradient_checkpointing_disable() - mebp schedules recomputation itself"
+        )
+    params = dict(model.named_parameters())
+    lora = {k: p for k, p in params.items() if p.requires_grad}
+    if not lora:
+        raise CaptureError(
+            "the model has no trainable parameters: add LoRA adapters first, e.g. "
+            "mebp_compiler.models.add_lora(model)"
+        )
+    frozen = {k: p for k, p in params.items() if not p.requires_grad}
+    frozen.update(dict(model.named_buffers()))
+    specs = (
+        [InputSpec("", Role.FROZEN, k) for k in frozen]
+        + [InputSpec("", Role.LORA, k) for k in lora]
+        + [InputSpec("", Role.BATCH, "input_ids"), InputSpec("", Role.BATCH, "labels")]
+    )
+    flat_inputs = [*frozen.values(), *lora.values(), input_ids, labels]
+    n_frozen, n_lora = len(frozen), len(lora)
+    frozen_names, lora_names = list(frozen), list(lora)
+
+    def step(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state = dict(zip(frozen_names, flat[:n_frozen]))
+        state.update(zip(lora_names, flat[n_frozen : n_frozen + n_lora]))
+        ids, lbl = flat[n_frozen + n_lora :]
+        out = functional_call(model, state, (), {"input_ids": ids, "labels": lbl, "use_cache": False})
+        if out.loss is None:
+            raise CaptureError("the model returned no loss for labels=...: is it a causal LM?")
+        annotate_backward(out.loss)
+        grads = torch.autograd.grad(out.loss, flat[n_frozen : n_frozen + n_lora])
+        return (out.loss, *grads)
+
+    tracer_state = _ModuleAnnotator(model, decoder_layers(model))
+    annotate_backward = tracer_state.annotate_backward
+    with tracer_state.installed(), fx_traceback.preserve_node_meta():
+        gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    specs = [InputSpec(p.name, s.role, s.source) for p, s in zip(placeholders, specs, strict=True)]
+    outputs = ["loss", *lora_names]
+    info = _tensor_infos(gm, specs)
+    return TrainingGraph(
+        module=gm,
+        info=info,
+        inputs=specs,
+        outputs=outputs,
+        num_blocks=len(decoder_layers(model)),
+        batch_shape=tuple(input_ids.shape),
+    )
+
+
+def _check_batch(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    missing = {"input_ids", "labels"} - set(batch)
+    if missing:
+        raise CaptureError(f"the batch lacks {sorted(missing)}; pass input_ids and labels")
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    for key, t in (("input_ids", input_ids), ("labels", labels)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2:
+            raise CaptureError(f"batch['{key}'] must be an int64 tensor [batch, seq], got {_describe(t)}")
+    if input_ids.shape != labels.shape:
+        raise CaptureError(
+            f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape"
+        )
+    return input_ids, labels
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+class _ModuleAnnotator:
+    """Hooks that tag every traced op with its module name and transformer block.
+
+    Forward: a pre-hook on every module enters `fx_traceback.annotate({"module", "block"})`
+    and the forward hook leaves it. Each module call also records which autograd sequence
+    numbers were created inside it. Backward: a pre-hook on every autograd node of the loss
+    enters the annotation of the module that created that node.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: torch.nn.ModuleList) -> None:
+        self.model = model
+        self.block_of_layer = {id(layer): i for i, layer in enumerate(layers)}
+        self.origin_of_seq: dict[int, dict[str, Any]] = {}
+        self._open: list[tuple[contextlib.AbstractContextManager, int, dict[str, Any]]] = []
+        self._handles: list[Any] = []
+
+    @contextlib.contextmanager
+    def installed(self):
+        block_stack: list[int | None] = [None]
+        for name, module in self.model.named_modules():
+            block = self.block_of_layer.get(id(module))
+
+            def pre_hook(mod, args, name=name, block=block):
+                if block is not None:
+                    block_stack.append(block)
+                tag = {"module": name, "block": block_stack[-1]}
+                ctx = fx_traceback.annotate(tag)
+                ctx.__enter__()
+                self._open.append((ctx, torch.autograd._get_sequence_nr(), tag))
+
+            def post_hook(mod, args, output, block=block):
+                ctx, start, tag = self._open.pop()
+                ctx.__exit__(None, None, None)
+                for seq in range(start, torch.autograd._get_sequence_nr()):
+                    self.origin_of_seq.setdefault(seq, tag)
+                if block is not None:
+                    block_stack.pop()
+
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
+            self._handles.append(module.register_forward_hook(post_hook))
+        try:
+            yield
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            while self._open:
+                self._open.pop()[0].__exit__(None, None, None)
+
+    def annotate_backward(self, loss: torch.Tensor) -> None:
+        """Hook every autograd node reachable from `loss` to annotate the ops it runs."""
+        seen = set()
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+            tag = self.origin_of_seq.get(node._sequence_nr(), {"module": "", "block": None})
+            open_ctx: list[contextlib.AbstractContextManager] = []
+
+            def pre(grad_outputs, tag=tag, open_ctx=open_ctx):
+                ctx = fx_traceback.annotate(tag)
+                ctx.__enter__()
+                open_ctx.append(ctx)
+
+            def post(grad_inputs, grad_outputs, open_ctx=open_ctx):
+                open_ctx.pop().__exit__(None, None, None)
+
+            node.register_prehook(pre)
+            node.register_hook(post)
+
+
+def _tensor_infos(gm: fx.GraphModule, specs: list[InputSpec]) -> dict[str, TensorInfo]:
+    """Derive a TensorInfo for every node; raise UnsupportedOpError for ops we cannot schedule."""
+    role_of_input = {s.name: s.role for s in specs}
+    output_node = gm.graph.output_node()
+    loss_node = output_node.args[0][0]
+    info: dict[str, TensorInfo] = {}
+    phase = Phase.FORWARD
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        custom = node.meta.get("custom", {})
+        module = custom.get("module", "")
+        block = custom.get("block")
+        if node.op == "placeholder":
+            info[node.name] = make_info(node, role_of_input[node.name], Phase.INPUT)
+            continue
+        if node.op == "get_attr":
+            _check_constant(gm, node, module)
+            info[node.name] = make_info(node, Role.FROZEN, Phase.INPUT)
+            continue
+        _check_op(node, module)
+        if phase == Phase.BACKWARD and block is None:
+            block = _inherited_block(node, info)
+        if node is loss_node:
+            role = Role.LOSS
+        else:
+            role = Role.ACTIVATION if phase == Phase.FORWARD else Role.GRADIENT
+        info[node.name] = make_info(node, role, phase, block=block, module=module)
+        if node is loss_node:
+            phase = Phase.BACKWARD
+    return info
+
+
+def _inherited_block(node: fx.Node, info: dict[str, TensorInfo]) -> int | None:
+    """Block of an engine-inserted backward op (e.g. gradient accumulation): its inputs' block."""
+    for arg in node.all_input_nodes:
+        ti = info.get(arg.name)
+        if ti is not None and ti.phase == Phase.BACKWARD and ti.block is not None:
+            return ti.block
+    return None
+
+
+def _check_constant(gm: fx.GraphModule, node: fx.Node, module: str) -> None:
+    value = getattr(gm, node.target)
+    if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > MAX_CONSTANT_BYTES:
+        raise CaptureError(
+            f"a {tuple(value.shape)} tensor from module '{module}' was baked into the graph as "
+            "a constant; register it as a parameter or buffer so it becomes a streamable input"
+        )
+
+
+def _check_op(node: fx.Node, module: str) -> None:
+    target = node.target
+    if node.op != "call_function":
+        raise UnsupportedOpError(str(target), module, f"node kind '{node.op}' is not expected", "")
+    if target is operator.getitem:
+        return
+    if not isinstance(target, torch._ops.OpOverload):
+        raise UnsupportedOpError(
+            str(target), module, "not an ATen operator",
+            "Report the model class; only ATen ops can be scheduled.",
+        )
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        raise UnsupportedOpError(
+            str(target), module, "it draws random numbers, so a recomputation would differ",
+            "Set dropout probabilities to 0 (LoRA dropout too) or call model.eval().",
+        )
+    if target._schema.is_mutable:
+        raise UnsupportedOpError(
+            str(target), module, "it mutates a tensor in place",
+            "Mutating ops cannot be recomputed safely; use the out-of-place form.",
+        )
+
+
+def make_info(
+    node: fx.Node,
+    role: Role,
+    phase: Phase,
+    *,
+    block: int | None = None,
+    module: str = "",
+    recompute_of: str | None = None,
+) -> TensorInfo:
+    """TensorInfo of `node` from its fake-tensor value (`node.meta['val']`)."""
+    val = node.meta.get("val")
+    outputs = _outputs(val)
+    nbytes = tuple(t.untyped_storage().nbytes() if isinstance(t, torch.Tensor) else 0 for t in outputs)
+    if node.target is operator.getitem:
+        alias: tuple[int | None, ...] = (0,)
+    else:
+        alias = tuple(_alias_input(node, t) if isinstance(t, torch.Tensor) else None for t in outputs)
+    single = isinstance(val, torch.Tensor)
+    return TensorInfo(
+        role=role,
+        phase=phase,
+        shape=tuple(val.shape) if single else None,
+        dtype=str(val.dtype).removeprefix("torch.") if single else None,
+        output_nbytes=nbytes,
+        output_alias=alias,
+        flops=_flops(node, val) if node.op == "call_function" and None in alias else 0,
+        block=block,
+        module=module,
+        recompute_of=recompute_of,
+    )
+
+
+def _outputs(val: Any) -> list[Any]:
+    """A node's outputs by position: one for a tensor, one per element for a tuple/list."""
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return list(val)
+    return []
+
+
+def _alias_input(node: fx.Node, out: torch.Tensor) -> int | None:
+    """Index into node.all_input_nodes of the input whose storage `out` shares, else None."""
+    storage = _storage_id(out)
+    for i, arg in enumerate(node.all_input_nodes):
+        for t in _outputs(arg.meta.get("val")):
+            if isinstance(t, torch.Tensor) and _storage_id(t) == storage:
+                return i
+    return None
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _flops(node: fx.Node, val: Any) -> int:
+    """FLOPs of one op: torch's own counter formulas for matmul-like ops, else one per output element."""
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    if packet in flop_registry:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+        return int(flop_registry[packet](*args, **kwargs, out_val=val))
+    flat, _ = tree_flatten(val)
+    return sum(t.numel() for t in flat if isinstance(t, torch.Tensor))
+

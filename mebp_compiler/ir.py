@@ -1,0 +1,160 @@
+"""The one IR: a whole training step as a torch.fx graph plus per-node `TensorInfo`.
+
+Every pass after capture reads and writes `TrainingGraph`; none reaches back into the
+nn.Module. Node order in `module.graph` is the execution order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+
+class Role(str, enum.Enum):
+    """What a tensor is, for memory accounting."""
+
+    FROZEN = "frozen"  # base-model weight or buffer: a graph input, never trained
+    LORA = "lora"  # trainable LoRA parameter: a graph input
+    BATCH = "batch"  # input ids / labels: a graph input
+    ACTIVATION = "activation"  # computed in the forward (or recomputed for the backward)
+    GRADIENT = "gradient"  # computed in the backward, including the LoRA gradients
+    LOSS = "loss"  # the scalar loss
+    OFFLOADED = "offloaded"  # a handle to a tensor that lives in a file on disk
+
+
+INPUT_ROLES = (Role.FROZEN, Role.LORA, Role.BATCH)
+
+
+class Phase(str, enum.Enum):
+    INPUT = "input"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the scheduler and the memory accounting need to know about one node's output.
+
+    `output_nbytes[i]` is the size in bytes of the storage behind output i, and
+    `output_alias[i]` is None when output i is a fresh allocation or the index into
+    `node.all_input_nodes` of the input whose storage it shares (views). A `getitem`
+    node shares the storage of the element it selects. `flops` is an estimate of the
+    floating-point operations of the op (matmuls exactly, element-wise ops as one per
+    output element).
+    """
+
+    role: Role
+    phase: Phase
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    output_nbytes: tuple[int, ...]
+    output_alias: tuple[int | None, ...]
+    flops: int = 0
+    block: int | None = None
+    module: str = ""
+    recompute_of: str | None = None
+
+    @property
+    def alloc_bytes(self) -> int:
+        """Bytes this node newly allocates when it runs (0 for a pure view)."""
+        return sum(n for n, a in zip(self.output_nbytes, self.output_alias) if a is None)
+
+    @property
+    def is_view(self) -> bool:
+        return bool(self.output_alias) and all(a is not None for a in self.output_alias)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph placeholder: where its value comes from at run time."""
+
+    name: str  # placeholder node name
+    role: Role
+    source: str  # parameter/buffer qualified name, or batch key ("input_ids", "labels")
+
+
+@dataclass
+class TrainingGraph:
+    """A whole training step: inputs = frozen weights, LoRA params, batch; outputs = loss, LoRA grads.
+
+    `outputs` names what each graph output is: "loss" or the qualified name of the LoRA
+    parameter whose gradient it is.
+    """
+
+    module: fx.GraphModule
+    info: dict[str, TensorInfo]
+    inputs: list[InputSpec]
+    outputs: list[str]
+    num_blocks: int
+    batch_shape: tuple[int, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+    def nodes(self) -> list[fx.Node]:
+        """Nodes in execution order."""
+        return list(self.module.graph.nodes)
+
+    def node(self, name: str) -> fx.Node:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, fx.Node]:
+        return {n.name: n for n in self.module.graph.nodes}
+
+    def names_by_role(self, role: Role) -> list[str]:
+        return [name for name, ti in self.info.items() if ti.role == role]
+
+    def names_in_block(self, block: int, phase: Phase | None = None) -> list[str]:
+        return [
+            name
+            for name, ti in self.info.items()
+            if ti.block == block and (phase is None or ti.phase == phase)
+        ]
+
+    def bytes_by_role(self) -> dict[Role, int]:
+        """Bytes allocated over the whole step, by role (every allocation counted once)."""
+        totals: dict[Role, int] = defaultdict(int)
+        for ti in self.info.values():
+            totals[ti.role] += ti.alloc_bytes
+        return dict(totals)
+
+    def saved_activations(self) -> list[str]:
+        """Forward tensors that some backward node reads: what autograd would save."""
+        saved = []
+        for node in self.module.graph.nodes:
+            ti = self.info.get(node.name)
+            if ti is None or ti.phase != Phase.FORWARD or not ti.output_nbytes:
+                continue
+            if any(self.info[u.name].phase == Phase.BACKWARD for u in node.users if u.op != "output"):
+                saved.append(node.name)
+        return saved
+
+    def summary(self) -> str:
+        """A short human-readable description: nodes, blocks, bytes by role."""
+        ops = Counter(n.op for n in self.module.graph.nodes)
+        phases = Counter(ti.phase.value for ti in self.info.values())
+        lines = [
+            f"TrainingGraph: {len(self.module.graph.nodes)} nodes "
+            f"({ops['placeholder']} inputs, {phases['forward']} forward, "
+            f"{phases['backward']} backward), {self.num_blocks} blocks, batch {self.batch_shape}",
+        ]
+        for role, nbytes in sorted(self.bytes_by_role().items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {role.value:<11} {format_bytes(nbytes):>12} allocated")
+        flops = sum(ti.flops for ti in self.info.values())
+        lines.append(f"  {'flops':<11} {flops / 1e9:>10.2f} G")
+        return "\n".join(lines)
+
+    def replace(self, **changes) -> TrainingGraph:
+        return dataclasses.replace(self, **changes)
+
+
+def format_bytes(nbytes: float) -> str:
+    """Bytes as a human size with binary prefixes, e.g. 1536 -> '1.5 KiB'."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,103 @@
+"""`compile()` and `Plan`: capture once, schedule, rewrite, predict memory, then run steps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mebp_compiler.capture import capture
+from mebp_compiler.ir import Role, TrainingGraph
+from mebp_compiler.passes.liveness import MemoryProfile, liveness
+from mebp_compiler.passes.policies import mebp_schedule, none_schedule
+from mebp_compiler.passes.rewrite import rewrite
+from mebp_compiler.runtime import Runtime, StepResult
+from mebp_compiler.schedule import Schedule
+
+POLICIES = ("none", "mebp")
+
+
+class BatchShapeError(ValueError):
+    """A batch whose shape differs from the one the plan was compiled for."""
+
+
+@dataclass
+class Plan:
+    """A compiled training step: the scheduled graph, its schedule and its predicted memory.
+
+    `step(batch)` runs the step on the model's current parameter values (read at every
+    call, so an optimizer may update them in place between steps).
+    """
+
+    model: torch.nn.Module
+    captured: TrainingGraph
+    schedule: Schedule
+    graph: TrainingGraph
+    profile: MemoryProfile
+    runtime: Runtime
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        """Predicted most bytes held at once: inputs (weights, LoRA, batch) plus computed tensors."""
+        return self.profile.peak_bytes
+
+    @property
+    def predicted_peak_activation_bytes(self) -> int:
+        """Predicted peak of computed tensors only (activations, gradients, loss)."""
+        return self.profile.peak_activation_bytes
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self.graph.batch_shape
+
+    def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        return {s.source: params[s.source] for s in self.graph.inputs if s.role == Role.LORA}
+
+    def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
+        """Loss and LoRA gradients of one batch, with the bytes the runtime held."""
+        for key in ("input_ids", "labels"):
+            shape = tuple(batch[key].shape) if key in batch else None
+            if shape != self.batch_shape:
+                raise BatchShapeError(
+                    f"batch['{key}'] has shape {shape}, but the plan was compiled for "
+                    f"{self.batch_shape}; compile again with an example batch of the new shape"
+                )
+        state = dict(self.model.named_parameters())
+        state.update(self.model.named_buffers())
+        inputs = [batch[s.source] if s.role == Role.BATCH else state[s.source] for s in self.graph.inputs]
+        return self.runtime.run(inputs)
+
+
+def compile(
+    model: torch.nn.Module,
+    example_batch: Mapping[str, torch.Tensor],
+    policy: str = "mebp",
+    *,
+    checkpoints: Literal["ram", "disk"] = "ram",
+    offload_dir: str | None = None,
+) -> Plan:
+    """Compile one training step of a LoRA causal LM under a scheduling `policy`.
+
+    `policy` is "none" (keep every saved activation, as plain autograd does) or "mebp"
+    (keep block boundaries only, recompute each block in the backward). With
+    `checkpoints="disk"` the mebp block checkpoints are written to memory-mapped files in
+    `offload_dir` (a temporary directory by default) instead of held in RAM.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if checkpoints not in ("ram", "disk"):
+        raise ValueError(f"checkpoints must be 'ram' or 'disk', got {checkpoints!r}")
+    captured = capture(model, example_batch)
+    schedule = none_schedule(captured) if policy == "none" else mebp_schedule(captured, checkpoints)
+    graph = rewrite(captured, schedule)
+    return Plan(
+        model=model,
+        captured=captured,
+        schedule=schedule,
+        graph=graph,
+        profile=liveness(graph),
+        runtime=Runtime(graph, offload_dir),
+    )

@@ -1,0 +1,1 @@
+"""Graph analyses and rewrites over a TrainingGraph; each module is one pass."""

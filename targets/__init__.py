@@ -1,0 +1,1 @@
+"""Code generators: each target consumes a Plan and writes artifacts."""
