@@ -57,7 +57,7 @@ def capture(model: torch.nn.Module, example_batch: Mapping[str, torch.Tensor]) -
     trace runs on fake tensors.
     """
     input_ids, labels = _check_batch(example_batch)
-    if getattr(model, "is_gradient_checkpointing", False):
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise CaptureError(
             "the model has transformers' gradient checkpointing enabled; call "
             "model.gradient_checkpointing_disable() - mebp schedules recomputation itself"

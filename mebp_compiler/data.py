@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["batches", "load_text", "split_blocks", "token_blocks"]
+__all__ = ["ByteTokenizer", "batches", "load_text", "split_blocks", "token_blocks"]
 
 
 def load_text(source: str | pathlib.Path | None = None) -> str:
@@ -69,6 +69,17 @@ def _jsonl_texts(path: pathlib.Path) -> list[str]:
                 )
             texts.append(record["text"])
     return texts
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (0-255), for models that ship no tokenizer.
+
+    The random-weight and tiny models have no tokenizer of their own; feeding them real
+    text as bytes still gives a learnable next-token task (vocabulary >= 256 required).
+    """
+
+    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
 
 
 def token_blocks(

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mebp_compiler.files import atomic_write_json
+
 SCHEDULE_FORMAT_VERSION = 1
 
 
@@ -87,11 +89,7 @@ class Schedule:
             raise ScheduleError(f"corrupt schedule: {exc!r}; compile the plan again") from exc
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a crash leaves the old file or the new one, never half of one."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json()))
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Schedule:

@@ -1,0 +1,133 @@
+"""Train LoRA parameters with a compiled Plan, save the adapter, plot the loss."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mebp_compiler.ir import format_bytes
+from mebp_compiler.plan import Plan
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class TrainHistory:
+    """Per-step record of a training run. Times in seconds, memory in bytes."""
+
+    loss: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    held_peak_bytes: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-3,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """An optimizer over the LoRA parameters: "adamw" (torch.optim.AdamW) or "sgd"."""
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def train(
+    plan: Plan,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    steps: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    progress: bool = True,
+) -> TrainHistory:
+    """Run `steps` steps of `plan` over `batches`, applying `optimizer` to the LoRA parameters.
+
+    The gradients the plan returns are set as each parameter's `.grad`, then the
+    optimizer steps; the default optimizer is AdamW with lr 1e-3.
+    """
+    lora = plan.lora_parameters()
+    optimizer = optimizer or make_optimizer(lora.values())
+    history = TrainHistory()
+    bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    batch_iter = iter(batches)
+    for _ in range(steps):
+        batch = next(batch_iter)
+        start = time.perf_counter()
+        result = plan.step(batch)
+        for name, param in lora.items():
+            param.grad = result.grads[name]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        history.loss.append(float(result.loss))
+        history.step_s.append(elapsed)
+        history.held_peak_bytes.append(result.held_peak_bytes)
+        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", step=f"{elapsed:.2f}s",
+                        held=format_bytes(result.held_peak_bytes))
+        bar.update()
+    bar.close()
+    return history
+
+
+def save_adapter(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Save the LoRA adapter (peft format, safetensors) atomically to `directory`.
+
+    The adapter is written to a temporary sibling directory and swapped in with a rename,
+    so an interrupted save never leaves a half-written adapter in place of a good one.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def plot_loss(history: TrainHistory, path: str | os.PathLike, title: str = "") -> Path:
+    """Write the loss curve (per step, with a moving average) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(1, len(history.loss) + 1)
+    window = max(1, len(history.loss) // 10)
+    smooth = [
+        sum(history.loss[max(0, i - window + 1) : i + 1]) / len(history.loss[max(0, i - window + 1) : i + 1])
+        for i in range(len(history.loss))
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, history.loss, alpha=0.35, label="loss per step")
+    ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title or "LoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+

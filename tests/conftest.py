@@ -1,0 +1,63 @@
+"""Shared fixtures: small LoRA models, the real SmolLM2, and the autograd reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mebp_compiler import models
+
+# One thread: on a shared 2-core machine two torch threads stall each other badly.
+torch.set_num_threads(1)
+
+TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
+
+
+def lora_model(name: str, seed: int = 0, **lora) -> torch.nn.Module:
+    """A LoRA model whose lora_B is random, so every LoRA gradient is non-zero."""
+    model = models.add_lora(models.load(name, seed=seed), models.LoraSettings(**lora))
+    randomize_lora_b(model, seed)
+    return model
+
+
+def randomize_lora_b(model: torch.nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+
+def random_batch(vocab_size: int, batch: int = 2, seq: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=generator)
+    labels = ids.clone()
+    labels[:, :2] = -100  # ignored positions are part of the contract too
+    return {"input_ids": ids, "labels": labels}
+
+
+def autograd_reference(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of plain eager autograd on the same weights."""
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = model(**batch).loss
+    grads = torch.autograd.grad(loss, list(lora.values()))
+    return loss.detach(), dict(zip(lora, grads))
+
+
+def assert_matches_autograd(result, reference, tol: float = 1e-5) -> None:
+    """Loss and every LoRA gradient equal autograd's: max abs diff <= tol x largest gradient."""
+    ref_loss, ref_grads = reference
+    assert set(result.grads) == set(ref_grads)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    assert scale > 0
+    worst = max((result.grads[n] - g).abs().max().item() for n, g in ref_grads.items())
+    assert worst <= tol * scale, f"max grad diff {worst:.3g} > {tol} x {scale:.3g}"
+    assert abs(result.loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (GGUF weights) with LoRA r=16 and random lora_B."""
+    model = models.add_lora(models.load("smollm2-135m"))
+    randomize_lora_b(model, seed=1)
+    return model

@@ -1,0 +1,93 @@
+"""The side-by-side memory benchmark (bench/memory.py) runs end to end on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench" / "memory.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_memory", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_allocator_peak_counts_a_known_tensor():
+    bench = _bench_module()
+    import torch
+
+    def step():
+        a = torch.empty(100 * 2**20, dtype=torch.uint8)
+        a.fill_(0)
+        del a
+        b = torch.empty(10 * 2**20, dtype=torch.uint8)
+        return b
+
+    peak, b = bench.allocator_peak(step)
+    assert peak == 100 * 2**20
+    assert b.numel() == 10 * 2**20
+    assert bench.allocator_probe() == 150 * 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--model", "tiny-llama", "--seq-len", "32",
+         "--steps", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    return proc, out
+
+
+def test_bench_runs_all_methods(tiny_run):
+    proc, out = tiny_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((out / "memory-tiny-llama-seq32.json").read_text())
+    bench = _bench_module()
+    assert list(data["results"]) == list(bench.METHODS)
+    for method, rec in data["results"].items():
+        assert not rec.get("error"), method
+        assert rec["failures"] == [], method
+        assert rec["env"] == bench.CHILD_ENV
+        assert rec["torch_threads"] == 1
+        assert rec["allocator_peak_bytes"] > 0
+        assert rec["step_median_s"] > 0
+    assert data["failures"] == []
+    assert data["environment"]["subprocess_env"] == bench.CHILD_ENV
+    assert "--model tiny-llama" in data["command"]
+    assert data["results"]["hf-checkpointing"]["layer0_mlp_calls_per_step"] == 2
+    md = (out / "memory-tiny-llama-seq32.md").read_text()
+    assert all(f"| {m} |" in md for m in bench.METHODS)
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in md
+    assert md.strip() in proc.stdout
+
+
+def test_bench_mebp_holds_less_than_none_and_matches_prediction(tiny_run):
+    proc, out = tiny_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "memory-tiny-llama-seq32.json").read_text())["results"]
+    none, mebp = results["mebp-none"], results["mebp-mebp"]
+    assert mebp["held_peak_activation_bytes"] < none["held_peak_activation_bytes"]
+    for rec in (none, mebp):
+        pred = rec["predicted_peak_activation_bytes"]
+        assert abs(rec["held_peak_activation_bytes"] - pred) <= 0.02 * pred
+        assert abs(rec["held_peak_bytes"] - rec["predicted_peak_bytes"]) <= 0.02 * rec["predicted_peak_bytes"]
+
+
+def test_bench_rejects_unknown_method():
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--methods", "eager,bogus"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "bogus" in proc.stderr

@@ -1,0 +1,70 @@
+"""Bad input gives a clear error that says what is wrong and what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mebp_compiler
+from mebp_compiler import models
+from mebp_compiler.capture import CaptureError, UnsupportedOpError
+from mebp_compiler.offload import OffloadError, OffloadStore
+from mebp_compiler.runtime import _HeldStorages
+from mebp_compiler.ir import Role
+from tests.conftest import lora_model, random_batch
+
+
+def test_a_model_without_lora_parameters():
+    model = models.load("tiny-llama")
+    model.requires_grad_(False)
+    with pytest.raises(CaptureError, match="no trainable parameters.*add_lora"):
+        mebp_compiler.compile(model, random_batch(model.config.vocab_size))
+
+
+def test_a_batch_of_another_shape():
+    model = lora_model("tiny-llama")
+    plan = mebp_compiler.compile(model, random_batch(model.config.vocab_size, seq=16))
+    with pytest.raises(mebp_compiler.BatchShapeError, match=r"\(2, 20\).*compiled for \(2, 16\).*compile again"):
+        plan.step(random_batch(model.config.vocab_size, seq=20))
+
+
+def test_a_batch_without_labels():
+    model = lora_model("tiny-llama")
+    with pytest.raises(CaptureError, match="lacks \\['labels'\\]"):
+        mebp_compiler.compile(model, {"input_ids": torch.zeros(1, 8, dtype=torch.int64)})
+
+
+def test_an_unknown_model_name():
+    with pytest.raises(models.UnknownModelError, match="qwen2.5-0.5b"):
+        models.load("qwen2.5-05b")
+
+
+def test_a_random_op_names_itself_and_its_module():
+    model = lora_model("tiny-llama", dropout=0.1)
+    with pytest.raises(UnsupportedOpError, match=r"aten\.\w+.*lora_dropout.*Set dropout probabilities to 0"):
+        mebp_compiler.compile(model, random_batch(model.config.vocab_size))
+
+
+def test_an_unknown_policy():
+    model = lora_model("tiny-llama")
+    with pytest.raises(ValueError, match="unknown policy 'fast'"):
+        mebp_compiler.compile(model, random_batch(model.config.vocab_size), "fast")
+
+
+def test_an_unwritable_offload_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = OffloadStore(tmp_path)
+    store.directory = blocker  # a path under a regular file cannot be created
+    with pytest.raises(OffloadError, match="could not offload 'x'.*offload directory"):
+        store.write(torch.ones(4), "x")
+
+
+def test_views_are_counted_once():
+    held = _HeldStorages()
+    base = torch.zeros(256)
+    held.add(base, Role.ACTIVATION)
+    held.add(base.view(16, 16).t(), Role.ACTIVATION)
+    assert held.bytes_by_role[Role.ACTIVATION] == 1024
+    held.drop(base)
+    assert held.bytes_by_role[Role.ACTIVATION] == 1024

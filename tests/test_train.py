@@ -1,0 +1,84 @@
+"""The trainer, the adapter file, and the `mebp` command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+import mebp_compiler
+from mebp_compiler import models
+from mebp_compiler.cli import main
+from mebp_compiler.train import make_optimizer, save_adapter, train
+from tests.conftest import autograd_reference, lora_model, random_batch
+
+
+def test_trainer_steps_equal_eager_sgd():
+    """Three SGD steps through the plan give the parameters of three eager autograd SGD steps."""
+    compiled, eager = lora_model("tiny-qwen2"), lora_model("tiny-qwen2")
+    batches = [random_batch(compiled.config.vocab_size, seed=s) for s in range(3)]
+    plan = mebp_compiler.compile(compiled, batches[0], "mebp")
+    train(plan, iter(batches), 3, make_optimizer(plan.lora_parameters().values(), "sgd", lr=0.5), progress=False)
+    lora = {n: p for n, p in eager.named_parameters() if p.requires_grad}
+    for batch in batches:
+        _, grads = autograd_reference(eager, batch)
+        with torch.no_grad():
+            for name, param in lora.items():
+                param -= 0.5 * grads[name]
+    compiled_lora = dict(compiled.named_parameters())
+    worst = max((compiled_lora[n] - p).abs().max().item() for n, p in lora.items())
+    assert worst < 1e-5
+
+
+def test_training_lowers_the_loss_on_a_repeated_batch():
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp")
+    history = train(plan, iter([batch] * 15), 15, make_optimizer(plan.lora_parameters().values(), lr=1e-2),
+                    progress=False)
+    assert history.loss[-1] < history.loss[0] - 0.1
+    assert all(h == plan.predicted_peak_bytes for h in history.held_peak_bytes)
+
+
+def test_adapter_loads_back_into_peft(tmp_path):
+    model = lora_model("tiny-gemma3")
+    out = save_adapter(model, tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")  # overwriting an adapter replaces it whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    reloaded = PeftModel.from_pretrained(models.load("tiny-gemma3"), out)
+    expected = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    got = dict(reloaded.named_parameters())
+    assert expected and all(torch.equal(got[n], p) for n, p in expected.items())
+
+
+def test_cli_train_writes_adapter_plot_and_history(tmp_path, capsys):
+    code = main(["train", "--model", "tiny-llama", "--steps", "6", "--seq-len", "32", "--lr", "1e-2",
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history["loss"]) == 6 and history["held_peak_bytes"][0] == history["predicted_peak_bytes"]
+    assert "loss" in capsys.readouterr().err
+
+
+def test_cli_reports_bad_input_without_a_traceback(capsys):
+    assert main(["train", "--model", "qwen-tiny", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model" in err.lower() and "Traceback" not in err
+    assert main(["train", "--model", "tiny-llama", "--data", "/no/such/file.txt", "--steps", "1"]) == 1
+    assert "/no/such/file.txt" in capsys.readouterr().err
+
+
+def test_cli_plan_predicts_memory_on_the_meta_device(capsys):
+    assert main(["plan", "--model", "tiny-gemma3", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "policy none: predicted peak" in out and "policy mebp: predicted peak" in out
+
+
+def test_cli_help_explains_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "train" in capsys.readouterr().out
