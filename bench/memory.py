@@ -66,11 +66,13 @@ methods:
 columns (MiB = 2^20 bytes):
   predicted peak act.   our plans only: the liveness pass's predicted peak of computed
                         tensors (activations, gradients, loss; not weights/LoRA/batch)
-  held peak act.        our plans only: the same peak as measured by the runtime, which
+  runtime-held peak act.
+                        our plans only: the same peak as measured by the runtime, which
                         counts the unique storages it really holds after every op
   predicted peak, all   our plans only: predicted peak of everything held (frozen weights,
                         LoRA params, batch and computed tensors)
-  held peak, all        our plans only: the runtime's measured peak of everything held
+  runtime-held peak, all
+                        our plans only: the runtime's measured peak of everything held
   allocator peak        peak bytes of the tensors allocated during one step by torch's CPU
                         allocator, the same way for every method: one extra step under
                         torch.profiler.profile(profile_memory=True); its allocation (+) and
@@ -89,15 +91,20 @@ columns (MiB = 2^20 bytes):
                         objects of the runtime.
   step / eager          median wall time of the --steps timed steps (after the warm-up step)
                         divided by eager's median, measured in its own subprocess in the same
-                        run (n/a when eager is not among --methods); absolute seconds are in
-                        the JSON.
+                        run (n/a when eager is not among --methods); compile time is not
+                        included; absolute seconds (every step) are in the JSON.
 
 Checks (non-zero exit when one fails): for our plans the runtime's held peaks (all and
 computed-only) equal the predicted ones within 2%; hf-checkpointing really recomputes;
 the backprop methods agree on the loss (1e-4) and on the norm of the LoRA gradients
-(1e-3 relative). The LoRA B matrices are set to seeded small random values (not peft's
-zeros) in every method, so that all LoRA gradients are non-zero and comparable; token ids
-are seeded random ids. Memory and time do not depend on the values.
+(1e-3 relative). The LoRA adapters are drawn after torch.manual_seed(0) and the B
+matrices are set to seeded small random values (not peft's zeros) in every method, so
+that all LoRA gradients are non-zero and comparable; token ids are seeded random ids.
+Memory and time do not depend on the values.
+
+Step times come from different processes run one after the other; on a shared machine
+the load on the other cores drifts, and identical work was seen to vary by ~20% between
+processes: read ratios within ~0.2 of each other as equal.
 
 Output: a markdown table on stdout and in {out}/memory-{model}-seq{N}.md, and every number,
 the environment and the command line in {out}/memory-{model}-seq{N}.json. A progress line
@@ -219,6 +226,7 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
         else:
             base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             rec["checkpointing_api"] = "gradient_checkpointing_enable(use_reentrant=False)"
+    torch.manual_seed(0)  # peft draws lora_A from the global RNG: same adapters in every process
     model = models.add_lora(base_model)
     lora = {k: p for k, p in model.named_parameters() if p.requires_grad}
     gen = torch.Generator().manual_seed(1234)
@@ -329,6 +337,7 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
                 computed = tuple(role for role in Role if role not in INPUT_ROLES)
                 rec["held_peak_bytes"] = r.held_peak_bytes
                 rec["held_peak_activation_bytes"] = r.held_peak_bytes_of(computed)
+                del r  # it holds the LoRA gradients: keep nothing across steps
         else:
             times.append(elapsed)
         del out
@@ -427,9 +436,9 @@ def build_table(records: dict[str, dict[str, Any]]) -> str:
     header = [
         "method",
         "predicted peak act. (MiB)",
-        "held peak act. (MiB)",
+        "runtime-held peak act. (MiB)",
         "predicted peak, all (MiB)",
-        "held peak, all (MiB)",
+        "runtime-held peak, all (MiB)",
         "allocator peak during step (MiB)",
         "RSS over base (MiB)",
         "step time / eager",
@@ -482,6 +491,11 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
     import transformers
 
+    from mebp_compiler import models
+
+    if args.model not in models.MODEL_NAMES:
+        print(f"bench/memory.py: error: {models.UnknownModelError(args.model)}", file=sys.stderr)
+        return 2
     methods = args.methods
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -501,7 +515,8 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
         wall = time.perf_counter() - t0
         if record is None:
             records[method] = {"method": method, "error": tail, "subprocess_wall_s": wall}
-            failures.append(f"{method}: the subprocess failed:\n{tail}")
+            last = tail.strip().splitlines()[-2:] if tail.strip() else ["(no output)"]
+            failures.append(f"{method}: the subprocess failed ({' / '.join(last)}):\n{tail}")
             progress(f"[{i}/{len(methods)}] {method}: FAILED after {wall:.0f} s")
             continue
         record["subprocess_wall_s"] = wall
@@ -542,14 +557,16 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
         f"+ no-grad warm-up forward + gc + malloc_trim(0). Allocator peak: running sum of "
         f"torch.profiler memory events over one step.",
     ]
-    if "eager" in records and not records["eager"].get("error"):
-        notes.append(f"eager step: {records['eager']['step_median_s']:.3g} s.")
     hf = records.get("hf-checkpointing")
     if hf and not hf.get("error"):
         notes.append(
             f"hf-checkpointing: layer 0's MLP ran {hf['layer0_mlp_calls_per_step']}x per step "
             f"(2 = forward + recompute in the backward)."
         )
+    notes.append(
+        "Step times: separate processes run one after the other on a shared machine; "
+        "identical work varied by ~20% between processes, so ratios within ~0.2 are equal."
+    )
     notes.append(
         "Checks: " + ("all passed (held = predicted within 2%; backprop methods agree on loss and "
                       "LoRA grad norm)." if not failures else f"{len(failures)} FAILED, see below.")

@@ -1,5 +1,7 @@
 """mebp-compiler: exact, memory-budgeted LoRA backpropagation, compiled for phones."""
 
+from mebp_compiler.device import DeviceProfile, parse_size
+from mebp_compiler.passes.schedule.solver import BudgetInfeasible
 from mebp_compiler.plan import POLICIES, BatchShapeError, Plan, compile
 
-__all__ = ["POLICIES", "BatchShapeError", "Plan", "compile"]
+__all__ = ["POLICIES", "BatchShapeError", "BudgetInfeasible", "DeviceProfile", "Plan", "compile", "parse_size"]

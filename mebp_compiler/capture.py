@@ -212,6 +212,7 @@ def _tensor_infos(gm: fx.GraphModule, specs: list[InputSpec]) -> dict[str, Tenso
     loss_node = output_node.args[0][0]
     info: dict[str, TensorInfo] = {}
     phase = Phase.FORWARD
+    current_block = None  # block of the latest backward op that had one
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
@@ -226,8 +227,11 @@ def _tensor_infos(gm: fx.GraphModule, specs: list[InputSpec]) -> dict[str, Tenso
             info[node.name] = make_info(node, Role.FROZEN, Phase.INPUT)
             continue
         _check_op(node, module)
-        if phase == Phase.BACKWARD and block is None:
-            block = _inherited_block(node, info)
+        if phase == Phase.BACKWARD:
+            # Ops the autograd engine inserts itself (gradient accumulation) belong to no
+            # module; they run inside the current block's backward, so they join it.
+            block = current_block if block is None else block
+            current_block = block
         if node is loss_node:
             role = Role.LOSS
         else:
@@ -236,15 +240,6 @@ def _tensor_infos(gm: fx.GraphModule, specs: list[InputSpec]) -> dict[str, Tenso
         if node is loss_node:
             phase = Phase.BACKWARD
     return info
-
-
-def _inherited_block(node: fx.Node, info: dict[str, TensorInfo]) -> int | None:
-    """Block of an engine-inserted backward op (e.g. gradient accumulation): its inputs' block."""
-    for arg in node.all_input_nodes:
-        ti = info.get(arg.name)
-        if ti is not None and ti.phase == Phase.BACKWARD and ti.block is not None:
-            return ti.block
-    return None
 
 
 def _check_constant(gm: fx.GraphModule, node: fx.Node, module: str) -> None:

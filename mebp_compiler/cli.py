@@ -17,6 +17,7 @@ EPILOG = """\
 examples:
   mebp train                                  # demo: LoRA on SmolLM2-135M, pydoc text, mebp policy
   mebp train --data notes.txt --steps 200     # your own text (.txt, or .jsonl with a "text" field)
+  mebp compile --model smollm2-135m --budget 700MB   # optimal schedule under a hard cap
   mebp plan --model qwen2.5-0.5b --seq-len 256   # predicted memory of a real-size model (meta device)
 """
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
+    _add_compile(sub)
     _add_plan(sub)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -52,9 +54,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"model to fine-tune (default: %(default)s); one of {', '.join(MODEL_NAMES)}")
     p.add_argument("--seq-len", type=int, default=DEMO_SEQ_LEN, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default: %(default)s)")
-    p.add_argument("--policy", default="mebp", choices=("none", "mebp"),
+    p.add_argument("--policy", default=None, choices=("none", "mebp", "optimal"),
                    help="none: keep every activation (plain autograd's memory); mebp: keep block "
-                        "inputs, recompute each block in the backward (default: %(default)s)")
+                        "inputs, recompute each block in the backward; optimal: the CP-SAT "
+                        "scheduler's least-time keep/recompute/offload plan under --budget "
+                        "(default: optimal with --budget, else mebp)")
+    p.add_argument("--budget", default=None, metavar="SIZE",
+                   help="hard memory cap for the whole step (weights, LoRA, activations), e.g. 300MB, 1GiB")
+    p.add_argument("--device", default="iphone15promax",
+                   help="device profile for the scheduler's cost model: iphone15promax, cpu-local or a JSON file")
     p.add_argument("--checkpoints", default="ram", choices=("ram", "disk"),
                    help="where mebp keeps block checkpoints: RAM, or memory-mapped files (default: %(default)s)")
     p.add_argument("--offload-dir", default=None, help="directory for memory-mapped checkpoints (default: a temporary one)")
@@ -82,6 +90,46 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default=None, help="output directory (default: runs/train-MODEL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser(
+        "compile", help="schedule a training step under a memory budget and save the schedule",
+        description="Capture one training step, schedule it (by default: optimal under --budget) "
+                    "and write the schedule (JSON) and its predicted memory to --out.",
+    )
+    _add_common(p)
+    p.add_argument("--seed", type=int, default=0, help="random-weight seed (default: %(default)s)")
+    p.add_argument("-o", "--out", default=None, help="output directory (default: runs/compile-MODEL)")
+    p.set_defaults(run=_run_compile)
+
+
+def _run_compile(args) -> int:
+    from mebp_compiler.files import atomic_write_json
+    from mebp_compiler.ir import format_bytes
+    from mebp_compiler.passes.cost import step_cost
+    from mebp_compiler.device import DeviceProfile
+
+    out = Path(args.out or f"runs/compile-{args.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    model = _load_lora_model(args, device="meta")  # scheduling needs shapes, not weights
+    ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device="meta")
+    _say(f"capturing and scheduling (policy {_policy(args)}) ...")
+    start = time.perf_counter()
+    plan = _compile(model, {"input_ids": ids, "labels": ids}, args)
+    cost = step_cost(plan.captured, plan.schedule, DeviceProfile.load(args.device))
+    plan.schedule.save(out / "schedule.json")
+    atomic_write_json(out / "memory.json", {
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+        "predicted_peak_activation_bytes": plan.predicted_peak_activation_bytes,
+        "predicted_step_s": cost.total_s, "extra_s": cost.extra_s, "budget": args.budget,
+        "device": args.device, "stats": plan.schedule.stats,
+    })
+    print(plan.profile.report())
+    _say(f"scheduled in {time.perf_counter() - start:.1f} s: predicted peak {format_bytes(plan.predicted_peak_bytes)}, "
+         f"predicted step {cost.total_s:.3f} s on {args.device} ({cost.extra_s:.3f} s of recompute and I/O)")
+    _say(f"wrote {out / 'schedule.json'} and {out / 'memory.json'}")
+    return 0
 
 
 def _add_plan(sub) -> None:
@@ -119,10 +167,9 @@ def _run_train(args) -> int:
     batches = data.batches(blocks, args.batch_size, seed=args.seed)
     example = next(data.batches(blocks, args.batch_size, seed=args.seed))
 
-    _say(f"compiling the training step (policy {args.policy}) ...")
+    _say(f"compiling the training step (policy {_policy(args)}) ...")
     start = time.perf_counter()
-    plan = mebp_compiler.compile(model, example, args.policy, checkpoints=args.checkpoints,
-                                 offload_dir=args.offload_dir)
+    plan = _compile(model, example, args)
     _say(f"compiled in {time.perf_counter() - start:.1f} s: predicted peak "
          f"{format_bytes(plan.predicted_peak_bytes)} (computed tensors "
          f"{format_bytes(plan.predicted_peak_activation_bytes)})")
@@ -131,7 +178,7 @@ def _run_train(args) -> int:
     history = train(plan, batches, args.steps, optimizer, progress=not args.no_progress)
 
     adapter = save_adapter(model, out / "adapter")
-    plot = plot_loss(history, out / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, policy {args.policy}")
+    plot = plot_loss(history, out / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, policy {_policy(args)}")
     atomic_write_json(out / "history.json", {"args": _jsonable(vars(args)), **history.to_json(),
                                               "predicted_peak_bytes": plan.predicted_peak_bytes})
     k = max(1, len(history.loss) // 5)
@@ -159,6 +206,19 @@ def _run_plan(args) -> int:
         print(f"\npolicy {schedule.policy}: predicted peak {format_bytes(profile.peak_bytes)}")
         print(profile.report())
     return 0
+
+
+def _policy(args) -> str:
+    return args.policy or ("optimal" if args.budget else "mebp")
+
+
+def _compile(model, example, args):
+    import mebp_compiler
+
+    policy = _policy(args)
+    return mebp_compiler.compile(model, example, policy, checkpoints=args.checkpoints,
+                                 offload_dir=args.offload_dir, device=args.device,
+                                 budget=args.budget if policy == "optimal" else None)
 
 
 def _say(message: str) -> None:

@@ -11,12 +11,13 @@ import torch
 from mebp_compiler.capture import capture
 from mebp_compiler.ir import Role, TrainingGraph
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
-from mebp_compiler.passes.policies import mebp_schedule, none_schedule
+from mebp_compiler.device import DeviceProfile, parse_size
+from mebp_compiler.passes.policies import mebp_schedule, none_schedule, optimal_schedule
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.runtime import Runtime, StepResult
 from mebp_compiler.schedule import Schedule
 
-POLICIES = ("none", "mebp")
+POLICIES = ("none", "mebp", "optimal")
 
 
 class BatchShapeError(ValueError):
@@ -78,20 +79,35 @@ def compile(
     *,
     checkpoints: Literal["ram", "disk"] = "ram",
     offload_dir: str | None = None,
+    budget: str | int | None = None,
+    device: str | DeviceProfile = "iphone15promax",
+    offload: bool = True,
+    time_limit_s: float = 20.0,
 ) -> Plan:
     """Compile one training step of a LoRA causal LM under a scheduling `policy`.
 
-    `policy` is "none" (keep every saved activation, as plain autograd does) or "mebp"
-    (keep block boundaries only, recompute each block in the backward). With
-    `checkpoints="disk"` the mebp block checkpoints are written to memory-mapped files in
-    `offload_dir` (a temporary directory by default) instead of held in RAM.
+    `policy` is "none" (keep every saved activation, as plain autograd does), "mebp"
+    (keep block boundaries only, recompute each block in the backward; with
+    `checkpoints="disk"` the block checkpoints go to memory-mapped files in `offload_dir`,
+    a temporary directory by default) or "optimal" (the scheduler's least predicted time on
+    `device` whose peak - weights, LoRA, batch and computed tensors - fits `budget`, bytes
+    or a human size such as "300MB"; raises `BudgetInfeasible` naming the least budget).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if checkpoints not in ("ram", "disk"):
         raise ValueError(f"checkpoints must be 'ram' or 'disk', got {checkpoints!r}")
+    if (policy == "optimal") != (budget is not None):
+        raise ValueError("policy 'optimal' needs a budget (e.g. budget='300MB'), and only it takes one")
     captured = capture(model, example_batch)
-    schedule = none_schedule(captured) if policy == "none" else mebp_schedule(captured, checkpoints)
+    if policy == "optimal":
+        profile = device if isinstance(device, DeviceProfile) else DeviceProfile.load(device)
+        schedule = optimal_schedule(captured, parse_size(budget), profile, offload=offload,
+                                    time_limit_s=time_limit_s)
+    elif policy == "none":
+        schedule = none_schedule(captured)
+    else:
+        schedule = mebp_schedule(captured, checkpoints)
     graph = rewrite(captured, schedule)
     return Plan(
         model=model,

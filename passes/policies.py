@@ -1,6 +1,8 @@
 """Fixed scheduling policies, and the sequence that realises any set of decisions.
 
 - `none`: keep every tensor the backward reads (plain autograd's memory).
+- `optimal`: the scheduler's least-time keep / recompute / offload decisions under a
+  hard memory budget (`passes.schedule`).
 - `mebp`: keep only what crosses a transformer-block boundary (each block's input, and
   tensors computed outside the blocks); recompute everything else inside a block just
   before the backward needs it (MeBP, Song & Tang 2025, block-level checkpointing).
@@ -10,9 +12,18 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Literal
 
+import torch.fx as fx
+
+from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import Phase, TrainingGraph
+from mebp_compiler.passes.liveness import liveness
+from mebp_compiler.passes.rewrite import rewrite
+from mebp_compiler.passes.schedule.from_graph import training_dag
+from mebp_compiler.passes.schedule.problem import build_problem
+from mebp_compiler.passes.schedule.solver import BudgetInfeasible, least_budget, solve
 from mebp_compiler.schedule import Decision, Schedule, Step, StepKind
 
 
@@ -59,12 +70,15 @@ def block_boundaries(graph: TrainingGraph) -> list[str]:
 
 
 def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]) -> list[Step]:
-    """The execution sequence that realises `decisions` with recomputation as late as possible.
+    """The execution sequence that realises `decisions`.
 
-    The forward runs as traced; an offloaded tensor is written right after it is produced.
-    The backward runs as traced; before each backward op, every forward tensor it reads
-    that is not kept is brought back: reloaded if offloaded, else recomputed (with its
-    own missing inputs, recursively) just before its first backward use.
+    The forward runs as traced; an offloaded tensor is written right after it is
+    produced. The backward runs as traced, in segments (runs of ops of one transformer
+    block, or of none). Before a segment's first op comes its restore phase: every
+    recomputed or offloaded forward tensor whose first backward use lies in the segment
+    is brought back, in forward order - reloaded if offloaded, else recomputed together
+    with the inputs it lacks (MeBP's "recompute the block just before its backward").
+    Anything else a backward op still lacks (views, mostly) is rebuilt right before it.
     """
     info = graph.info
     nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
@@ -76,15 +90,48 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
         if decisions.get(node.name) == Decision.OFFLOAD:
             sequence.append(Step(StepKind.OFFLOAD, node.name))
 
-    ready = {name for name, d in decisions.items() if d == Decision.KEEP}
+    backward = [n for n in nodes if info[n.name].phase == Phase.BACKWARD]
+    run_of, runs = {}, 0
+    for i, node in enumerate(backward):
+        if i == 0 or info[node.name].block != info[backward[i - 1].name].block:
+            runs += 1
+        run_of[node.name] = runs
+    restore: dict[int, list[fx.Node]] = defaultdict(list)
     for node in nodes:
-        if info[node.name].phase != Phase.BACKWARD:
-            continue
+        if decisions.get(node.name) in (Decision.RECOMPUTE, Decision.OFFLOAD):
+            first = _first_backward_use(node, info, run_of)
+            if first is not None:
+                restore[first].append(node)
+
+    ready = {name for name, d in decisions.items() if d == Decision.KEEP}
+    previous_run = None
+    for node in backward:
+        if run_of[node.name] != previous_run:
+            previous_run = run_of[node.name]
+            for member in restore[previous_run]:
+                _bring_back(member, info, decisions, ready, sequence)
         for arg in node.all_input_nodes:
             _bring_back(arg, info, decisions, ready, sequence)
         sequence.append(Step(StepKind.COMPUTE, node.name))
         ready.add(node.name)
     return sequence
+
+
+def _first_backward_use(node: fx.Node, info, run_of: dict[str, int]) -> int | None:
+    """The backward run that first reads `node`, directly or through forward views of it."""
+    runs = []
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            ti = info.get(user.name)
+            if ti is None:
+                continue
+            if ti.phase == Phase.BACKWARD:
+                runs.append(run_of[user.name])
+            elif ti.is_view:
+                stack.append(user)
+    return min(runs, default=None)
 
 
 def _bring_back(root, info, decisions, ready: set[str], sequence: list[Step]) -> None:
@@ -103,3 +150,39 @@ def _bring_back(root, info, decisions, ready: set[str], sequence: list[Step]) ->
         else:
             stack.append((node, True))
             stack.extend((arg, False) for arg in reversed(node.all_input_nodes))
+
+
+def optimal_schedule(
+    graph: TrainingGraph,
+    budget_bytes: int,
+    device: DeviceProfile,
+    *,
+    time_limit_s: float = 20.0,
+    offload: bool = True,
+) -> Schedule:
+    """Least predicted step time whose peak (all roles, as `liveness` counts it) fits `budget_bytes`.
+
+    Raises `BudgetInfeasible` naming the least budget the scheduler can meet and the
+    tensors live at that schedule's peak.
+    """
+    problem = build_problem(training_dag(graph, device))
+    try:
+        solution = solve(problem, budget_bytes, device, time_limit_s=time_limit_s, offload=offload)
+    except BudgetInfeasible as exc:
+        least = least_budget(problem, device, time_limit_s=time_limit_s, offload=offload)
+        profile = liveness(rewrite(graph, Schedule("least", least.decisions,
+                                                   sequence_from_decisions(graph, least.decisions))))
+        dominated = [(s.owner, s.nbytes) for s in profile.live_at_peak]
+        raise BudgetInfeasible(budget_bytes, exc.least_budget_bytes, dominated) from None
+    schedule = Schedule(
+        "optimal", solution.decisions, sequence_from_decisions(graph, solution.decisions),
+        stats={"budget_bytes": budget_bytes, "predicted_time_s": solution.objective_s,
+               "bound_s": solution.bound_s, "gap": solution.gap, "solver_status": solution.status,
+               "solve_s": solution.solve_s, "model_peak_bytes": solution.model_peak_bytes,
+               "device": device.name},
+    )
+    peak = liveness(rewrite(graph, schedule)).peak_bytes
+    if peak > budget_bytes:
+        raise AssertionError(f"scheduler bug: realised peak {peak} exceeds the budget {budget_bytes} "
+                             f"although the model promised {solution.model_peak_bytes}")
+    return schedule

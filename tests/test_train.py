@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 
 import mebp_compiler
+import mebp_compiler.schedule
 from mebp_compiler import models
 from mebp_compiler.cli import main
 from mebp_compiler.train import make_optimizer, save_adapter, train
@@ -82,3 +83,25 @@ def test_cli_help_explains_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "train" in capsys.readouterr().out
+
+
+def test_compile_optimal_under_a_budget_is_exact_and_fits():
+    model = lora_model("tiny-qwen2")
+    batch = random_batch(model.config.vocab_size)
+    mebp = mebp_compiler.compile(model, batch, "mebp")
+    plan = mebp_compiler.compile(model, batch, "optimal", budget=mebp.predicted_peak_bytes, time_limit_s=5)
+    result = plan.step(batch)
+    assert result.held_peak_bytes <= mebp.predicted_peak_bytes
+    from tests.conftest import assert_matches_autograd
+    assert_matches_autograd(result, autograd_reference(model, batch))
+    with pytest.raises(ValueError, match="needs a budget"):
+        mebp_compiler.compile(model, batch, "optimal")
+
+
+def test_cli_compile_writes_the_schedule_and_refuses_an_infeasible_budget(tmp_path, capsys):
+    assert main(["compile", "--model", "tiny-llama", "--seq-len", "16", "--budget", "2MB", "-o", str(tmp_path)]) == 0
+    schedule = mebp_compiler.schedule.Schedule.load(tmp_path / "schedule.json")
+    memory = json.loads((tmp_path / "memory.json").read_text())
+    assert schedule.policy == "optimal" and memory["predicted_peak_bytes"] <= 2_000_000
+    assert main(["compile", "--model", "tiny-llama", "--seq-len", "16", "--budget", "100KB", "-o", str(tmp_path)]) == 1
+    assert "least feasible budget" in capsys.readouterr().err

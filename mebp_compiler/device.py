@@ -1,0 +1,75 @@
+"""Device profiles: turn FLOPs and bytes into seconds, and say how much memory there is.
+
+A profile is a few numbers in a JSON file; `iphone15promax` and `cpu-local` ship in
+`mebp_compiler/devices/`, and any other file path works too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_size(size: str | int | float) -> int:
+    """Bytes from a human size: 300MB = 300e6, 1GiB = 2**30, a bare number is bytes."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    match = _SIZE.match(size)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {size!r} as a size; write e.g. 300MB, 1.5GiB or 500000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Memory and speed of a target device.
+
+    `flops_per_s` is the attainable arithmetic rate, `memory_bytes_per_s` the DRAM
+    bandwidth (element-wise ops are bound by it), flash rates are for offloaded tensors.
+    `io_overlap` is the fraction of the step's compute time during which flash I/O can
+    run concurrently (1.0: fully asynchronous, 0.0: I/O stalls compute). `op_overhead_s`
+    is the fixed cost of launching one op (so recomputing a view or a tiny op is not
+    free) and `io_latency_s` the fixed cost of one flash write + read round trip.
+    """
+
+    name: str
+    memory_cap_bytes: int
+    flops_per_s: float
+    memory_bytes_per_s: float
+    flash_read_bytes_per_s: float
+    flash_write_bytes_per_s: float
+    io_overlap: float = 1.0
+    op_overhead_s: float = 5e-6
+    io_latency_s: float = 1e-4
+
+    def compute_s(self, flops: float, bytes_moved: float) -> float:
+        """Seconds for one op: bound by arithmetic or by memory traffic, whichever is slower."""
+        return max(flops / self.flops_per_s, bytes_moved / self.memory_bytes_per_s)
+
+    def offload_s(self, nbytes: float) -> float:
+        """Seconds to write `nbytes` to flash and read them back."""
+        return self.io_latency_s + nbytes / self.flash_write_bytes_per_s + nbytes / self.flash_read_bytes_per_s
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike) -> DeviceProfile:
+        """A shipped profile by name (`iphone15promax`, `cpu-local`) or a JSON file."""
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = Path(str(resources.files("mebp_compiler") / "devices" / f"{name_or_path}.json"))
+        if not path.is_file():
+            shipped = sorted(p.stem for p in Path(str(resources.files("mebp_compiler") / "devices")).glob("*.json"))
+            raise ValueError(f"no device profile {str(name_or_path)!r}; use one of {shipped} or a JSON file path")
+        data = json.loads(path.read_text())
+        fields = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in fields})
+        except TypeError as exc:
+            raise ValueError(f"device profile {path} is incomplete: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The scheduler: keep / recompute / offload per tensor under a hard memory budget."""

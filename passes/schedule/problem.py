@@ -1,0 +1,245 @@
+"""The scheduling problem on a plain DAG: what may be kept, recomputed or offloaded, and when memory counts.
+
+Input is a `networkx.DiGraph` of a whole training step whose node insertion order is the
+execution order (graph inputs, then forward ops, then backward ops). Node attributes:
+
+- `size_bytes` (int): bytes of the tensor the node produces.
+- `compute_s` (float): seconds to compute it.
+- `phase`: "input", "forward" or "backward" (inputs may appear anywhere; they are
+  held for the whole step).
+- `offloadable` (bool, default True): a forward tensor that may be written to flash.
+- `segment` (backward nodes, default: the node itself): backward nodes of one segment run
+  together (e.g. one transformer block's backward); recomputations and reloads for a
+  segment are modelled as happening at its start.
+- `output` (bool, default False): held until the end of the step (loss, gradients).
+
+An edge u -> v means v reads u. The realisation the model describes is the one
+`passes.policies.sequence_from_decisions` emits: the forward as traced, the backward as
+traced, each forward tensor the backward needs either kept, reloaded or recomputed
+before its first use. The memory the model predicts at every point is an upper bound of
+what that sequence holds (recomputations happen no earlier than the start of their
+segment), so a schedule that fits the model fits for real.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+
+class ProblemError(ValueError):
+    """The DAG does not describe a training step the scheduler understands."""
+
+
+@dataclass
+class Checkpoint:
+    """One memory constraint: fixed + sum(size * keep) + sum(size * (recompute + offload)) <= budget."""
+
+    position: int
+    fixed_bytes: int
+    kept: list[str]  # decidable tensors held at this point if kept
+    materialized: list[str]  # decidable tensors held at this point if recomputed or reloaded
+
+
+@dataclass
+class SchedulingProblem:
+    """Decidable forward tensors, their costs, and the memory checkpoints of the step."""
+
+    size: dict[str, int]
+    compute_s: dict[str, float]
+    offloadable: dict[str, bool]
+    saved: set[str]  # read by the backward: must be kept, offloaded or recomputed
+    needs: dict[str, list[str]]  # decidable tensor -> decidable forward tensors it reads
+    group: dict[str, int]  # restore position of the segment where it is first needed
+    last_use: dict[str, int]  # last position that reads it (backward use or a recomputation)
+    position: dict[str, int]  # timeline position of every computed node
+    checkpoints: list[Checkpoint]
+    base_compute_s: float
+    input_bytes: int
+    order: list[str] = field(default_factory=list)
+
+    @property
+    def decidable(self) -> list[str]:
+        return list(self.size)
+
+
+def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
+    """Turn a training-step DAG (see module docstring) into a SchedulingProblem."""
+    order = list(dag.nodes)
+    phase = {n: dag.nodes[n].get("phase") for n in order}
+    rank = {"input": 0, "forward": 1, "backward": 2}
+    for n in order:
+        if phase[n] not in rank:
+            raise ProblemError(f"node {n!r} has phase {phase[n]!r}; use 'input', 'forward' or 'backward'")
+        for key in ("size_bytes", "compute_s"):
+            if key not in dag.nodes[n]:
+                raise ProblemError(f"node {n!r} lacks the attribute {key!r}")
+    index = {n: i for i, n in enumerate(order)}
+    for u, v in dag.edges:
+        if index[u] >= index[v]:
+            raise ProblemError(f"edge {u!r} -> {v!r} goes backwards in the node order; "
+                               "insert nodes in execution (topological) order")
+    computed = [n for n in order if phase[n] != "input"]
+    for a, b in zip(computed, computed[1:]):
+        if rank[phase[a]] > rank[phase[b]]:
+            raise ProblemError(f"node {b!r} ({phase[b]}) comes after {a!r} ({phase[a]}); order the "
+                               "forward nodes before the backward nodes")
+
+    size = {n: int(dag.nodes[n]["size_bytes"]) for n in order}
+    forward = [n for n in order if phase[n] == "forward"]
+    backward = [n for n in order if phase[n] == "backward"]
+    inputs = [n for n in order if phase[n] == "input"]
+
+    # Timeline: forward steps, then per backward segment run a restore point and its steps.
+    position: dict[str, int] = {}
+    restore_of_run: list[int] = []
+    run_of: dict[str, int] = {}
+    t = 0
+    for n in forward:
+        position[n] = t
+        t += 1
+    previous_segment = object()
+    for n in backward:
+        segment = dag.nodes[n].get("segment", n)
+        if segment != previous_segment:
+            restore_of_run.append(t)
+            t += 1
+            previous_segment = segment
+        run_of[n] = len(restore_of_run) - 1
+        position[n] = t
+        t += 1
+    end = t
+
+    def fwd_users(v):
+        return [u for u in dag.successors(v) if phase[u] == "forward"]
+
+    def bwd_users(v):
+        return [u for u in dag.successors(v) if phase[u] == "backward"]
+
+    # Restore position of the segment where each forward tensor is first needed.
+    group: dict[str, int] = {}
+    for v in reversed(forward):
+        direct = [restore_of_run[run_of[u]] for u in bwd_users(v)]
+        if direct:
+            group[v] = min(direct)
+        else:
+            via = [group[u] for u in fwd_users(v) if u in group]
+            if via:
+                group[v] = min(via)
+    saved = {v for v in forward if bwd_users(v)}
+    decidable = [v for v in forward if v in group]
+
+    last_forward = {v: max([position[u] for u in fwd_users(v)] + [position[v]]) for v in forward}
+    last_use = {}
+    for v in decidable:
+        uses = [position[u] for u in bwd_users(v)] + [group[u] for u in fwd_users(v) if u in group]
+        last_use[v] = max(uses)
+
+    # Fixed bytes: inputs always; forward tensors during their forward lifetime; backward tensors.
+    input_bytes = sum(size[n] for n in inputs)
+    delta = [0] * (end + 2)
+    for v in forward:
+        last = end if dag.nodes[v].get("output", False) else last_forward[v]
+        delta[position[v]] += size[v]
+        delta[last + 1] -= size[v]
+    for v in backward:
+        users = [position[u] for u in dag.successors(v)]
+        last = end if dag.nodes[v].get("output", False) else max(users + [position[v]])
+        delta[position[v]] += size[v]
+        delta[last + 1] -= size[v]
+    fixed, running = [], input_bytes
+    for step in range(end):
+        running += delta[step]
+        fixed.append(running)
+
+    # A transient is needed only to recompute other tensors of its own segment: it lives
+    # inside that segment's restore phase and is modelled step by step there.
+    transient = {v for v in decidable if v not in saved and last_use[v] == group[v]}
+
+    # Checkpoints: one per interval over which the set of decision terms does not change;
+    # within an interval only the largest fixed part matters.
+    kept_from = {v: last_forward[v] + 1 for v in decidable}
+    events = sorted({kept_from[v] for v in decidable} | {last_use[v] + 1 for v in decidable}
+                    | {group[v] for v in decidable} | {0, len(forward)} | set(restore_of_run))
+    events = [e for e in events if e < end]
+    intervals = []
+    for i, start in enumerate(events):
+        stop = events[i + 1] if i + 1 < len(events) else end
+        peak = max(range(start, stop), key=fixed.__getitem__)
+        kept = [v for v in decidable if kept_from[v] <= start <= last_use[v]]
+        materialized = [v for v in decidable if group[v] <= start <= last_use[v] and v not in transient]
+        intervals.append(Checkpoint(peak, fixed[peak], kept, materialized))
+    checkpoints = _drop_dominated(intervals) + _restore_phases(decidable, group, last_use, kept_from,
+                                                               transient, fwd_users, fixed)
+    needs = {v: [w for w in dag.predecessors(v) if w in group] for v in decidable}
+    return SchedulingProblem(
+        size={v: size[v] for v in decidable},
+        compute_s={v: float(dag.nodes[v]["compute_s"]) for v in decidable},
+        offloadable={v: bool(dag.nodes[v].get("offloadable", True)) and size[v] > 0 for v in decidable},
+        saved=saved & set(decidable),
+        needs=needs,
+        group=group,
+        last_use=last_use,
+        position=position,
+        checkpoints=checkpoints,
+        base_compute_s=sum(float(dag.nodes[n]["compute_s"]) for n in forward + backward),
+        input_bytes=input_bytes,
+        order=order,
+    )
+
+
+def _restore_phases(decidable, group, last_use, kept_from, transient, fwd_users, fixed) -> list[Checkpoint]:
+    """Checkpoints inside each segment's restore phase, recomputing in forward order.
+
+    At the i-th recomputation of a segment, what is held is: everything kept, what earlier
+    segments brought back and still need, this segment's non-transient tensors up to i,
+    and its transients up to i whose last consumer in the segment comes at or after i.
+    Only the last sub-step before a transient dies (or the last one) can be a peak.
+    """
+    members: dict[int, list[str]] = defaultdict(list)
+    for v in decidable:  # forward order
+        members[group[v]].append(v)
+    out = []
+    for restore, vs in members.items():
+        index = {v: i for i, v in enumerate(vs)}
+        last_consumer = {v: max([index[u] for u in fwd_users(v) if u in index] + [index[v]]) for v in transient
+                         if v in index}
+        kept = [v for v in decidable if kept_from[v] <= restore <= last_use[v]]
+        earlier = [v for v in decidable if group[v] < restore <= last_use[v] and v not in transient]
+        dies_after = {last_consumer[v] for v in last_consumer}
+        for i, v in enumerate(vs):
+            if i not in dies_after and i != len(vs) - 1:
+                continue
+            here = [u for u in vs[: i + 1] if u not in transient or last_consumer[u] >= i]
+            out.append(Checkpoint(restore, fixed[restore], kept, earlier + here))
+    return out
+
+
+def _drop_dominated(intervals: list[Checkpoint]) -> list[Checkpoint]:
+    """Drop checkpoints implied by another: fewer (or equal) terms and no more fixed bytes.
+
+    Consecutive intervals mostly only gain terms (the forward keeps more and more) or only
+    lose them (the backward frees); inside such a run a checkpoint is implied by any
+    later (gaining) or earlier (losing) one whose fixed part is at least as large.
+    """
+    sets = [(set(c.kept), set(c.materialized)) for c in intervals]
+    keep = [True] * len(intervals)
+    i = 0
+    while i < len(intervals) - 1:
+        j = i
+        grows = sets[j + 1][0] >= sets[j][0] and sets[j + 1][1] >= sets[j][1]
+        while j + 1 < len(intervals) and (
+            (sets[j + 1][0] >= sets[j][0] and sets[j + 1][1] >= sets[j][1]) if grows
+            else (sets[j + 1][0] <= sets[j][0] and sets[j + 1][1] <= sets[j][1])
+        ):
+            j += 1
+        run = range(i, j + 1)
+        best = -1
+        for k in (reversed(run) if grows else run):
+            if intervals[k].fixed_bytes <= best:
+                keep[k] = False
+            best = max(best, intervals[k].fixed_bytes)
+        i = j + 1 if j > i else i + 1
+    return [c for c, k in zip(intervals, keep) if k]
