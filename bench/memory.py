@@ -103,8 +103,9 @@ that all LoRA gradients are non-zero and comparable; token ids are seeded random
 Memory and time do not depend on the values.
 
 Step times come from different processes run one after the other; on a shared machine
-the load on the other cores drifts, and identical work was seen to vary by ~20% between
-processes: read ratios within ~0.2 of each other as equal.
+the load on the other cores drifts, and identical work was seen to vary by up to ~30%
+between processes: read ratios within ~0.3 of each other as equal (for a precise time
+ratio, alternate the methods' steps inside one process).
 
 Output: a markdown table on stdout and in {out}/memory-{model}-seq{N}.md, and every number,
 the environment and the command line in {out}/memory-{model}-seq{N}.json. A progress line
@@ -565,7 +566,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
         )
     notes.append(
         "Step times: separate processes run one after the other on a shared machine; "
-        "identical work varied by ~20% between processes, so ratios within ~0.2 are equal."
+        "identical work varied by up to ~30% between processes, so ratios within ~0.3 are equal."
     )
     notes.append(
         "Checks: " + ("all passed (held = predicted within 2%; backprop methods agree on loss and "

@@ -14,6 +14,7 @@ backward already has, which keeps the model small enough to solve in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -88,6 +89,11 @@ def solve(
     elapsed = time.perf_counter() - start
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         least = least_budget(problem, device, time_limit_s=time_limit_s, workers=workers, offload=offload)
+        if status == cp_model.UNKNOWN and least.model_peak_bytes <= budget_bytes:
+            # No time-optimised schedule within the limit, but the least-memory one fits.
+            return dataclasses.replace(least, objective_s=_time_of(problem, device, least.decisions),
+                                       bound_s=costs.constant / NANOS, status="FEASIBLE (least-memory fallback)",
+                                       solve_s=time.perf_counter() - start)
         raise BudgetInfeasible(budget_bytes, least.model_peak_bytes, _dominant(problem, least.decisions))
     decisions = _read(solver, var)
     return Solution(
@@ -112,6 +118,7 @@ def least_budget(
     for expr in _add_memory(model, problem, var):
         model.Add(expr <= peak_var)
     model.Minimize(peak_var)
+    _add_hint(model, var, {v: Decision.KEEP for v in problem.saved})  # always feasible
     solver = _solver(time_limit_s, workers)
     start = time.perf_counter()
     status = solver.Solve(model)
@@ -132,6 +139,14 @@ def model_peak(problem: SchedulingProblem, decisions: dict[str, Decision]) -> in
                      if decisions.get(v) in (Decision.RECOMPUTE, Decision.OFFLOAD))
         best = max(best, total)
     return best
+
+
+def _time_of(problem: SchedulingProblem, device: DeviceProfile, decisions: dict[str, Decision]) -> float:
+    """The model's step time for given decisions, in seconds."""
+    recompute = sum(problem.compute_s[v] + device.op_overhead_s for v, d in decisions.items()
+                    if d == Decision.RECOMPUTE)
+    io = sum(device.offload_s(problem.size[v]) for v, d in decisions.items() if d == Decision.OFFLOAD)
+    return problem.base_compute_s + recompute + max(0.0, io - device.io_overlap * problem.base_compute_s)
 
 
 @dataclass
