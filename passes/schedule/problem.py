@@ -24,7 +24,7 @@ segment), so a schedule that fits the model fits for real.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import networkx as nx
 
@@ -57,8 +57,6 @@ class SchedulingProblem:
     position: dict[str, int]  # timeline position of every computed node
     checkpoints: list[Checkpoint]
     base_compute_s: float
-    input_bytes: int
-    order: list[str] = field(default_factory=list)
 
     @property
     def decidable(self) -> list[str]:
@@ -185,8 +183,6 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
         position=position,
         checkpoints=checkpoints,
         base_compute_s=sum(float(dag.nodes[n]["compute_s"]) for n in forward + backward),
-        input_bytes=input_bytes,
-        order=order,
     )
 
 
