@@ -281,7 +281,6 @@ def make_info(
     *,
     block: int | None = None,
     module: str = "",
-    recompute_of: str | None = None,
 ) -> TensorInfo:
     """TensorInfo of `node` from its fake-tensor value (`node.meta['val']`)."""
     val = node.meta.get("val")
@@ -302,7 +301,6 @@ def make_info(
         flops=_flops(node, val) if node.op == "call_function" and None in alias else 0,
         block=block,
         module=module,
-        recompute_of=recompute_of,
     )
 
 

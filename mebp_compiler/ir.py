@@ -39,7 +39,9 @@ class Phase(str, enum.Enum):
 class TensorInfo:
     """What the scheduler and the memory accounting need to know about one node's output.
 
-    `output_nbytes[i]` is the size in bytes of the storage behind output i, and
+    Outputs are by position: one for a tensor, one per element for a tuple (non-tensor
+    elements have 0 bytes). `output_nbytes[i]` is the size in bytes of the storage behind
+    output i, and
     `output_alias[i]` is None when output i is a fresh allocation or the index into
     `node.all_input_nodes` of the input whose storage it shares (views). A `getitem`
     node shares the storage of the element it selects. `flops` is an estimate of the

@@ -71,7 +71,7 @@ class MemoryProfile:
         ]
         for role, row in self.bytes_by_role.items():
             lines.append(f"  {role.value:<11} {format_bytes(row[self.peak_step]):>12} at the peak")
-        lines.append(f"  largest live at the peak:")
+        lines.append("  largest live at the peak:")
         for s in self.live_at_peak[:top]:
             block = "-" if s.block is None else s.block
             lines.append(f"    {s.owner:<32} {s.role.value:<11} block {block!s:<4} {format_bytes(s.nbytes):>12}")
