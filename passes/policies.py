@@ -22,7 +22,7 @@ from mebp_compiler.ir import Phase, TrainingGraph
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.passes.schedule.from_graph import training_dag
-from mebp_compiler.passes.schedule.problem import build_problem
+from mebp_compiler.passes.schedule.problem import SchedulingProblem, build_problem
 from mebp_compiler.passes.schedule.solver import BudgetInfeasible, least_budget, solve
 from mebp_compiler.schedule import Decision, Schedule, Step, StepKind
 
@@ -152,6 +152,11 @@ def _bring_back(root, info, decisions, ready: set[str], sequence: list[Step]) ->
             stack.extend((arg, False) for arg in reversed(node.all_input_nodes))
 
 
+def scheduling_problem(graph: TrainingGraph, device: DeviceProfile) -> SchedulingProblem:
+    """The scheduler's problem for a captured graph (build once, solve for many budgets)."""
+    return build_problem(training_dag(graph, device))
+
+
 def optimal_schedule(
     graph: TrainingGraph,
     budget_bytes: int,
@@ -159,24 +164,26 @@ def optimal_schedule(
     *,
     time_limit_s: float = 20.0,
     offload: bool = True,
+    problem: SchedulingProblem | None = None,
 ) -> Schedule:
     """Least predicted step time whose peak (all roles, as `liveness` counts it) fits `budget_bytes`.
 
     Raises `BudgetInfeasible` naming the least budget the scheduler can meet and the
-    tensors live at that schedule's peak.
+    tensors live at that schedule's peak. `problem` may be passed to skip rebuilding it.
     """
-    problem = build_problem(training_dag(graph, device))
+    problem = problem or scheduling_problem(graph, device)
     try:
         solution = solve(problem, budget_bytes, device, time_limit_s=time_limit_s, offload=offload)
     except BudgetInfeasible as exc:
-        least = least_budget(problem, device, time_limit_s=time_limit_s, offload=offload)
+        least = exc.least
         profile = liveness(rewrite(graph, Schedule("least", least.decisions,
                                                    sequence_from_decisions(graph, least.decisions))))
         dominated = [(s.owner, s.nbytes) for s in profile.live_at_peak]
-        raise BudgetInfeasible(budget_bytes, exc.least_budget_bytes, dominated) from None
+        raise BudgetInfeasible(budget_bytes, exc.least_budget_bytes, dominated, least) from None
+    decisions = _with_kept_views(graph, solution.decisions)
     schedule = Schedule(
-        "optimal", solution.decisions, sequence_from_decisions(graph, solution.decisions),
-        stats={"budget_bytes": budget_bytes, "predicted_time_s": solution.objective_s,
+        "optimal", decisions, sequence_from_decisions(graph, decisions),
+        stats={"budget_bytes": budget_bytes, "model_time_s": solution.objective_s,
                "bound_s": solution.bound_s, "gap": solution.gap, "solver_status": solution.status,
                "solve_s": solution.solve_s, "model_peak_bytes": solution.model_peak_bytes,
                "device": device.name},
@@ -186,3 +193,33 @@ def optimal_schedule(
         raise AssertionError(f"scheduler bug: realised peak {peak} exceeds the budget {budget_bytes} "
                              f"although the model promised {solution.model_peak_bytes}")
     return schedule
+
+
+def _with_kept_views(graph: TrainingGraph, decisions: dict[str, Decision]) -> dict[str, Decision]:
+    """Also keep the forward views the backward reads whose storage is kept (or is an input).
+
+    The solver decides per storage; a view of a held storage costs no memory, and keeping
+    it saves rebuilding it in the backward.
+    """
+    out = dict(decisions)
+    for view in graph.saved_activations():
+        root = graph.node(view)
+        while root.name not in decisions and graph.info[root.name].is_view:
+            root = root.all_input_nodes[graph.info[root.name].output_alias[0]]
+        held = decisions.get(root.name) == Decision.KEEP or graph.info[root.name].phase == Phase.INPUT
+        if root.name != view and held:
+            out[view] = Decision.KEEP
+    return out
+
+
+def least_feasible_budget(
+    graph: TrainingGraph,
+    device: DeviceProfile,
+    *,
+    time_limit_s: float = 20.0,
+    offload: bool = True,
+    problem: SchedulingProblem | None = None,
+) -> int:
+    """The least budget (bytes, whole step) for which `optimal_schedule` returns a schedule."""
+    problem = problem or scheduling_problem(graph, device)
+    return least_budget(problem, device, time_limit_s=time_limit_s, offload=offload).model_peak_bytes

@@ -14,6 +14,7 @@ from mebp_compiler.passes.cost import step_cost
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.policies import mebp_schedule, none_schedule, optimal_schedule
 from mebp_compiler.passes.rewrite import rewrite
+from mebp_compiler.passes.schedule.pareto import pareto_frontier
 from mebp_compiler.passes.schedule.problem import ProblemError, build_problem
 from mebp_compiler.passes.schedule.solver import BudgetInfeasible, least_budget, model_peak, solve
 from mebp_compiler.passes.schedule.synthetic import transformer_like_dag
@@ -152,3 +153,17 @@ def test_optimal_beats_mebp_at_its_own_peak(captured):
     mebp_peak = liveness(rewrite(graph, mebp)).peak_bytes
     optimal = optimal_schedule(graph, mebp_peak, DEVICE, time_limit_s=5)
     assert step_cost(graph, optimal, DEVICE).extra_s < step_cost(graph, mebp, DEVICE).extra_s
+
+
+def test_pareto_frontier_spans_least_to_none_with_fixed_policies_marked():
+    model = lora_model("tiny-llama")
+    graph = capture(model, random_batch(model.config.vocab_size, seq=32))
+    device = DeviceProfile.load("iphone15promax")
+    points = pareto_frontier(graph, device, points=3, time_limit_s=5)
+    assert [p.policy for p in points] == ["optimal", "optimal", "optimal", "none", "mebp"]
+    optimal, none, mebp = points[:3], points[3], points[4]
+    assert all(p.predicted_peak_bytes <= p.budget_bytes for p in optimal)
+    assert optimal[0].budget_bytes <= mebp.predicted_peak_bytes
+    assert optimal[-1].budget_bytes == none.predicted_peak_bytes
+    assert optimal[-1].extra_time_s <= none.extra_time_s + 1e-4  # at none's peak nothing need be recomputed
+    assert optimal[0].extra_time_s <= mebp.extra_time_s

@@ -31,7 +31,8 @@ NANOS = 1_000_000_000  # the objective is integer nanoseconds
 class BudgetInfeasible(ValueError):
     """No schedule fits the budget; `least_budget_bytes` is the least one that does."""
 
-    def __init__(self, budget_bytes: int, least_budget_bytes: int, dominated_by: list[tuple[str, int]]) -> None:
+    def __init__(self, budget_bytes: int, least_budget_bytes: int, dominated_by: list[tuple[str, int]],
+                 least: Solution | None = None) -> None:
         top = ", ".join(f"{name} ({format_bytes(nbytes)})" for name, nbytes in dominated_by[:6])
         super().__init__(
             f"no schedule fits {format_bytes(budget_bytes)}: the least feasible budget is "
@@ -41,6 +42,7 @@ class BudgetInfeasible(ValueError):
         self.budget_bytes = budget_bytes
         self.least_budget_bytes = least_budget_bytes
         self.dominated_by = dominated_by
+        self.least = least  # the least-memory solution, when the solver computed it
 
 
 @dataclass
@@ -94,7 +96,7 @@ def solve(
             return dataclasses.replace(least, objective_s=_time_of(problem, device, least.decisions),
                                        bound_s=costs.constant / NANOS, status="FEASIBLE (least-memory fallback)",
                                        solve_s=time.perf_counter() - start)
-        raise BudgetInfeasible(budget_bytes, least.model_peak_bytes, _dominant(problem, least.decisions))
+        raise BudgetInfeasible(budget_bytes, least.model_peak_bytes, _dominant(problem, least.decisions), least)
     decisions = _read(solver, var)
     return Solution(
         decisions=decisions,

@@ -1,0 +1,72 @@
+"""Pictures of schedules: memory over the step, decisions per block, the memory/time trade-off."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import matplotlib.pyplot as plt
+
+from mebp_compiler.ir import TrainingGraph
+from mebp_compiler.passes.liveness import MemoryProfile
+from mebp_compiler.schedule import Decision, Schedule
+
+MIB = 2**20
+
+
+def plot_memory(profiles: dict[str, MemoryProfile], ax=None, budget_bytes: int | None = None):
+    """Live bytes over the step, one line per schedule; x is the fraction of the step's ops."""
+    ax = ax or plt.subplots(figsize=(8, 4))[1]
+    for label, profile in profiles.items():
+        total = profile.total
+        xs = [k / max(1, len(total) - 1) for k in range(len(total))]
+        ax.plot(xs, [b / MIB for b in total], label=f"{label} (peak {profile.peak_bytes / MIB:.1f} MiB)")
+    if budget_bytes is not None:
+        ax.axhline(budget_bytes / MIB, color="black", linestyle="--", linewidth=1, label="budget")
+    ax.set_xlabel("progress through the step (forward, then backward)")
+    ax.set_ylabel("held MiB (weights included)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def decisions_by_block(graph: TrainingGraph, schedule: Schedule) -> dict[str, dict[str, int]]:
+    """Bytes per block (and "outside" the blocks) that the schedule keeps, recomputes or offloads."""
+    table: dict[str, dict[str, int]] = defaultdict(lambda: {d.value: 0 for d in Decision})
+    for name, decision in schedule.decisions.items():
+        ti = graph.info[name]
+        block = "outside" if ti.block is None else f"block {ti.block}"
+        table[block][decision.value] += ti.alloc_bytes
+    return dict(sorted(table.items(), key=lambda kv: (kv[0] == "outside", len(kv[0]), kv[0])))
+
+
+def plot_decisions(graph: TrainingGraph, schedule: Schedule, ax=None):
+    """Stacked bars: MiB kept / recomputed / offloaded per block."""
+    ax = ax or plt.subplots(figsize=(8, 3))[1]
+    table = decisions_by_block(graph, schedule)
+    labels = list(table)
+    bottom = [0.0] * len(labels)
+    for decision in Decision:
+        values = [table[b][decision.value] / MIB for b in labels]
+        ax.bar(labels, values, bottom=bottom, label=decision.value)
+        bottom = [a + b for a, b in zip(bottom, values)]
+    ax.set_ylabel("MiB")
+    ax.set_title(f"decisions of the {schedule.policy} schedule")
+    ax.tick_params(axis="x", rotation=90)
+    ax.legend()
+    return ax
+
+
+def plot_pareto(points, ax=None):
+    """Predicted step time against predicted peak: the optimal frontier, `none` and `mebp` marked."""
+    ax = ax or plt.subplots(figsize=(6, 4))[1]
+    frontier = sorted((p for p in points if p.policy == "optimal"), key=lambda p: p.predicted_peak_bytes)
+    ax.plot([p.predicted_peak_bytes / MIB for p in frontier], [p.predicted_time_s * 1e3 for p in frontier],
+            "o-", label="optimal (budget sweep)")
+    for p in points:
+        if p.policy != "optimal":
+            ax.plot(p.predicted_peak_bytes / MIB, p.predicted_time_s * 1e3, "s", markersize=9, label=p.policy)
+    ax.set_xlabel("predicted peak, whole step (MiB)")
+    ax.set_ylabel("predicted step time (ms)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
