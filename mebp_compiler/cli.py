@@ -60,7 +60,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "scheduler's least-time keep/recompute/offload plan under --budget "
                         "(default: optimal with --budget, else mebp)")
     p.add_argument("--budget", default=None, metavar="SIZE",
-                   help="hard memory cap for the whole step (weights, LoRA, activations), e.g. 300MB, 1GiB")
+                   help="hard memory cap for the whole step (weights, LoRA parameters and gradients, "
+                        "activations, AdamW state), e.g. 300MB, 1GiB")
     p.add_argument("--device", default="iphone15promax",
                    help="device profile for the scheduler's cost model: iphone15promax, cpu-local or a JSON file")
     p.add_argument("--checkpoints", default="ram", choices=("ram", "disk"),
@@ -218,7 +219,8 @@ def _compile(model, example, args):
     policy = _policy(args)
     return mebp_compiler.compile(model, example, policy, checkpoints=args.checkpoints,
                                  offload_dir=args.offload_dir, device=args.device,
-                                 budget=args.budget if policy == "optimal" else None)
+                                 budget=args.budget if policy == "optimal" else None,
+                                 optimizer=getattr(args, "optimizer", "adamw"))
 
 
 def _say(message: str) -> None:

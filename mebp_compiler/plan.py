@@ -18,6 +18,8 @@ from mebp_compiler.runtime import Runtime, StepResult
 from mebp_compiler.schedule import Schedule
 
 POLICIES = ("none", "mebp", "optimal")
+#: Tensors of optimizer state per trainable parameter (AdamW: two moments; plain SGD: none).
+OPTIMIZER_STATE_TENSORS = {"adamw": 2, "sgd": 0}
 
 
 class BatchShapeError(ValueError):
@@ -72,6 +74,14 @@ class Plan:
         return self.runtime.run(inputs)
 
 
+def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:
+    """Bytes of optimizer state for the model's trainable (LoRA) parameters."""
+    if optimizer not in OPTIMIZER_STATE_TENSORS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATE_TENSORS)}")
+    per_copy = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return OPTIMIZER_STATE_TENSORS[optimizer] * per_copy
+
+
 def compile(
     model: torch.nn.Module,
     example_batch: Mapping[str, torch.Tensor],
@@ -83,6 +93,7 @@ def compile(
     device: str | DeviceProfile = "iphone15promax",
     offload: bool = True,
     time_limit_s: float = 20.0,
+    optimizer: str = "adamw",
 ) -> Plan:
     """Compile one training step of a LoRA causal LM under a scheduling `policy`.
 
@@ -92,6 +103,8 @@ def compile(
     a temporary directory by default) or "optimal" (the scheduler's least predicted time on
     `device` whose peak - weights, LoRA, batch and computed tensors - fits `budget`, bytes
     or a human size such as "300MB"; raises `BudgetInfeasible` naming the least budget).
+    The budget also covers the state of `optimizer` ("adamw" or "sgd") over the LoRA
+    parameters, which the trainer holds outside the graph.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -103,7 +116,8 @@ def compile(
     if policy == "optimal":
         profile = device if isinstance(device, DeviceProfile) else DeviceProfile.load(device)
         schedule = optimal_schedule(captured, parse_size(budget), profile, offload=offload,
-                                    time_limit_s=time_limit_s)
+                                    time_limit_s=time_limit_s,
+                                    reserved_bytes=optimizer_state_bytes(model, optimizer))
     elif policy == "none":
         schedule = none_schedule(captured)
     else:

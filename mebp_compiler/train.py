@@ -14,9 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mebp_compiler.ir import format_bytes
-from mebp_compiler.plan import Plan
+from mebp_compiler.plan import OPTIMIZER_STATE_TENSORS, Plan
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -39,7 +38,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_STATE_TENSORS)}")
 
 
 def train(

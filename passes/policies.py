@@ -165,30 +165,35 @@ def optimal_schedule(
     time_limit_s: float = 20.0,
     offload: bool = True,
     problem: SchedulingProblem | None = None,
+    reserved_bytes: int = 0,
 ) -> Schedule:
-    """Least predicted step time whose peak (all roles, as `liveness` counts it) fits `budget_bytes`.
+    """Least predicted step time whose peak (all roles, as `liveness` counts it) plus
+    `reserved_bytes` (held outside the graph, e.g. optimizer state) fits `budget_bytes`.
 
     Raises `BudgetInfeasible` naming the least budget the scheduler can meet and the
     tensors live at that schedule's peak. `problem` may be passed to skip rebuilding it.
     """
     problem = problem or scheduling_problem(graph, device)
     try:
-        solution = solve(problem, budget_bytes, device, time_limit_s=time_limit_s, offload=offload)
+        solution = solve(problem, budget_bytes - reserved_bytes, device, time_limit_s=time_limit_s,
+                         offload=offload)
     except BudgetInfeasible as exc:
         least = exc.least
         profile = liveness(rewrite(graph, Schedule("least", least.decisions,
                                                    sequence_from_decisions(graph, least.decisions))))
         dominated = [(s.owner, s.nbytes) for s in profile.live_at_peak]
-        raise BudgetInfeasible(budget_bytes, exc.least_budget_bytes, dominated, least) from None
+        if reserved_bytes:
+            dominated = sorted([*dominated, ("optimizer state", reserved_bytes)], key=lambda kv: -kv[1])
+        raise BudgetInfeasible(budget_bytes, exc.least_budget_bytes + reserved_bytes, dominated, least) from None
     decisions = _with_kept_views(graph, solution.decisions)
     schedule = Schedule(
         "optimal", decisions, sequence_from_decisions(graph, decisions),
-        stats={"budget_bytes": budget_bytes, "model_time_s": solution.objective_s,
+        stats={"budget_bytes": budget_bytes, "reserved_bytes": reserved_bytes, "model_time_s": solution.objective_s,
                "bound_s": solution.bound_s, "gap": solution.gap, "solver_status": solution.status,
                "solve_s": solution.solve_s, "model_peak_bytes": solution.model_peak_bytes,
                "device": device.name},
     )
-    peak = liveness(rewrite(graph, schedule)).peak_bytes
+    peak = liveness(rewrite(graph, schedule)).peak_bytes + reserved_bytes
     if peak > budget_bytes:
         raise AssertionError(f"scheduler bug: realised peak {peak} exceeds the budget {budget_bytes} "
                              f"although the model promised {solution.model_peak_bytes}")

@@ -13,7 +13,8 @@ import mebp_compiler.schedule
 from mebp_compiler import models
 from mebp_compiler.cli import main
 from mebp_compiler.train import make_optimizer, save_adapter, train
-from tests.conftest import autograd_reference, lora_model, random_batch
+from mebp_compiler.plan import optimizer_state_bytes
+from tests.conftest import assert_matches_autograd, autograd_reference, lora_model, random_batch
 
 
 def test_trainer_steps_equal_eager_sgd():
@@ -86,14 +87,19 @@ def test_cli_help_explains_the_commands(capsys):
 
 
 def test_compile_optimal_under_a_budget_is_exact_and_fits():
+    """The budget covers the graph's peak plus AdamW's two moments per LoRA parameter."""
     model = lora_model("tiny-qwen2")
     batch = random_batch(model.config.vocab_size)
     mebp = mebp_compiler.compile(model, batch, "mebp")
-    plan = mebp_compiler.compile(model, batch, "optimal", budget=mebp.predicted_peak_bytes, time_limit_s=5)
+    adamw = optimizer_state_bytes(model, "adamw")
+    assert adamw == 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    budget = mebp.predicted_peak_bytes + adamw
+    plan = mebp_compiler.compile(model, batch, "optimal", budget=budget, time_limit_s=5)
     result = plan.step(batch)
-    assert result.held_peak_bytes <= mebp.predicted_peak_bytes
-    from tests.conftest import assert_matches_autograd
+    assert result.held_peak_bytes + adamw <= budget
     assert_matches_autograd(result, autograd_reference(model, batch))
+    with pytest.raises(mebp_compiler.BudgetInfeasible, match="optimizer state"):
+        mebp_compiler.compile(model, batch, "optimal", budget=mebp.predicted_peak_bytes, time_limit_s=5)
     with pytest.raises(ValueError, match="needs a budget"):
         mebp_compiler.compile(model, batch, "optimal")
 
