@@ -50,10 +50,12 @@ def main() -> int:
     parser.add_argument("--device", default="iphone15promax")
     parser.add_argument("--time-limit", type=float, default=20.0, help="solver seconds per budget")
     parser.add_argument("--sweep", type=int, default=4, help="budgets below mebp's peak tried for (b)")
+    parser.add_argument("--no-offload", action="store_true", help="keep or recompute only, no flash")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = DeviceProfile.load(args.device)
+    offload = not args.no_offload
 
     start = time.perf_counter()
     model = models.add_lora(models.load(args.model, device="meta"))
@@ -67,17 +69,17 @@ def main() -> int:
     start = time.perf_counter()
     problem = scheduling_problem(graph, device)
     at_mebp_peak = evaluate(graph, optimal_schedule(graph, mebp["peak_bytes"], device, time_limit_s=args.time_limit,
-                                                    problem=problem), device, mebp["peak_bytes"])
+                                                    problem=problem, offload=offload), device, mebp["peak_bytes"])
     schedule_s = capture_s + time.perf_counter() - start
     print(f"(a) optimal at mebp's peak: extra {at_mebp_peak['extra_s']:.4f} s vs {mebp['extra_s']:.4f} s",
           file=sys.stderr)
 
-    least = least_feasible_budget(graph, device, time_limit_s=args.time_limit, problem=problem)
+    least = least_feasible_budget(graph, device, time_limit_s=args.time_limit, problem=problem, offload=offload)
     best = at_mebp_peak
     for k in range(1, args.sweep + 1 if least < mebp["peak_bytes"] else 1):
         budget = mebp["peak_bytes"] - (mebp["peak_bytes"] - least) * k // args.sweep
         point = evaluate(graph, optimal_schedule(graph, budget, device, time_limit_s=args.time_limit,
-                                                 problem=problem), device, budget)
+                                                 problem=problem, offload=offload), device, budget)
         print(f"    budget {format_bytes(budget)}: extra {point['extra_s']:.4f} s, computed peak "
               f"{format_bytes(point['peak_activation_bytes'])}", file=sys.stderr)
         if point["extra_s"] <= mebp["extra_s"] and point["peak_activation_bytes"] < best["peak_activation_bytes"]:
@@ -85,6 +87,7 @@ def main() -> int:
 
     result = {
         "model": args.model, "seq_len": args.seq_len, "device": args.device, "time_limit_s": args.time_limit,
+        "offload": offload,
         "nodes": len(graph.nodes()), "schedule_wall_s": schedule_s, "least_feasible_bytes": least,
         "none": none, "mebp": mebp, "optimal_at_mebp_peak": at_mebp_peak, "optimal_at_mebp_time": best,
         "a_extra_time_ratio": at_mebp_peak["extra_s"] / mebp["extra_s"],
@@ -93,11 +96,12 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"schedule-{args.model}-seq{args.seq_len}"
+    stem = f"schedule-{args.model}-seq{args.seq_len}" + ("" if offload else "-no-offload")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     rows = [("none", none), ("mebp", mebp), ("optimal @ mebp's peak", at_mebp_peak),
             ("optimal @ mebp's extra time", best)]
-    table = [f"### Scheduling {args.model}, seq {args.seq_len}, cost model {args.device}", "",
+    table = [f"### Scheduling {args.model}, seq {args.seq_len}, cost model {args.device}"
+             + ("" if offload else ", no offload"), "",
              "| plan | peak, all | peak, computed tensors | extra time over the plain step | solver gap |",
              "|---|---:|---:|---:|---:|"]
     for label, row in rows:

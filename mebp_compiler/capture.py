@@ -48,13 +48,22 @@ class UnsupportedOpError(CaptureError):
         self.module = module
 
 
-def capture(model: torch.nn.Module, example_batch: Mapping[str, torch.Tensor]) -> TrainingGraph:
+def capture(
+    model: torch.nn.Module,
+    example_batch: Mapping[str, torch.Tensor],
+    *,
+    backward: bool = True,
+) -> TrainingGraph:
     """Trace one training step of `model` on a batch shaped like `example_batch`.
 
     `model` is a causal LM whose trainable parameters are the LoRA parameters (e.g. from
     `mebp_compiler.models.add_lora`); `example_batch` holds `input_ids` and `labels`,
     int64 tensors of the same [batch, seq] shape. Values do not matter, only shapes: the
     trace runs on fake tensors.
+
+    With `backward=False` the traced step is the forward and loss only (outputs
+    `["loss"]`, no gradients), over the same inputs: what a zeroth-order method such as
+    MeZO runs.
     """
     input_ids, labels = _check_batch(example_batch)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
@@ -87,6 +96,8 @@ def capture(model: torch.nn.Module, example_batch: Mapping[str, torch.Tensor]) -
         out = functional_call(model, state, (), {"input_ids": ids, "labels": lbl, "use_cache": False})
         if out.loss is None:
             raise CaptureError("the model returned no loss for labels=...: is it a causal LM?")
+        if not backward:
+            return (out.loss,)
         annotate_backward(out.loss)
         grads = torch.autograd.grad(out.loss, flat[n_frozen : n_frozen + n_lora])
         return (out.loss, *grads)
@@ -95,10 +106,13 @@ def capture(model: torch.nn.Module, example_batch: Mapping[str, torch.Tensor]) -
     annotate_backward = tracer_state.annotate_backward
     with tracer_state.installed(), fx_traceback.preserve_node_meta():
         gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
+    if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     specs = [InputSpec(p.name, s.role, s.source) for p, s in zip(placeholders, specs, strict=True)]
-    outputs = ["loss", *lora_names]
+    outputs = ["loss", *lora_names] if backward else ["loss"]
     info = _tensor_infos(gm, specs)
     return TrainingGraph(
         module=gm,

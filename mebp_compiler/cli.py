@@ -12,6 +12,8 @@ import torch
 
 DEMO_STEPS = 60
 DEMO_SEQ_LEN = 128
+BACKPROP_LR = 2e-3
+MEZO_LR = 1e-4
 
 EPILOG = """\
 examples:
@@ -85,9 +87,17 @@ def _add_train(sub) -> None:
     p.add_argument("--data", default="pydoc",
                    help="'pydoc' (CPython's bundled documentation text), or a .txt / .jsonl file (default: %(default)s)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: %(default)s)")
+    p.add_argument("--method", default="backprop", choices=("backprop", "mezo"),
+                   help="backprop: exact gradients by the compiled plan (--policy); mezo: zeroth-order "
+                        "MeZO (Malladi et al., 2023), two forward passes per step at +-eps along a "
+                        "seeded random direction, SGD update; --policy, --budget and --optimizer do not "
+                        "apply (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: {BACKPROP_LR} for backprop (AdamW); {MEZO_LR} for mezo, whose "
+                        "SGD step along a random direction needs a far smaller one)")
+    p.add_argument("--eps", type=float, default=1e-3, help="MeZO perturbation scale (default: %(default)s)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="data order and random init seed (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="data order, random init and MeZO direction seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: runs/train-MODEL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
@@ -168,18 +178,31 @@ def _run_train(args) -> int:
     batches = data.batches(blocks, args.batch_size, seed=args.seed)
     example = next(data.batches(blocks, args.batch_size, seed=args.seed))
 
-    _say(f"compiling the training step (policy {_policy(args)}) ...")
+    mezo = args.method == "mezo"
+    lr = args.lr = args.lr if args.lr is not None else (MEZO_LR if mezo else BACKPROP_LR)
+    what = "forward-only step (MeZO)" if mezo else f"training step (policy {_policy(args)})"
+    _say(f"compiling the {what} ...")
     start = time.perf_counter()
-    plan = _compile(model, example, args)
+    if mezo:
+        from mebp_compiler.mezo import compile_mezo, train_mezo
+
+        plan = compile_mezo(model, example, offload_dir=args.offload_dir)
+    else:
+        plan = _compile(model, example, args)
     _say(f"compiled in {time.perf_counter() - start:.1f} s: predicted peak "
          f"{format_bytes(plan.predicted_peak_bytes)} (computed tensors "
          f"{format_bytes(plan.predicted_peak_activation_bytes)})")
 
-    optimizer = make_optimizer(plan.lora_parameters().values(), args.optimizer, args.lr)
-    history = train(plan, batches, args.steps, optimizer, progress=not args.no_progress)
+    if mezo:
+        history = train_mezo(plan, batches, args.steps, lr=lr, eps=args.eps, seed=args.seed,
+                             progress=not args.no_progress)
+    else:
+        optimizer = make_optimizer(plan.lora_parameters().values(), args.optimizer, lr)
+        history = train(plan, batches, args.steps, optimizer, progress=not args.no_progress)
 
     adapter = save_adapter(model, out / "adapter")
-    plot = plot_loss(history, out / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, policy {_policy(args)}")
+    method = "MeZO" if mezo else f"policy {_policy(args)}"
+    plot = plot_loss(history, out / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, {method}")
     atomic_write_json(out / "history.json", {"args": _jsonable(vars(args)), **history.to_json(),
                                               "predicted_peak_bytes": plan.predicted_peak_bytes})
     k = max(1, len(history.loss) // 5)

@@ -217,6 +217,10 @@ def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = workers
+    # The memory rows are long (thousands of terms each); CP-SAT's presolve spends longer on
+    # them than the search needs (SmolLM2, seq 256: proven optimal in ~4 s without it,
+    # 6% gap after 20 s with it).
+    solver.parameters.cp_model_presolve = False
     return solver
 
 
