@@ -161,7 +161,6 @@ def _load_lora_model(args, device: str = "cpu"):
 
 
 def _run_train(args) -> int:
-    import mebp_compiler
     from mebp_compiler import data, models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes

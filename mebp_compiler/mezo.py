@@ -36,9 +36,9 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from mebp_compiler.capture import capture
-from mebp_compiler.ir import Phase, Role, TrainingGraph, format_bytes
+from mebp_compiler.ir import Phase, Role, TrainingGraph
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
-from mebp_compiler.plan import BatchShapeError
+from mebp_compiler.plan import graph_inputs, lora_parameters
 from mebp_compiler.runtime import Runtime, StepResult
 from mebp_compiler.train import TrainHistory
 
@@ -143,21 +143,11 @@ class MezoPlan:
 
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
         """LoRA parameters in graph order: index i is the one direction() seeds with i."""
-        params = dict(self.model.named_parameters())
-        return {s.source: params[s.source] for s in self.graph.inputs if s.role == Role.LORA}
+        return lora_parameters(self.model, self.graph)
 
     def loss(self, batch: Mapping[str, torch.Tensor], *, seed: int | None = None, scale: float = 0.0) -> StepResult:
         """Loss of `batch` at the current parameters, or at theta + scale * z(seed) when `seed` is given."""
-        for key in ("input_ids", "labels"):
-            shape = tuple(batch[key].shape) if key in batch else None
-            if shape != self.batch_shape:
-                raise BatchShapeError(
-                    f"batch['{key}'] has shape {shape}, but the plan was compiled for "
-                    f"{self.batch_shape}; compile again with an example batch of the new shape"
-                )
-        state = dict(self.model.named_parameters())
-        state.update(self.model.named_buffers())
-        inputs = [batch[s.source] if s.role == Role.BATCH else state[s.source] for s in self.graph.inputs]
+        inputs = graph_inputs(self.model, self.graph, batch)
         if seed is None:
             return self.runtime.run(inputs)
         self.perturber.seed, self.perturber.scale = seed, scale
@@ -235,11 +225,6 @@ def train_mezo(
         start = time.perf_counter()
         result = mezo_step(plan, batch, lr=lr, eps=eps, seed=_mix(seed, t))
         elapsed = time.perf_counter() - start
-        history.loss.append((result.loss_plus + result.loss_minus) / 2)
-        history.step_s.append(elapsed)
-        history.held_peak_bytes.append(result.held_peak_bytes)
-        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", step=f"{elapsed:.2f}s",
-                        held=format_bytes(result.held_peak_bytes))
-        bar.update()
+        history.record((result.loss_plus + result.loss_minus) / 2, elapsed, result.held_peak_bytes, bar)
     bar.close()
     return history

@@ -56,22 +56,34 @@ class Plan:
         return self.graph.batch_shape
 
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
-        params = dict(self.model.named_parameters())
-        return {s.source: params[s.source] for s in self.graph.inputs if s.role == Role.LORA}
+        return lora_parameters(self.model, self.graph)
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
         """Loss and LoRA gradients of one batch, with the bytes the runtime held."""
-        for key in ("input_ids", "labels"):
-            shape = tuple(batch[key].shape) if key in batch else None
-            if shape != self.batch_shape:
-                raise BatchShapeError(
-                    f"batch['{key}'] has shape {shape}, but the plan was compiled for "
-                    f"{self.batch_shape}; compile again with an example batch of the new shape"
-                )
-        state = dict(self.model.named_parameters())
-        state.update(self.model.named_buffers())
-        inputs = [batch[s.source] if s.role == Role.BATCH else state[s.source] for s in self.graph.inputs]
-        return self.runtime.run(inputs)
+        return self.runtime.run(graph_inputs(self.model, self.graph, batch))
+
+
+def lora_parameters(model: torch.nn.Module, graph: TrainingGraph) -> dict[str, torch.nn.Parameter]:
+    """The model's LoRA parameters in the graph's input order."""
+    params = dict(model.named_parameters())
+    return {s.source: params[s.source] for s in graph.inputs if s.role == Role.LORA}
+
+
+def graph_inputs(model: torch.nn.Module, graph: TrainingGraph, batch: Mapping[str, torch.Tensor]) -> list:
+    """One tensor per graph placeholder: the model's current weights and the batch.
+
+    Raises BatchShapeError if the batch's shape is not the one the graph was captured for.
+    """
+    for key in ("input_ids", "labels"):
+        shape = tuple(batch[key].shape) if key in batch else None
+        if shape != graph.batch_shape:
+            raise BatchShapeError(
+                f"batch['{key}'] has shape {shape}, but the plan was compiled for "
+                f"{graph.batch_shape}; compile again with an example batch of the new shape"
+            )
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
+    return [batch[s.source] if s.role == Role.BATCH else state[s.source] for s in graph.inputs]
 
 
 def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:

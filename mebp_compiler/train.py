@@ -29,6 +29,14 @@ class TrainHistory:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def record(self, loss: float, step_s: float, held_peak_bytes: int, bar: tqdm) -> None:
+        """Append one step and show it on the progress bar."""
+        self.loss.append(loss)
+        self.step_s.append(step_s)
+        self.held_peak_bytes.append(held_peak_bytes)
+        bar.set_postfix(loss=f"{loss:.3f}", step=f"{step_s:.2f}s", held=format_bytes(held_peak_bytes))
+        bar.update()
+
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-3,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -68,12 +76,7 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
-        history.loss.append(float(result.loss))
-        history.step_s.append(elapsed)
-        history.held_peak_bytes.append(result.held_peak_bytes)
-        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", step=f"{elapsed:.2f}s",
-                        held=format_bytes(result.held_peak_bytes))
-        bar.update()
+        history.record(float(result.loss), elapsed, result.held_peak_bytes, bar)
     bar.close()
     return history
 
