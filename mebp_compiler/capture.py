@@ -53,6 +53,7 @@ def capture(
     example_batch: Mapping[str, torch.Tensor],
     *,
     backward: bool = True,
+    head_chunks: int = 0,
 ) -> TrainingGraph:
     """Trace one training step of `model` on a batch shaped like `example_batch`.
 
@@ -64,7 +65,15 @@ def capture(
     With `backward=False` the traced step is the forward and loss only (outputs
     `["loss"]`, no gradients), over the same inputs: what a zeroth-order method such as
     MeZO runs.
+
+    With `head_chunks=k > 0` the vocabulary projection and cross-entropy are computed in
+    `k` chunks along the sequence (`chunked_lm_loss`), each chunk tagged as a block of its
+    own (numbered after the transformer blocks), so a schedule can recompute one chunk's
+    `[chunk x vocab]` logits at a time in the backward instead of holding `[seq x vocab]`.
+    The loss is the same mean over non-ignored tokens as transformers' causal-LM loss.
     """
+    if head_chunks < 0 or head_chunks > example_batch["input_ids"].shape[-1]:
+        raise CaptureError(f"head_chunks must be between 0 and the sequence length, got {head_chunks}")
     input_ids, labels = _check_batch(example_batch)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise CaptureError(
@@ -93,14 +102,17 @@ def capture(
         state = dict(zip(frozen_names, flat[:n_frozen]))
         state.update(zip(lora_names, flat[n_frozen : n_frozen + n_lora]))
         ids, lbl = flat[n_frozen + n_lora :]
-        out = functional_call(model, state, (), {"input_ids": ids, "labels": lbl, "use_cache": False})
-        if out.loss is None:
+        if head_chunks:
+            loss = chunked_lm_loss(model, state, ids, lbl, head_chunks, tracer_state)
+        else:
+            loss = functional_call(model, state, (), {"input_ids": ids, "labels": lbl, "use_cache": False}).loss
+        if loss is None:
             raise CaptureError("the model returned no loss for labels=...: is it a causal LM?")
         if not backward:
-            return (out.loss,)
-        annotate_backward(out.loss)
-        grads = torch.autograd.grad(out.loss, flat[n_frozen : n_frozen + n_lora])
-        return (out.loss, *grads)
+            return (loss,)
+        annotate_backward(loss)
+        grads = torch.autograd.grad(loss, flat[n_frozen : n_frozen + n_lora])
+        return (loss, *grads)
 
     tracer_state = _ModuleAnnotator(model, decoder_layers(model))
     annotate_backward = tracer_state.annotate_backward
@@ -121,7 +133,43 @@ def capture(
         outputs=outputs,
         num_blocks=len(decoder_layers(model)),
         batch_shape=tuple(input_ids.shape),
+        meta={"head_chunks": head_chunks},
     )
+
+
+def chunked_lm_loss(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    chunks: int,
+    annotator: _ModuleAnnotator,
+) -> torch.Tensor:
+    """Causal-LM loss with the LM head and cross-entropy computed chunk by chunk.
+
+    Equals transformers' `ForCausalLMLoss` (labels shifted left, -100 ignored, mean over
+    the rest): the sum of each chunk's summed cross-entropy divided by the token count.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = base.model, base.get_output_embeddings()
+    prefix = next(name for name, module in model.named_modules() if module is decoder) + "."
+    decoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    hidden = functional_call(decoder, decoder_state, (), {"input_ids": input_ids, "use_cache": False})
+    hidden = hidden.last_hidden_state
+    weight_name = next(name for name, p in model.named_parameters() if p is head.weight)
+    weight = state[weight_name]
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    total = hidden.new_zeros(())
+    for c, (h, y) in enumerate(zip(hidden.tensor_split(chunks, dim=1), shift.tensor_split(chunks, dim=1))):
+        with annotator.region({"module": f"lm_head.chunk{c}", "block": annotator.num_blocks + c}):
+            logits = torch.nn.functional.linear(h, weight).float()
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+        total = total + part
+    return total / (shift != -100).sum()
 
 
 def _check_batch(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +204,7 @@ class _ModuleAnnotator:
 
     def __init__(self, model: torch.nn.Module, layers: torch.nn.ModuleList) -> None:
         self.model = model
+        self.num_blocks = len(layers)
         self.block_of_layer = {id(layer): i for i, layer in enumerate(layers)}
         self.origin_of_seq: dict[int, dict[str, Any]] = {}
         self._open: list[tuple[contextlib.AbstractContextManager, int, dict[str, Any]]] = []
@@ -193,6 +242,15 @@ class _ModuleAnnotator:
             self._handles.clear()
             while self._open:
                 self._open.pop()[0].__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def region(self, tag: dict[str, Any]):
+        """Annotate ops traced inside the `with` block (forward and backward) like a module call."""
+        start = torch.autograd._get_sequence_nr()
+        with fx_traceback.annotate(tag):
+            yield
+        for seq in range(start, torch.autograd._get_sequence_nr()):
+            self.origin_of_seq.setdefault(seq, tag)
 
     def annotate_backward(self, loss: torch.Tensor) -> None:
         """Hook every autograd node reachable from `loss` to annotate the ops it runs."""

@@ -69,6 +69,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoints", default="ram", choices=("ram", "disk"),
                    help="where mebp keeps block checkpoints: RAM, or memory-mapped files (default: %(default)s)")
     p.add_argument("--offload-dir", default=None, help="directory for memory-mapped checkpoints (default: a temporary one)")
+    p.add_argument("--head-chunks", default="0", metavar="K|auto",
+                   help="compute the LM head and loss in K sequence chunks so no [seq x vocab] tensor "
+                        "is held whole; 'auto' (with --budget) takes the fewest that fit (default: 0, unchunked)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -222,13 +225,25 @@ def _run_plan(args) -> int:
 
     model = _load_lora_model(args, device="meta")
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device="meta")
-    graph = capture(model, {"input_ids": ids, "labels": ids})
+    chunks = _head_chunks(args)
+    if chunks == "auto":
+        raise ValueError("mebp plan has no budget to choose --head-chunks from; give a number")
+    graph = capture(model, {"input_ids": ids, "labels": ids}, head_chunks=chunks)
     print(graph.summary())
     for schedule in (none_schedule(graph), mebp_schedule(graph, args.checkpoints)):
         profile = liveness(rewrite(graph, schedule))
         print(f"\npolicy {schedule.policy}: predicted peak {format_bytes(profile.peak_bytes)}")
         print(profile.report())
     return 0
+
+
+def _head_chunks(args) -> int | str:
+    if args.head_chunks == "auto":
+        return "auto"
+    try:
+        return int(args.head_chunks)
+    except ValueError:
+        raise ValueError(f"--head-chunks must be a number or 'auto', got {args.head_chunks!r}") from None
 
 
 def _policy(args) -> str:
@@ -242,7 +257,8 @@ def _compile(model, example, args):
     return mebp_compiler.compile(model, example, policy, checkpoints=args.checkpoints,
                                  offload_dir=args.offload_dir, device=args.device,
                                  budget=args.budget if policy == "optimal" else None,
-                                 optimizer=getattr(args, "optimizer", "adamw"))
+                                 optimizer=getattr(args, "optimizer", "adamw"),
+                                 head_chunks=_head_chunks(args))
 
 
 def _say(message: str) -> None:

@@ -13,6 +13,7 @@ from mebp_compiler.ir import Role, TrainingGraph
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
 from mebp_compiler.device import DeviceProfile, parse_size
 from mebp_compiler.passes.policies import mebp_schedule, none_schedule, optimal_schedule
+from mebp_compiler.passes.schedule.solver import BudgetInfeasible
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.runtime import Runtime, StepResult
 from mebp_compiler.schedule import Schedule
@@ -94,6 +95,20 @@ def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:
     return OPTIMIZER_STATE_TENSORS[optimizer] * per_copy
 
 
+def _optimal(model, example_batch, budget_bytes: int, device: DeviceProfile, head_chunks, **solve_options):
+    """Capture and schedule under the budget; with head_chunks="auto", the fewest chunks that fit."""
+    seq_len = example_batch["input_ids"].shape[-1]
+    candidates = [head_chunks] if head_chunks != "auto" else [0, *(2**i for i in range(1, seq_len.bit_length()))]
+    for chunks in candidates:
+        captured = capture(model, example_batch, head_chunks=chunks)
+        try:
+            return captured, optimal_schedule(captured, budget_bytes, device, **solve_options)
+        except BudgetInfeasible:
+            if chunks == candidates[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
 def compile(
     model: torch.nn.Module,
     example_batch: Mapping[str, torch.Tensor],
@@ -106,6 +121,7 @@ def compile(
     offload: bool = True,
     time_limit_s: float = 20.0,
     optimizer: str = "adamw",
+    head_chunks: int | Literal["auto"] = 0,
 ) -> Plan:
     """Compile one training step of a LoRA causal LM under a scheduling `policy`.
 
@@ -117,6 +133,10 @@ def compile(
     or a human size such as "300MB"; raises `BudgetInfeasible` naming the least budget).
     The budget also covers the state of `optimizer` ("adamw" or "sgd") over the LoRA
     parameters, which the trainer holds outside the graph.
+
+    `head_chunks` > 0 computes the LM head and loss in that many sequence chunks (see
+    `capture`); "auto" (optimal policy only) takes the fewest chunks - 0, 2, 4, 8, ... -
+    whose step fits the budget.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -124,16 +144,16 @@ def compile(
         raise ValueError(f"checkpoints must be 'ram' or 'disk', got {checkpoints!r}")
     if (policy == "optimal") != (budget is not None):
         raise ValueError("policy 'optimal' needs a budget (e.g. budget='300MB'), and only it takes one")
-    captured = capture(model, example_batch)
+    if head_chunks == "auto" and policy != "optimal":
+        raise ValueError("head_chunks='auto' is chosen from the budget: use it with policy 'optimal'")
     if policy == "optimal":
         profile = device if isinstance(device, DeviceProfile) else DeviceProfile.load(device)
-        schedule = optimal_schedule(captured, parse_size(budget), profile, offload=offload,
-                                    time_limit_s=time_limit_s,
-                                    reserved_bytes=optimizer_state_bytes(model, optimizer))
-    elif policy == "none":
-        schedule = none_schedule(captured)
+        captured, schedule = _optimal(model, example_batch, parse_size(budget), profile, head_chunks,
+                                      offload=offload, time_limit_s=time_limit_s,
+                                      reserved_bytes=optimizer_state_bytes(model, optimizer))
     else:
-        schedule = mebp_schedule(captured, checkpoints)
+        captured = capture(model, example_batch, head_chunks=head_chunks)
+        schedule = none_schedule(captured) if policy == "none" else mebp_schedule(captured, checkpoints)
     graph = rewrite(captured, schedule)
     return Plan(
         model=model,

@@ -75,9 +75,11 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
 
 
 def test_cli_plan_predicts_memory_on_the_meta_device(capsys):
-    assert main(["plan", "--model", "tiny-gemma3", "--seq-len", "16"]) == 0
+    assert main(["plan", "--model", "tiny-gemma3", "--seq-len", "16", "--head-chunks", "2"]) == 0
     out = capsys.readouterr().out
     assert "policy none: predicted peak" in out and "policy mebp: predicted peak" in out
+    assert main(["plan", "--model", "tiny-gemma3", "--head-chunks", "many"]) == 1
+    assert "--head-chunks must be a number" in capsys.readouterr().err
 
 
 def test_cli_help_explains_the_commands(capsys):
@@ -111,3 +113,28 @@ def test_cli_compile_writes_the_schedule_and_refuses_an_infeasible_budget(tmp_pa
     assert schedule.policy == "optimal" and memory["predicted_peak_bytes"] <= 2_000_000
     assert main(["compile", "--model", "tiny-llama", "--seq-len", "16", "--budget", "100KB", "-o", str(tmp_path)]) == 1
     assert "least feasible budget" in capsys.readouterr().err
+
+
+def test_head_chunks_auto_takes_the_fewest_chunks_that_fit():
+    """A tiny Llama with a large vocabulary, so the LM head dominates the peak."""
+    from transformers import AutoModelForCausalLM
+
+    from mebp_compiler.device import DeviceProfile
+    from mebp_compiler.passes.policies import least_feasible_budget
+    from tests.conftest import randomize_lora_b
+
+    config = models.config("tiny-llama")
+    config.vocab_size = 8192
+    torch.manual_seed(0)
+    model = models.add_lora(AutoModelForCausalLM.from_config(config))
+    randomize_lora_b(model)
+    batch = random_batch(config.vocab_size, seq=32)
+    plain = mebp_compiler.compile(model, batch, "optimal", budget="1GB", optimizer="sgd", head_chunks="auto")
+    assert plain.captured.meta["head_chunks"] == 0  # everything fits unchunked
+    least_unchunked = least_feasible_budget(plain.captured, DeviceProfile.load("iphone15promax"))
+    tight = mebp_compiler.compile(model, batch, "optimal", budget=least_unchunked - 1, optimizer="sgd",
+                                  head_chunks="auto", time_limit_s=5)
+    assert tight.captured.meta["head_chunks"] > 0 and tight.predicted_peak_bytes < least_unchunked
+    assert_matches_autograd(tight.step(batch), autograd_reference(model, batch))
+    with pytest.raises(ValueError, match="policy 'optimal'"):
+        mebp_compiler.compile(model, batch, "mebp", head_chunks="auto")
