@@ -72,6 +72,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-chunks", default="0", metavar="K|auto",
                    help="compute the LM head and loss in K sequence chunks so no [seq x vocab] tensor "
                         "is held whole; 'auto' (with --budget) takes the fewest that fit (default: 0, unchunked)")
+    p.add_argument("--int4", action="store_true",
+                   help="store frozen weights as symmetric INT4 (scale per --group-size inputs), "
+                        "dequantized just before each use")
+    p.add_argument("--group-size", type=int, default=64, help="INT4 group size (default: %(default)s)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -258,7 +262,7 @@ def _compile(model, example, args):
                                  offload_dir=args.offload_dir, device=args.device,
                                  budget=args.budget if policy == "optimal" else None,
                                  optimizer=getattr(args, "optimizer", "adamw"),
-                                 head_chunks=_head_chunks(args))
+                                 head_chunks=_head_chunks(args), int4=args.int4, group_size=args.group_size)
 
 
 def _say(message: str) -> None:

@@ -24,6 +24,7 @@ class Role(str, enum.Enum):
     GRADIENT = "gradient"  # computed in the backward, including the LoRA gradients
     LOSS = "loss"  # the scalar loss
     OFFLOADED = "offloaded"  # a handle to a tensor that lives in a file on disk
+    DEQUANTIZED = "dequantized"  # a frozen weight decompressed from INT4 for the op about to use it
 
 
 INPUT_ROLES = (Role.FROZEN, Role.LORA, Role.BATCH)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -13,6 +14,13 @@ from mebp_compiler.ir import Role, TrainingGraph
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
 from mebp_compiler.device import DeviceProfile, parse_size
 from mebp_compiler.passes.policies import mebp_schedule, none_schedule, optimal_schedule
+from mebp_compiler.passes.quantize import (
+    DEFAULT_GROUP_SIZE,
+    QuantizedWeights,
+    WeightFileError,
+    quantize_model_weights,
+    rewrite_int4,
+)
 from mebp_compiler.passes.schedule.solver import BudgetInfeasible
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.runtime import Runtime, StepResult
@@ -41,6 +49,7 @@ class Plan:
     graph: TrainingGraph
     profile: MemoryProfile
     runtime: Runtime
+    weights: QuantizedWeights | None = None  # INT4 frozen weights, when compiled with int4=True
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -61,7 +70,7 @@ class Plan:
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
         """Loss and LoRA gradients of one batch, with the bytes the runtime held."""
-        return self.runtime.run(graph_inputs(self.model, self.graph, batch))
+        return self.runtime.run(graph_inputs(self.model, self.graph, batch, self.weights))
 
 
 def lora_parameters(model: torch.nn.Module, graph: TrainingGraph) -> dict[str, torch.nn.Parameter]:
@@ -70,8 +79,9 @@ def lora_parameters(model: torch.nn.Module, graph: TrainingGraph) -> dict[str, t
     return {s.source: params[s.source] for s in graph.inputs if s.role == Role.LORA}
 
 
-def graph_inputs(model: torch.nn.Module, graph: TrainingGraph, batch: Mapping[str, torch.Tensor]) -> list:
-    """One tensor per graph placeholder: the model's current weights and the batch.
+def graph_inputs(model: torch.nn.Module, graph: TrainingGraph, batch: Mapping[str, torch.Tensor],
+                 weights: QuantizedWeights | None = None) -> list:
+    """One tensor per graph placeholder: the model's current weights (or their INT4 form) and the batch.
 
     Raises BatchShapeError if the batch's shape is not the one the graph was captured for.
     """
@@ -84,6 +94,7 @@ def graph_inputs(model: torch.nn.Module, graph: TrainingGraph, batch: Mapping[st
             )
     state = dict(model.named_parameters())
     state.update(model.named_buffers())
+    state.update(weights.tensors if weights else {})
     return [batch[s.source] if s.role == Role.BATCH else state[s.source] for s in graph.inputs]
 
 
@@ -95,12 +106,12 @@ def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:
     return OPTIMIZER_STATE_TENSORS[optimizer] * per_copy
 
 
-def _optimal(model, example_batch, budget_bytes: int, device: DeviceProfile, head_chunks, **solve_options):
+def _optimal(trace, example_batch, budget_bytes: int, device: DeviceProfile, head_chunks, **solve_options):
     """Capture and schedule under the budget; with head_chunks="auto", the fewest chunks that fit."""
     seq_len = example_batch["input_ids"].shape[-1]
     candidates = [head_chunks] if head_chunks != "auto" else [0, *(2**i for i in range(1, seq_len.bit_length()))]
     for chunks in candidates:
-        captured = capture(model, example_batch, head_chunks=chunks)
+        captured = trace(chunks)
         try:
             return captured, optimal_schedule(captured, budget_bytes, device, **solve_options)
         except BudgetInfeasible:
@@ -122,6 +133,9 @@ def compile(
     time_limit_s: float = 20.0,
     optimizer: str = "adamw",
     head_chunks: int | Literal["auto"] = 0,
+    int4: bool = False,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    weights_file: str | None = None,
 ) -> Plan:
     """Compile one training step of a LoRA causal LM under a scheduling `policy`.
 
@@ -137,6 +151,13 @@ def compile(
     `head_chunks` > 0 computes the LM head and loss in that many sequence chunks (see
     `capture`); "auto" (optimal policy only) takes the fewest chunks - 0, 2, 4, 8, ... -
     whose step fits the budget.
+
+    With `int4=True` the frozen 2-D weights become symmetric INT4 with a scale per
+    `group_size` inputs, dequantized just before each use (`passes.quantize`); the step
+    then equals autograd on the dequantized model. `weights_file` saves them as
+    safetensors (or, if the file exists, reads it instead, checking it matches) and runs
+    from the file read back; a corrupt or mismatched file raises WeightFileError before any
+    step runs.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -146,13 +167,30 @@ def compile(
         raise ValueError("policy 'optimal' needs a budget (e.g. budget='300MB'), and only it takes one")
     if head_chunks == "auto" and policy != "optimal":
         raise ValueError("head_chunks='auto' is chosen from the budget: use it with policy 'optimal'")
+    weights = None
+
+    def trace(chunks: int) -> TrainingGraph:
+        nonlocal weights
+        graph = capture(model, example_batch, head_chunks=chunks)
+        if not int4:
+            return graph
+        if weights is None:
+            fresh = quantize_model_weights(model, graph, group_size)
+            if weights_file is not None and not Path(weights_file).exists():
+                fresh.save(weights_file)
+            weights = fresh if weights_file is None else QuantizedWeights.load(weights_file)
+            if set(weights.tensors) != set(fresh.tensors) or weights.group_size != group_size:
+                raise WeightFileError(f"{weights_file} holds other weights than this model's INT4 weights "
+                                      f"(group size {group_size}); delete it to quantize again")
+        return rewrite_int4(graph, weights)
+
     if policy == "optimal":
         profile = device if isinstance(device, DeviceProfile) else DeviceProfile.load(device)
-        captured, schedule = _optimal(model, example_batch, parse_size(budget), profile, head_chunks,
+        captured, schedule = _optimal(trace, example_batch, parse_size(budget), profile, head_chunks,
                                       offload=offload, time_limit_s=time_limit_s,
                                       reserved_bytes=optimizer_state_bytes(model, optimizer))
     else:
-        captured = capture(model, example_batch, head_chunks=head_chunks)
+        captured = trace(head_chunks)
         schedule = none_schedule(captured) if policy == "none" else mebp_schedule(captured, checkpoints)
     graph = rewrite(captured, schedule)
     return Plan(
@@ -162,4 +200,5 @@ def compile(
         graph=graph,
         profile=liveness(graph),
         runtime=Runtime(graph, offload_dir),
+        weights=weights,
     )
