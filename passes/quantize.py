@@ -9,7 +9,8 @@ Qwen2.5 runs (the default here; 32 halves the quantization error for twice the s
 The rewritten graph takes the packed weights (two 4-bit values per byte) and their scales
 as inputs instead of the float weight, and every op that read the weight reads a fresh
 `dequantize_int4` node placed right before it, dropped after that op: at any moment only
-the weights in use are held in float, the rest stays at 4 bits.
+the weights in use are held in float, the rest stays at 4 bits. An embedding lookup
+decompresses only the rows it gathers (`embedding_int4`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     q = torch.where(q > 7, q - 16, q).to(scales.dtype)
     group_size = q.shape[1] // scales.shape[1]
     return (q.reshape(q.shape[0], scales.shape[1], group_size) * scales[..., None]).reshape(q.shape)
+
+
+def embedding_int4(packed: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Graph op: `embedding(dequantize_int4(packed, scales), indices)`, decompressing only the rows looked up."""
+    flat = indices.reshape(-1)
+    rows = dequantize_int4(packed.index_select(0, flat), scales.index_select(0, flat))
+    return rows.reshape(*indices.shape, rows.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,16 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
             new_graph.output(fx.node.map_arg(node.args[0], lambda a: remap[a]))
             continue
         ti = graph.info[node.name]
+
+        # padding_idx and the other embedding arguments only shape the weight's gradient,
+        # and a quantized weight is frozen: the lookup's value is a plain row gather.
+        weight = node.args[0] if node.target == torch.ops.aten.embedding.default else None
+        if weight in quantized:
+            remap[node] = new_graph.create_node("call_function", embedding_int4,
+                                                (*quantized[weight], remap[node.args[1]]), name=node.name)
+            remap[node].meta = dict(node.meta)
+            info[remap[node].name] = ti
+            continue
 
         def arg(a: fx.Node, user=node, ti=ti) -> fx.Node:
             if a not in quantized:

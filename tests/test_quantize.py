@@ -9,7 +9,13 @@ import torch
 
 import mebp_compiler
 from mebp_compiler.ir import Role
-from mebp_compiler.passes.quantize import QuantizedWeights, WeightFileError, dequantize_int4, quantize_int4
+from mebp_compiler.passes.quantize import (
+    QuantizedWeights,
+    WeightFileError,
+    dequantize_int4,
+    embedding_int4,
+    quantize_int4,
+)
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 
 
@@ -48,6 +54,7 @@ def test_int4_step_equals_autograd_on_the_dequantized_model(name, policy):
     fp32 = mebp_compiler.compile(model, batch, policy, head_chunks=2)
     assert plan.profile.bytes_by_role[Role.FROZEN][0] < fp32.profile.bytes_by_role[Role.FROZEN][0] / 4
     assert Role.DEQUANTIZED in result.held_by_role
+    assert any(n.target is embedding_int4 for n in plan.graph.nodes())  # only the looked-up rows
 
 
 def test_a_truncated_weight_file_fails_before_training(tmp_path):
