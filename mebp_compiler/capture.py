@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
 from mebp_compiler.models import decoder_layers
+from mebp_compiler.sliced_loss import sliced_linear_cross_entropy
 
 #: Largest tensor allowed as a constant inside the graph; anything bigger is a weight
 #: that was baked in and could not be streamed.
@@ -54,6 +55,7 @@ def capture(
     *,
     backward: bool = True,
     head_chunks: int = 0,
+    vocab_slices: int = 0,
 ) -> TrainingGraph:
     """Trace one training step of `model` on a batch shaped like `example_batch`.
 
@@ -71,7 +73,14 @@ def capture(
     own (numbered after the transformer blocks), so a schedule can recompute one chunk's
     `[chunk x vocab]` logits at a time in the backward instead of holding `[seq x vocab]`.
     The loss is the same mean over non-ignored tokens as transformers' causal-LM loss.
+
+    With `vocab_slices=s > 0` each chunk (the whole sequence when `head_chunks=0`) computes
+    its logits and cross-entropy `s` vocabulary slices at a time, forward and backward
+    (`sliced_loss`): no `[tokens x vocab]` tensor exists at all, and each slice of the frozen
+    head weight is read only for its own matmul.
     """
+    if vocab_slices < 0:
+        raise CaptureError(f"vocab_slices must be 0 (off) or a positive number of slices, got {vocab_slices}")
     if head_chunks < 0 or head_chunks > example_batch["input_ids"].shape[-1]:
         raise CaptureError(f"head_chunks must be between 0 and the sequence length, got {head_chunks}")
     input_ids, labels = _check_batch(example_batch)
@@ -102,8 +111,8 @@ def capture(
         state = dict(zip(frozen_names, flat[:n_frozen]))
         state.update(zip(lora_names, flat[n_frozen : n_frozen + n_lora]))
         ids, lbl = flat[n_frozen + n_lora :]
-        if head_chunks:
-            loss = chunked_lm_loss(model, state, ids, lbl, head_chunks, tracer_state)
+        if head_chunks or vocab_slices:
+            loss = chunked_lm_loss(model, state, ids, lbl, max(head_chunks, 1), tracer_state, vocab_slices)
         else:
             loss = functional_call(model, state, (), {"input_ids": ids, "labels": lbl, "use_cache": False}).loss
         if loss is None:
@@ -133,7 +142,7 @@ def capture(
         outputs=outputs,
         num_blocks=len(decoder_layers(model)),
         batch_shape=tuple(input_ids.shape),
-        meta={"head_chunks": head_chunks},
+        meta={"head_chunks": head_chunks, "vocab_slices": vocab_slices},
     )
 
 
@@ -144,8 +153,12 @@ def chunked_lm_loss(
     labels: torch.Tensor,
     chunks: int,
     annotator: _ModuleAnnotator,
+    vocab_slices: int = 0,
 ) -> torch.Tensor:
     """Causal-LM loss with the LM head and cross-entropy computed chunk by chunk.
+
+    With `vocab_slices > 0` each chunk's head and loss stream over that many vocabulary
+    slices (`sliced_linear_cross_entropy`) instead of materializing the chunk's logits.
 
     Equals transformers' `ForCausalLMLoss` (labels shifted left, -100 ignored, mean over
     the rest): the sum of each chunk's summed cross-entropy divided by the token count.
@@ -163,11 +176,14 @@ def chunked_lm_loss(
     total = hidden.new_zeros(())
     for c, (h, y) in enumerate(zip(hidden.tensor_split(chunks, dim=1), shift.tensor_split(chunks, dim=1))):
         with annotator.region({"module": f"lm_head.chunk{c}", "block": annotator.num_blocks + c}):
-            logits = torch.nn.functional.linear(h, weight).float()
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
+            if vocab_slices:
+                part = sliced_linear_cross_entropy(h, weight, y, vocab_slices, softcap)
+            else:
+                logits = torch.nn.functional.linear(h, weight).float()
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                         ignore_index=-100, reduction="sum")
         total = total + part
     return total / (shift != -100).sum()
 

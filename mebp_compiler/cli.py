@@ -72,6 +72,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-chunks", default="0", metavar="K|auto",
                    help="compute the LM head and loss in K sequence chunks so no [seq x vocab] tensor "
                         "is held whole; 'auto' (with --budget) takes the fewest that fit (default: 0, unchunked)")
+    p.add_argument("--vocab-slices", type=int, default=0, metavar="S",
+                   help="stream the LM head and loss over S vocabulary slices, forward and backward, "
+                        "so no [tokens x vocab] logits exist; with --int4 each head slice is "
+                        "decompressed on its own (default: 0, off)")
     p.add_argument("--int4", action="store_true",
                    help="store frozen weights as symmetric INT4 (scale per --group-size inputs), "
                         "dequantized just before each use")
@@ -232,7 +236,7 @@ def _run_plan(args) -> int:
     chunks = _head_chunks(args)
     if chunks == "auto":
         raise ValueError("mebp plan has no budget to choose --head-chunks from; give a number")
-    graph = capture(model, {"input_ids": ids, "labels": ids}, head_chunks=chunks)
+    graph = capture(model, {"input_ids": ids, "labels": ids}, head_chunks=chunks, vocab_slices=args.vocab_slices)
     print(graph.summary())
     for schedule in (none_schedule(graph), mebp_schedule(graph, args.checkpoints)):
         profile = liveness(rewrite(graph, schedule))
@@ -262,7 +266,8 @@ def _compile(model, example, args):
                                  offload_dir=args.offload_dir, device=args.device,
                                  budget=args.budget if policy == "optimal" else None,
                                  optimizer=getattr(args, "optimizer", "adamw"),
-                                 head_chunks=_head_chunks(args), int4=args.int4, group_size=args.group_size)
+                                 head_chunks=_head_chunks(args), vocab_slices=args.vocab_slices,
+                                 int4=args.int4, group_size=args.group_size)
 
 
 def _say(message: str) -> None:

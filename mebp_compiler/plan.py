@@ -133,6 +133,7 @@ def compile(
     time_limit_s: float = 20.0,
     optimizer: str = "adamw",
     head_chunks: int | Literal["auto"] = 0,
+    vocab_slices: int = 0,
     int4: bool = False,
     group_size: int = DEFAULT_GROUP_SIZE,
     weights_file: str | None = None,
@@ -150,7 +151,9 @@ def compile(
 
     `head_chunks` > 0 computes the LM head and loss in that many sequence chunks (see
     `capture`); "auto" (optimal policy only) takes the fewest chunks - 0, 2, 4, 8, ... -
-    whose step fits the budget.
+    whose step fits the budget. `vocab_slices` > 0 streams the head and loss over that many
+    vocabulary slices, forward and backward, so no `[tokens x vocab]` logits exist (see
+    `capture`); with INT4 weights each slice of the head is decompressed on its own.
 
     With `int4=True` the frozen 2-D weights become symmetric INT4 with a scale per
     `group_size` inputs, dequantized just before each use (`passes.quantize`); the step
@@ -171,7 +174,7 @@ def compile(
 
     def trace(chunks: int) -> TrainingGraph:
         nonlocal weights
-        graph = capture(model, example_batch, head_chunks=chunks)
+        graph = capture(model, example_batch, head_chunks=chunks, vocab_slices=vocab_slices)
         if not int4:
             return graph
         if weights is None:

@@ -82,6 +82,7 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
     """
     info = graph.info
     nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
+    position = {n.name: k for k, n in enumerate(nodes)}
     sequence: list[Step] = []
     for node in nodes:
         if info[node.name].phase != Phase.FORWARD:
@@ -109,9 +110,9 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
         if run_of[node.name] != previous_run:
             previous_run = run_of[node.name]
             for member in restore[previous_run]:
-                _bring_back(member, info, decisions, ready, sequence)
+                _bring_back(member, info, decisions, ready, sequence, position)
         for arg in node.all_input_nodes:
-            _bring_back(arg, info, decisions, ready, sequence)
+            _bring_back(arg, info, decisions, ready, sequence, position)
         sequence.append(Step(StepKind.COMPUTE, node.name))
         ready.add(node.name)
     return sequence
@@ -134,22 +135,26 @@ def _first_backward_use(node: fx.Node, info, run_of: dict[str, int]) -> int | No
     return min(runs, default=None)
 
 
-def _bring_back(root, info, decisions, ready: set[str], sequence: list[Step]) -> None:
-    """Emit the steps that make forward tensor `root` available to the backward (iterative DFS)."""
-    stack = [(root, False)]
+def _bring_back(root, info, decisions, ready: set[str], sequence: list[Step], position: dict[str, int]) -> None:
+    """Emit the steps that make forward tensor `root` available to the backward.
+
+    What it lacks is found first and then brought back in forward order, not in the
+    order a depth-first walk meets it: a walk would recompute every input of a long chain
+    (e.g. all vocabulary slices of a streamed LM head) before the ops that consume each.
+    """
+    missing: dict[str, fx.Node] = {}
+    stack = [root]
     while stack:
-        node, inputs_done = stack.pop()
-        if node.name in ready or info[node.name].phase != Phase.FORWARD:
+        node = stack.pop()
+        if node.name in ready or node.name in missing or info[node.name].phase != Phase.FORWARD:
             continue
-        if decisions.get(node.name) == Decision.OFFLOAD:
-            sequence.append(Step(StepKind.RELOAD, node.name))
-            ready.add(node.name)
-        elif inputs_done:
-            sequence.append(Step(StepKind.RECOMPUTE, node.name))
-            ready.add(node.name)
-        else:
-            stack.append((node, True))
-            stack.extend((arg, False) for arg in reversed(node.all_input_nodes))
+        missing[node.name] = node
+        if decisions.get(node.name) != Decision.OFFLOAD:
+            stack.extend(node.all_input_nodes)
+    for name in sorted(missing, key=position.__getitem__):
+        kind = StepKind.RELOAD if decisions.get(name) == Decision.OFFLOAD else StepKind.RECOMPUTE
+        sequence.append(Step(kind, name))
+        ready.add(name)
 
 
 def scheduling_problem(graph: TrainingGraph, device: DeviceProfile) -> SchedulingProblem:

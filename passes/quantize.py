@@ -10,7 +10,9 @@ The rewritten graph takes the packed weights (two 4-bit values per byte) and the
 as inputs instead of the float weight, and every op that read the weight reads a fresh
 `dequantize_int4` node placed right before it, dropped after that op: at any moment only
 the weights in use are held in float, the rest stays at 4 bits. An embedding lookup
-decompresses only the rows it gathers (`embedding_int4`).
+decompresses only the rows it gathers (`embedding_int4`), and a slice of rows (a
+vocabulary slice of the LM head, see `mebp_compiler.sliced_loss`) only those rows
+(`dequantize_int4_rows`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ def embedding_int4(packed: torch.Tensor, scales: torch.Tensor, indices: torch.Te
     flat = indices.reshape(-1)
     rows = dequantize_int4(packed.index_select(0, flat), scales.index_select(0, flat))
     return rows.reshape(*indices.shape, rows.shape[-1])
+
+
+def dequantize_int4_rows(packed: torch.Tensor, scales: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Graph op: rows [start, end) of `dequantize_int4(packed, scales)`, decompressing only those rows."""
+    return dequantize_int4(packed[start:end], scales[start:end])
+
+
+def _row_slice(node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """(weight, start, end) when `node` is a plain slice of rows `weight[start:end]`."""
+    if node.target != torch.ops.aten.slice.Tensor:
+        return None
+    weight, dim, start, end, step = (*node.args, *[None] * (5 - len(node.args)))[:5]
+    rows = weight.meta["val"].shape[0]
+    if dim != 0 or step not in (None, 1) or start is None or end is None:
+        return None
+    return weight, max(start, 0), min(end, rows)
 
 
 @dataclass(frozen=True)
@@ -153,6 +171,18 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
                                                 (*quantized[weight], remap[node.args[1]]), name=node.name)
             remap[node].meta = dict(node.meta)
             info[remap[node].name] = ti
+            continue
+
+        row_slice = _row_slice(node)
+        if row_slice is not None and row_slice[0] in quantized:
+            weight, start, end = row_slice
+            remap[node] = new_graph.create_node("call_function", dequantize_int4_rows,
+                                                (*quantized[weight], start, end), name=node.name)
+            remap[node].meta = dict(node.meta)
+            rows = node.meta["val"]
+            info[remap[node].name] = dataclasses.replace(
+                ti, role=Role.DEQUANTIZED, output_nbytes=(rows.numel() * rows.element_size(),),
+                output_alias=(None,), flops=3 * rows.numel())
             continue
 
         def arg(a: fx.Node, user=node, ti=ti) -> fx.Node:
