@@ -25,9 +25,13 @@ class Role(str, enum.Enum):
     LOSS = "loss"  # the scalar loss
     OFFLOADED = "offloaded"  # a handle to a tensor that lives in a file on disk
     DEQUANTIZED = "dequantized"  # a frozen weight decompressed from INT4 for the op about to use it
+    MAPPED = "mapped"  # an INT4 frozen weight read from a memory-mapped file: clean pages, not held
 
 
-INPUT_ROLES = (Role.FROZEN, Role.LORA, Role.BATCH)
+INPUT_ROLES = (Role.FROZEN, Role.LORA, Role.BATCH, Role.MAPPED)
+#: Roles whose bytes are reported but not held: clean file-backed pages the OS may drop and
+#: read again (what MeBP's memory-mapped weights rely on; iOS does not charge them to the app).
+UNHELD_ROLES = (Role.MAPPED,)
 
 
 class Phase(str, enum.Enum):

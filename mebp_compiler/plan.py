@@ -158,9 +158,10 @@ def compile(
     With `int4=True` the frozen 2-D weights become symmetric INT4 with a scale per
     `group_size` inputs, dequantized just before each use (`passes.quantize`); the step
     then equals autograd on the dequantized model. `weights_file` saves them as
-    safetensors (or, if the file exists, reads it instead, checking it matches) and runs
-    from the file read back; a corrupt or mismatched file raises WeightFileError before any
-    step runs.
+    safetensors (or, if the file exists, reads it instead, checking it matches); without
+    it they go to an unlinked temporary file in `offload_dir`. Either way the step reads
+    them memory-mapped from the file (role MAPPED: reported, not counted as held); a
+    corrupt or mismatched file raises WeightFileError before any step runs.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -181,7 +182,7 @@ def compile(
             fresh = quantize_model_weights(model, graph, group_size)
             if weights_file is not None and not Path(weights_file).exists():
                 fresh.save(weights_file)
-            weights = fresh if weights_file is None else QuantizedWeights.load(weights_file)
+            weights = fresh.mapped_copy(offload_dir) if weights_file is None else QuantizedWeights.load(weights_file)
             if set(weights.tensors) != set(fresh.tensors) or weights.group_size != group_size:
                 raise WeightFileError(f"{weights_file} holds other weights than this model's INT4 weights "
                                       f"(group size {group_size}); delete it to quantize again")

@@ -16,13 +16,17 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from mebp_compiler.ir import Role, TrainingGraph
+from mebp_compiler.ir import UNHELD_ROLES, Role, TrainingGraph
 from mebp_compiler.offload import OffloadStore, using_store
 
 
 @dataclass
 class StepResult:
-    """What one executed step returns. Bytes are what the runtime held, measured."""
+    """What one executed step returns. Bytes are what the runtime held, measured.
+
+    `held_peak_bytes` leaves out the roles in `UNHELD_ROLES` (weights read from a
+    memory-mapped file); `held_by_role` still shows them.
+    """
 
     loss: torch.Tensor
     grads: dict[str, torch.Tensor]
@@ -115,7 +119,7 @@ class Runtime:
                 held.add(value, info[node.name].role)
                 for role in roles:
                     trace_role[role].append(held.bytes_by_role.get(role, 0))
-                trace_total.append(sum(held.bytes_by_role.values()))
+                trace_total.append(sum(b for r, b in held.bytes_by_role.items() if r not in UNHELD_ROLES))
                 for dead in self._drop_after[k]:
                     held.drop(env.pop(dead))
         outputs = fx.node.map_arg(self._output.args[0], lookup)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from mebp_compiler.ir import INPUT_ROLES, Role, TensorInfo, TrainingGraph, format_bytes
+from mebp_compiler.ir import INPUT_ROLES, UNHELD_ROLES, Role, TensorInfo, TrainingGraph, format_bytes
 
 StorageKey = tuple[str, int]  # (allocating node name, output position)
 
@@ -36,7 +36,8 @@ class MemoryProfile:
     """Live bytes per execution step, split by role.
 
     `bytes_by_role[role][k]` is what `role` holds at step k (executing `order[k]`), in
-    bytes. Inputs (frozen weights, LoRA parameters, batch) are held throughout.
+    bytes. Inputs (frozen weights, LoRA parameters, batch) are held throughout. Roles in
+    `UNHELD_ROLES` (memory-mapped INT4 weights) are reported but not part of `total`.
     """
 
     order: list[str]
@@ -46,11 +47,12 @@ class MemoryProfile:
 
     @property
     def total(self) -> list[int]:
-        return [sum(col) for col in zip(*self.bytes_by_role.values())]
+        """Held bytes at every step: all roles but the unheld (memory-mapped) ones."""
+        return _held_totals(self.bytes_by_role)
 
     @property
     def peak_bytes(self) -> int:
-        """Most bytes held at any step, all roles together."""
+        """Most bytes held at any step, all held roles together."""
         return max(self.total, default=0)
 
     def peak_bytes_of(self, roles: tuple[Role, ...]) -> int:
@@ -70,7 +72,8 @@ class MemoryProfile:
             f"peak {format_bytes(self.peak_activation_bytes)}",
         ]
         for role, row in self.bytes_by_role.items():
-            lines.append(f"  {role.value:<11} {format_bytes(row[self.peak_step]):>12} at the peak")
+            note = " (memory-mapped file, not held)" if role in UNHELD_ROLES else ""
+            lines.append(f"  {role.value:<11} {format_bytes(row[self.peak_step]):>12} at the peak{note}")
         lines.append("  largest live at the peak:")
         for s in self.live_at_peak[:top]:
             block = "-" if s.block is None else s.block
@@ -143,12 +146,12 @@ def liveness(graph: TrainingGraph, order: list[str] | None = None) -> MemoryProf
             running += d[k]
             row.append(running)
         bytes_by_role[role] = row
-    totals = [sum(col) for col in zip(*bytes_by_role.values())] or [0]
+    totals = _held_totals(bytes_by_role) or [0]
     peak_step = max(range(len(totals)), key=totals.__getitem__)
     live = [
         LiveStorage(key[0], owner_info[key].role, size[key], owner_info[key].block)
         for key, start in alloc_step.items()
-        if start <= peak_step <= free_step[key] and size[key]
+        if start <= peak_step <= free_step[key] and size[key] and owner_info[key].role not in UNHELD_ROLES
     ]
     live.sort(key=lambda s: -s.nbytes)
     return MemoryProfile(
@@ -157,3 +160,8 @@ def liveness(graph: TrainingGraph, order: list[str] | None = None) -> MemoryProf
         peak_step=peak_step,
         live_at_peak=live,
     )
+
+
+def _held_totals(bytes_by_role: dict[Role, list[int]]) -> list[int]:
+    rows = [row for role, row in bytes_by_role.items() if role not in UNHELD_ROLES]
+    return [sum(col) for col in zip(*rows)]

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.fx as fx
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
 
@@ -81,10 +82,15 @@ def _row_slice(node: fx.Node) -> tuple[fx.Node, int, int] | None:
 
 @dataclass(frozen=True)
 class QuantizedWeights:
-    """INT4 weights as graph inputs, by input source name (`<weight>.qweight`, `<weight>.scales`)."""
+    """INT4 weights as graph inputs, by input source name (`<weight>.qweight`, `<weight>.scales`).
+
+    `mapped` weights were read back from their file by `load`: their tensors are views of
+    the memory-mapped file (clean, file-backed pages), not memory the process allocated.
+    """
 
     tensors: dict[str, torch.Tensor]
     group_size: int
+    mapped: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -100,16 +106,35 @@ class QuantizedWeights:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QuantizedWeights:
-        """Read the file back; a corrupt or truncated file raises WeightFileError before any compute."""
+        """Memory-map the file; a corrupt or truncated one raises WeightFileError before any compute.
+
+        safetensors maps the file and hands out tensors over the mapping, so the weights
+        stay on flash until an op reads them, as MeBP's memory-mapped weights do.
+        """
         try:
-            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as weight_file:
+                tensors = {name: weight_file.get_tensor(name) for name in weight_file.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightFileError(f"cannot read INT4 weights from {path}: {exc}; quantize the model again") from exc
         group_sizes = {t.shape[1] * 2 // s.shape[1] for n, t in tensors.items() if n.endswith(".qweight")
                        for s in [tensors.get(n.removesuffix(".qweight") + ".scales")] if s is not None}
         if len(group_sizes) != 1 or len(tensors) % 2:
             raise WeightFileError(f"{path} does not hold matching INT4 weights and scales; quantize again")
-        return cls(tensors, group_sizes.pop())
+        return cls(tensors, group_sizes.pop(), mapped=True)
+
+    def mapped_copy(self, directory: str | os.PathLike | None = None) -> QuantizedWeights:
+        """These weights written to a file in `directory` (default: the system's temporary one) and mapped back.
+
+        The file is unlinked at once: the mapping keeps its pages readable, and nothing is
+        left on disk when the process ends.
+        """
+        handle, name = tempfile.mkstemp(prefix="mebp-int4-", suffix=".safetensors", dir=directory)
+        os.close(handle)
+        try:
+            self.save(name)
+            return self.load(name)
+        finally:
+            os.unlink(name)
 
 
 def quantizable(weight: torch.Tensor, group_size: int) -> bool:
@@ -129,7 +154,12 @@ def quantize_model_weights(model: torch.nn.Module, graph: TrainingGraph,
 
 
 def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGraph:
-    """Replace each quantized weight input by its INT4 inputs and a dequantize node before every use."""
+    """Replace each quantized weight input by its INT4 inputs and a dequantize node before every use.
+
+    The INT4 inputs have role MAPPED when `weights` are memory-mapped from their file (not
+    held), else FROZEN.
+    """
+    input_role = Role.MAPPED if weights.mapped else Role.FROZEN
     new_graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
     info: dict[str, TensorInfo] = {}
@@ -145,8 +175,8 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
                 tensor = weights.tensors[f"{spec.source}.{suffix}"]
                 placeholder = new_graph.placeholder(f"{node.name}_{suffix}")
                 placeholder.meta["val"] = tensor
-                inputs.append(InputSpec(placeholder.name, Role.FROZEN, f"{spec.source}.{suffix}"))
-                info[placeholder.name] = TensorInfo(Role.FROZEN, Phase.INPUT, tuple(tensor.shape),
+                inputs.append(InputSpec(placeholder.name, input_role, f"{spec.source}.{suffix}"))
+                info[placeholder.name] = TensorInfo(input_role, Phase.INPUT, tuple(tensor.shape),
                                                     str(tensor.dtype).removeprefix("torch."),
                                                     (tensor.numel() * tensor.element_size(),), (None,))
                 pair.append(placeholder)

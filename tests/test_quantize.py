@@ -53,7 +53,8 @@ def test_int4_step_equals_autograd_on_the_dequantized_model(name, policy):
     assert_matches_autograd(result, autograd_reference(dequantized_copy(model, plan), batch))
     assert result.held_peak_bytes == plan.predicted_peak_bytes
     fp32 = mebp_compiler.compile(model, batch, policy, head_chunks=2)
-    assert plan.profile.bytes_by_role[Role.FROZEN][0] < fp32.profile.bytes_by_role[Role.FROZEN][0] / 4
+    assert plan.profile.bytes_by_role[Role.MAPPED][0] < fp32.profile.bytes_by_role[Role.FROZEN][0] / 4
+    assert plan.profile.bytes_by_role[Role.FROZEN][0] < fp32.profile.bytes_by_role[Role.FROZEN][0] / 10
     assert Role.DEQUANTIZED in result.held_by_role
     assert any(n.target is embedding_int4 for n in plan.graph.nodes())  # only the looked-up rows
 
@@ -70,6 +71,31 @@ def test_int4_vocab_sliced_head_decompresses_one_slice_at_a_time(name):
     readers = {user.target for user in head.users}
     assert readers == {dequantize_int4_rows, embedding_int4}  # never the whole head at once
     assert sum(user.target is dequantize_int4_rows for user in head.users) >= 8  # forward and backward
+
+
+def file_mapping_of(tensor: torch.Tensor) -> str | None:
+    """The file a tensor's memory is mapped from (/proc/self/maps), None for anonymous memory."""
+    address = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5].strip() if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
+def test_int4_weights_are_read_from_a_memory_mapped_file_and_not_counted_as_held():
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", int4=True, group_size=32)
+    assert plan.weights.mapped
+    assert all("mebp-int4-" in (file_mapping_of(t) or "") for t in plan.weights.tensors.values())
+    assert file_mapping_of(next(model.parameters())) is None  # the check tells the two apart
+    result = plan.step(batch)
+    mapped = plan.profile.bytes_by_role[Role.MAPPED][0]
+    assert mapped == plan.weights.nbytes and result.held_by_role[Role.MAPPED][0] == mapped
+    held = [sum(col) for col in zip(*(row for r, row in result.held_by_role.items() if r != Role.MAPPED))]
+    assert result.held_peak_bytes == max(held) == plan.predicted_peak_bytes
 
 
 def test_a_truncated_weight_file_fails_before_training(tmp_path):

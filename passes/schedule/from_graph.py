@@ -15,7 +15,7 @@ import networkx as nx
 import torch
 
 from mebp_compiler.device import DeviceProfile
-from mebp_compiler.ir import Phase, TensorInfo, TrainingGraph
+from mebp_compiler.ir import UNHELD_ROLES, Phase, TensorInfo, TrainingGraph
 from mebp_compiler.passes.liveness import storage_keys
 
 
@@ -43,7 +43,8 @@ def training_dag(graph: TrainingGraph, device: DeviceProfile) -> nx.DiGraph:
             name = owner.get(key, node.name if len(ti.output_alias) == 1 else f"{node.name}.{pos}")
             owner[key] = name
             where = graph.info[name] if name in graph.info else ti  # a getitem's own phase and block
-            attrs = {"size_bytes": ti.output_nbytes[pos], "phase": where.phase.value, "output": key in outputs}
+            held_bytes = 0 if ti.role in UNHELD_ROLES else ti.output_nbytes[pos]
+            attrs = {"size_bytes": held_bytes, "phase": where.phase.value, "output": key in outputs}
             attrs["compute_s"] = 0.0 if ti.phase == Phase.INPUT else op_seconds(node, ti, device)
             if where.phase == Phase.BACKWARD:
                 attrs["segment"] = where.block
