@@ -80,6 +80,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="store frozen weights as symmetric INT4 (scale per --group-size inputs), "
                         "dequantized just before each use")
     p.add_argument("--group-size", type=int, default=64, help="INT4 group size (default: %(default)s)")
+    p.add_argument("--fuse-update", action="store_true",
+                   help="apply each LoRA parameter's optimizer update inside the step as soon as its "
+                        "gradient is final, instead of holding every gradient to the end (same parameters)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -267,7 +270,7 @@ def _compile(model, example, args):
                                  budget=args.budget if policy == "optimal" else None,
                                  optimizer=getattr(args, "optimizer", "adamw"),
                                  head_chunks=_head_chunks(args), vocab_slices=args.vocab_slices,
-                                 int4=args.int4, group_size=args.group_size)
+                                 int4=args.int4, group_size=args.group_size, fuse_update=args.fuse_update)
 
 
 def _say(message: str) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from mebp_compiler.capture import capture
 from mebp_compiler.ir import Role, TrainingGraph
+from mebp_compiler.passes.fuse_update import check_updates_follow_uses, fuse_lora_update, optimizer_updater
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
 from mebp_compiler.device import DeviceProfile, parse_size
 from mebp_compiler.passes.policies import mebp_schedule, none_schedule, optimal_schedule
@@ -68,9 +69,19 @@ class Plan:
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
         return lora_parameters(self.model, self.graph)
 
-    def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
-        """Loss and LoRA gradients of one batch, with the bytes the runtime held."""
-        return self.runtime.run(graph_inputs(self.model, self.graph, batch, self.weights))
+    @property
+    def fused_update(self) -> bool:
+        """Whether the step applies the LoRA updates itself (compiled with fuse_update=True)."""
+        return bool(self.graph.meta.get("fused_update"))
+
+    def step(self, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> StepResult:
+        """Loss and LoRA gradients of one batch, with the bytes the runtime held.
+
+        A plan compiled with `fuse_update=True` steps `optimizer` on each LoRA parameter
+        inside the step, as soon as its gradient is final, and returns no gradients.
+        """
+        updater = optimizer_updater(optimizer) if optimizer is not None else None
+        return self.runtime.run(graph_inputs(self.model, self.graph, batch, self.weights), updater)
 
 
 def lora_parameters(model: torch.nn.Module, graph: TrainingGraph) -> dict[str, torch.nn.Parameter]:
@@ -137,6 +148,7 @@ def compile(
     int4: bool = False,
     group_size: int = DEFAULT_GROUP_SIZE,
     weights_file: str | None = None,
+    fuse_update: bool = False,
 ) -> Plan:
     """Compile one training step of a LoRA causal LM under a scheduling `policy`.
 
@@ -162,6 +174,10 @@ def compile(
     it they go to an unlinked temporary file in `offload_dir`. Either way the step reads
     them memory-mapped from the file (role MAPPED: reported, not counted as held); a
     corrupt or mismatched file raises WeightFileError before any step runs.
+
+    With `fuse_update=True` the step applies each LoRA parameter's optimizer update as
+    soon as its gradient is final and drops the gradient (`passes.fuse_update`), instead
+    of holding every gradient to the end; run it with `plan.step(batch, optimizer=...)`.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -174,8 +190,11 @@ def compile(
     weights = None
 
     def trace(chunks: int) -> TrainingGraph:
+        graph = quantized(capture(model, example_batch, head_chunks=chunks, vocab_slices=vocab_slices))
+        return fuse_lora_update(graph) if fuse_update else graph
+
+    def quantized(graph: TrainingGraph) -> TrainingGraph:
         nonlocal weights
-        graph = capture(model, example_batch, head_chunks=chunks, vocab_slices=vocab_slices)
         if not int4:
             return graph
         if weights is None:
@@ -197,6 +216,7 @@ def compile(
         captured = trace(head_chunks)
         schedule = none_schedule(captured) if policy == "none" else mebp_schedule(captured, checkpoints)
     graph = rewrite(captured, schedule)
+    check_updates_follow_uses(graph)
     return Plan(
         model=model,
         captured=captured,

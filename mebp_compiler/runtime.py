@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from mebp_compiler.ir import UNHELD_ROLES, Role, TrainingGraph
 from mebp_compiler.offload import OffloadStore, using_store
+from mebp_compiler.passes.fuse_update import Updater, using_updater
 
 
 @dataclass
@@ -96,8 +97,12 @@ class Runtime:
                 continue  # outputs are handed to the caller
             self._drop_after[max(uses, default=position[n])].append(n)
 
-    def run(self, inputs: list[torch.Tensor]) -> StepResult:
-        """Execute the step on `inputs` (one tensor per graph placeholder, in order)."""
+    def run(self, inputs: list[torch.Tensor], updater: Updater | None = None) -> StepResult:
+        """Execute the step on `inputs` (one tensor per graph placeholder, in order).
+
+        `updater` applies the LoRA updates of a graph with fused updates
+        (`passes.fuse_update`); such a step returns no gradients.
+        """
         info = self.graph.info
         env: dict[fx.Node, Any] = {}
         held = _HeldStorages()
@@ -111,7 +116,7 @@ class Runtime:
         trace_role: dict[Role, list[int]] = defaultdict(list)
         roles = list(Role)
         lookup = env.__getitem__
-        with torch.no_grad(), using_store(self.store):
+        with torch.no_grad(), using_store(self.store), using_updater(updater):
             for k, node in enumerate(self._steps):
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lookup)
                 value = node.target(*args, **kwargs)

@@ -60,7 +60,8 @@ def train(
     """Run `steps` steps of `plan` over `batches`, applying `optimizer` to the LoRA parameters.
 
     The gradients the plan returns are set as each parameter's `.grad`, then the
-    optimizer steps; the default optimizer is AdamW with lr 1e-3.
+    optimizer steps (a plan with fused updates steps it itself, parameter by parameter,
+    inside the step); the default optimizer is AdamW with lr 1e-3.
     """
     lora = plan.lora_parameters()
     optimizer = optimizer or make_optimizer(lora.values())
@@ -70,11 +71,14 @@ def train(
     for _ in range(steps):
         batch = next(batch_iter)
         start = time.perf_counter()
-        result = plan.step(batch)
-        for name, param in lora.items():
-            param.grad = result.grads[name]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if plan.fused_update:
+            result = plan.step(batch, optimizer)
+        else:
+            result = plan.step(batch)
+            for name, param in lora.items():
+                param.grad = result.grads[name]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         history.record(float(result.loss), elapsed, result.held_peak_bytes, bar)
     bar.close()

@@ -133,4 +133,4 @@ def test_cli_trains_with_int4_weights(tmp_path):
     from mebp_compiler.cli import main
 
     assert main(["train", "--model", "tiny-llama", "--steps", "2", "--seq-len", "16", "--int4",
-                 "--group-size", "32", "--head-chunks", "2", "--vocab-slices", "4", "--out", str(tmp_path), "--no-progress"]) == 0
+                 "--group-size", "32", "--head-chunks", "2", "--vocab-slices", "4", "--fuse-update", "--out", str(tmp_path), "--no-progress"]) == 0

@@ -1,0 +1,77 @@
+"""Fused LoRA updates: the same parameters as the unfused optimizer, fewer gradient bytes held."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mebp_compiler
+from mebp_compiler.ir import Role
+from mebp_compiler.passes.fuse_update import UpdaterMissing, apply_lora_update, check_updates_follow_uses
+from mebp_compiler.schedule import ScheduleError
+from mebp_compiler.train import make_optimizer
+from tests.conftest import TINY_MODELS, lora_model, random_batch
+
+
+def run_both(model, batches, optimizer_name: str, **options):
+    """(unfused plan, its last result, fused plan, its last result) after stepping both on `batches`."""
+    twin = copy.deepcopy(model)
+    plain = mebp_compiler.compile(model, batches[0], **options)
+    fused = mebp_compiler.compile(twin, batches[0], fuse_update=True, **options)
+    plain_opt = make_optimizer(plain.lora_parameters().values(), optimizer_name, 1e-2)
+    fused_opt = make_optimizer(fused.lora_parameters().values(), optimizer_name, 1e-2)
+    for batch in batches:
+        plain_result = plain.step(batch)
+        for name, param in plain.lora_parameters().items():
+            param.grad = plain_result.grads[name]
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        fused_result = fused.step(batch, fused_opt)
+        assert abs(fused_result.loss.item() - plain_result.loss.item()) <= 1e-6 * abs(plain_result.loss.item())
+    return plain, plain_result, fused, fused_result
+
+
+def assert_same_parameters(plain, fused, tol: float = 1e-6) -> None:
+    fused_params = fused.lora_parameters()
+    for name, param in plain.lora_parameters().items():
+        assert not torch.equal(param, param.new_zeros(()).expand_as(param))
+        assert (param - fused_params[name]).abs().max() <= tol * max(1.0, param.abs().max().item()), name
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_fused_adamw_steps_give_the_parameters_of_the_unfused_optimizer(name):
+    model = lora_model(name)
+    batches = [random_batch(model.config.vocab_size, seed=s) for s in range(3)]
+    plain, plain_result, fused, fused_result = run_both(model, batches, "adamw", policy="mebp")
+    assert_same_parameters(plain, fused)
+    assert fused_result.grads == {}
+    assert fused_result.held_peak_bytes == fused.predicted_peak_bytes
+    assert fused.predicted_peak_bytes < plain.predicted_peak_bytes
+    all_grads = sum(p.numel() * p.element_size() for p in plain.lora_parameters().values())
+    assert plain_result.held_by_role[Role.GRADIENT][-1] >= all_grads  # held to the end
+    assert fused_result.held_by_role[Role.GRADIENT][-1] < all_grads / 10  # applied and dropped
+
+
+def test_fused_update_under_the_optimal_schedule_with_offload():
+    model = lora_model("tiny-qwen2")
+    batches = [random_batch(model.config.vocab_size, seed=s) for s in range(2)]
+    budget = mebp_compiler.compile(model, batches[0], "mebp").predicted_peak_bytes
+    plain, _, fused, fused_result = run_both(model, batches, "sgd", policy="optimal", budget=budget,
+                                             optimizer="sgd", time_limit_s=5)
+    assert_same_parameters(plain, fused)
+    assert fused_result.held_peak_bytes == fused.predicted_peak_bytes <= budget
+
+
+def test_a_fused_plan_needs_an_optimizer_and_a_sound_order():
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", fuse_update=True)
+    with pytest.raises(UpdaterMissing, match="optimizer="):
+        plan.step(batch)
+    update = next(n for n in plan.graph.nodes() if n.target is apply_lora_update)
+    first_use = min(update.args[0].users, key=list(plan.graph.module.graph.nodes).index)
+    first_use.prepend(update)  # the update now runs before the parameter's uses
+    with pytest.raises(ScheduleError, match="after its fused update"):
+        check_updates_follow_uses(plan.graph)
