@@ -38,6 +38,10 @@ class DeviceProfile:
     run concurrently (1.0: fully asynchronous, 0.0: I/O stalls compute). `op_overhead_s`
     is the fixed cost of launching one op (so recomputing a view or a tiny op is not
     free) and `io_latency_s` the fixed cost of one flash write + read round trip.
+    `decompress_bytes_per_s` is the rate at which INT4 weight bytes are decompressed; a
+    decompression also reads its INT4 bytes from the memory-mapped file at
+    `flash_read_bytes_per_s` (counted every time: under memory pressure the OS drops those
+    clean pages, which is the point of mapping them).
     """
 
     name: str
@@ -49,6 +53,7 @@ class DeviceProfile:
     io_overlap: float = 1.0
     op_overhead_s: float = 5e-6
     io_latency_s: float = 1e-4
+    decompress_bytes_per_s: float = 5e9
 
     def compute_s(self, flops: float, bytes_moved: float) -> float:
         """Seconds for one op: bound by arithmetic or by memory traffic, whichever is slower."""
@@ -57,6 +62,10 @@ class DeviceProfile:
     def offload_s(self, nbytes: float) -> float:
         """Seconds to write `nbytes` to flash and read them back."""
         return self.io_latency_s + nbytes / self.flash_write_bytes_per_s + nbytes / self.flash_read_bytes_per_s
+
+    def decompress_s(self, int4_bytes: float) -> float:
+        """Seconds to read `int4_bytes` of INT4 weights from flash and decompress them."""
+        return int4_bytes / self.flash_read_bytes_per_s + int4_bytes / self.decompress_bytes_per_s
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike) -> DeviceProfile:

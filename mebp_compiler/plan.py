@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,8 @@ def compile(
     safetensors (or, if the file exists, reads it instead, checking it matches); without
     it they go to an unlinked temporary file in `offload_dir`. Either way the step reads
     them memory-mapped from the file (role MAPPED: reported, not counted as held); a
-    corrupt or mismatched file raises WeightFileError before any step runs.
+    corrupt or mismatched file raises WeightFileError before any step runs. On the meta
+    device (planning only) they are planned as memory-mapped.
 
     With `fuse_update=True` the step applies each LoRA parameter's optimizer update as
     soon as its gradient is final and drops the gradient (`passes.fuse_update`), instead
@@ -201,7 +203,12 @@ def compile(
             fresh = quantize_model_weights(model, graph, group_size)
             if weights_file is not None and not Path(weights_file).exists():
                 fresh.save(weights_file)
-            weights = fresh.mapped_copy(offload_dir) if weights_file is None else QuantizedWeights.load(weights_file)
+            if weights_file is not None:
+                weights = QuantizedWeights.load(weights_file)
+            elif any(t.is_meta for t in fresh.tensors.values()):
+                weights = dataclasses.replace(fresh, mapped=True)  # planning only: no file to map
+            else:
+                weights = fresh.mapped_copy(offload_dir)
             if set(weights.tensors) != set(fresh.tensors) or weights.group_size != group_size:
                 raise WeightFileError(f"{weights_file} holds other weights than this model's INT4 weights "
                                       f"(group size {group_size}); delete it to quantize again")

@@ -18,7 +18,7 @@ from typing import Literal
 import torch.fx as fx
 
 from mebp_compiler.device import DeviceProfile
-from mebp_compiler.ir import Phase, TrainingGraph
+from mebp_compiler.ir import Phase, Role, TrainingGraph
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.passes.schedule.from_graph import training_dag
@@ -78,7 +78,8 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
     recomputed or offloaded forward tensor whose first backward use lies in the segment
     is brought back, in forward order - reloaded if offloaded, else recomputed together
     with the inputs it lacks (MeBP's "recompute the block just before its backward").
-    Anything else a backward op still lacks (views, mostly) is rebuilt right before it.
+    Anything else a backward op still lacks (views, mostly) is rebuilt right before it; so
+    is a recomputed decompressed weight, which the restore phase drops after use.
     """
     info = graph.info
     nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
@@ -99,6 +100,8 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
         run_of[node.name] = runs
     restore: dict[int, list[fx.Node]] = defaultdict(list)
     for node in nodes:
+        if decisions.get(node.name) == Decision.RECOMPUTE and info[node.name].role == Role.DEQUANTIZED:
+            continue  # decompressed just in time, see below
         if decisions.get(node.name) in (Decision.RECOMPUTE, Decision.OFFLOAD):
             first = _first_backward_use(node, info, run_of)
             if first is not None:
@@ -111,6 +114,10 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
             previous_run = run_of[node.name]
             for member in restore[previous_run]:
                 _bring_back(member, info, decisions, ready, sequence, position)
+            # A weight decompressed to recompute the segment's activations is dropped after
+            # that, and decompressed again right before the backward op that reads it.
+            ready -= {name for name in ready if decisions.get(name) == Decision.RECOMPUTE
+                      and info[name].role == Role.DEQUANTIZED}
         for arg in node.all_input_nodes:
             _bring_back(arg, info, decisions, ready, sequence, position)
         sequence.append(Step(StepKind.COMPUTE, node.name))

@@ -153,11 +153,31 @@ def quantize_model_weights(model: torch.nn.Module, graph: TrainingGraph,
     return QuantizedWeights(tensors, group_size)
 
 
+def release_float_weights(model: torch.nn.Module, weights: QuantizedWeights) -> int:
+    """Drop the model's float copies of the weights `weights` holds in INT4; return the bytes released.
+
+    A plan compiled with INT4 weights reads only the INT4 file for them, so the float
+    copies are dead weight in a process that trains with the plan (on a phone they never
+    exist). Afterwards the model can no longer run eagerly; LoRA parameters, norms and
+    other unquantized tensors stay, so training and saving the adapter still work.
+    """
+    params = dict(model.named_parameters())
+    released = 0
+    for name in weights.tensors:
+        if name.endswith(".qweight"):
+            param = params[name.removesuffix(".qweight")]
+            released += param.numel() * param.element_size()
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    return released
+
+
 def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGraph:
     """Replace each quantized weight input by its INT4 inputs and a dequantize node before every use.
 
     The INT4 inputs have role MAPPED when `weights` are memory-mapped from their file (not
-    held), else FROZEN.
+    held), else FROZEN. A backward use of a weight reads the forward's decompressed copy,
+    so that keeping it (resident from forward to backward) or recomputing it (reading
+    and decompressing it again) is a scheduling decision like any other.
     """
     input_role = Role.MAPPED if weights.mapped else Role.FROZEN
     new_graph = fx.Graph()
@@ -165,6 +185,7 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
     info: dict[str, TensorInfo] = {}
     inputs: list[InputSpec] = []
     quantized: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    forward_dequant: dict[fx.Node, fx.Node] = {}  # weight -> its forward decompression
     for node in graph.module.graph.nodes:
         if node.op != "placeholder":
             continue
@@ -215,9 +236,11 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
                 output_alias=(None,), flops=3 * rows.numel())
             continue
 
-        def arg(a: fx.Node, user=node, ti=ti) -> fx.Node:
+        def arg(a: fx.Node, ti=ti) -> fx.Node:
             if a not in quantized:
                 return remap[a]
+            if ti.phase == Phase.BACKWARD and a in forward_dequant:
+                return forward_dequant[a]
             packed, scales = quantized[a]
             dequant = new_graph.create_node("call_function", dequantize_int4, (packed, scales),
                                             name=f"dequant_{a.name}")
@@ -227,6 +250,8 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
                 weight_info, role=Role.DEQUANTIZED, phase=ti.phase, block=ti.block, module=ti.module,
                 flops=3 * a.meta["val"].numel(),
             )
+            if ti.phase == Phase.FORWARD:
+                forward_dequant[a] = dequant
             return dequant
 
         remap[node] = new_graph.node_copy(node, arg)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mebp_compiler
-from mebp_compiler.ir import Role
+from mebp_compiler.ir import Phase, Role
 from mebp_compiler.passes.quantize import (
     QuantizedWeights,
     WeightFileError,
@@ -134,3 +134,34 @@ def test_cli_trains_with_int4_weights(tmp_path):
 
     assert main(["train", "--model", "tiny-llama", "--steps", "2", "--seq-len", "16", "--int4",
                  "--group-size", "32", "--head-chunks", "2", "--vocab-slices", "4", "--fuse-update", "--out", str(tmp_path), "--no-progress"]) == 0
+
+
+def test_weight_residency_is_a_costed_scheduling_decision():
+    """Keep a decompressed weight from forward to backward, or read and decompress it again."""
+    from mebp_compiler.device import DeviceProfile
+    from mebp_compiler.passes.policies import least_feasible_budget
+    from mebp_compiler.passes.schedule.from_graph import op_seconds
+    from mebp_compiler.plan import optimizer_state_bytes
+    from mebp_compiler.schedule import Decision
+
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    device = DeviceProfile.load("iphone15promax")
+    options = dict(int4=True, group_size=32, offload=False, time_limit_s=10)
+    keep_all = mebp_compiler.compile(model, batch, "none", int4=True, group_size=32)
+    captured = keep_all.captured
+    nodes = {n.name: n for n in captured.nodes()}
+    resident = [name for name, node in nodes.items() if node.target is dequantize_int4  # read by the backward
+                and any(captured.info[u.name].phase == Phase.BACKWARD for v in (node, *node.users) for u in v.users)]
+    assert resident
+    for name in resident:
+        flash_and_decompress = device.decompress_s(captured.info[name].output_nbytes[0] / 8)
+        assert op_seconds(nodes[name], captured.info[name], device) > flash_and_decompress > 0
+
+    reserved = optimizer_state_bytes(model, "adamw")
+    roomy = mebp_compiler.compile(model, batch, "optimal", budget=keep_all.predicted_peak_bytes + reserved, **options)
+    assert all(roomy.schedule.decisions.get(n) == Decision.KEEP for n in resident)
+    least = least_feasible_budget(captured, device, offload=False) + reserved
+    tight = mebp_compiler.compile(model, batch, "optimal", budget=least, **options)
+    assert any(tight.schedule.decisions.get(n) == Decision.RECOMPUTE for n in resident)
+    assert_matches_autograd(tight.step(batch), autograd_reference(dequantized_copy(model, tight), batch))

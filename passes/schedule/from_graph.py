@@ -15,7 +15,7 @@ import networkx as nx
 import torch
 
 from mebp_compiler.device import DeviceProfile
-from mebp_compiler.ir import UNHELD_ROLES, Phase, TensorInfo, TrainingGraph
+from mebp_compiler.ir import UNHELD_ROLES, Phase, Role, TensorInfo, TrainingGraph
 from mebp_compiler.passes.liveness import storage_keys
 
 
@@ -59,10 +59,17 @@ def training_dag(graph: TrainingGraph, device: DeviceProfile) -> nx.DiGraph:
 
 
 def op_seconds(node: torch.fx.Node, ti: TensorInfo, device: DeviceProfile) -> float:
-    """Seconds of one op on `device`: arithmetic- or memory-bound; a view moves nothing."""
+    """Seconds of one op on `device`: arithmetic- or memory-bound; a view moves nothing.
+
+    Decompressing an INT4 weight also reads it from flash and decompresses it
+    (`DeviceProfile.decompress_s`): what keeping a decompressed weight instead saves.
+    """
     if ti.is_view or ti.phase == Phase.INPUT:
         return 0.0
-    return device.compute_s(ti.flops, _bytes_moved(node, ti))
+    seconds = device.compute_s(ti.flops, _bytes_moved(node, ti))
+    if ti.role == Role.DEQUANTIZED:
+        seconds += device.decompress_s(sum(ti.output_nbytes) / 8)  # 4 of 32 bits per weight
+    return seconds
 
 
 def _bytes_moved(node, ti) -> int:
