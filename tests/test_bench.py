@@ -91,3 +91,22 @@ def test_bench_rejects_unknown_method():
     )
     assert proc.returncode != 0
     assert "bogus" in proc.stderr
+
+
+def test_whole_step_bench_runs_and_holds_what_it_predicts(tmp_path):
+    """bench/whole_step.py: INT4 + sliced head + fused updates, mebp and optimal@least, held = predicted."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "whole_step.py"), "--model", "tiny-llama", "--seq-len", "32",
+         "--group-size", "32", "--vocab-slices", "4", "--steps", "1", "--time-limit", "5", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "whole-step-tiny-llama-seq32-r8.json").read_text())
+    assert data["failures"] == []
+    assert [r["plan"] for r in data["records"]] == ["mebp", "optimal@least"]
+    for record in data["records"]:
+        assert record["held_peak_bytes"] == record["predicted_peak_bytes"]
+        assert record["mapped_int4_bytes"] > 0 and record["float_weights_released_bytes"] > 0
+        assert record["held_at_peak_by_role"].get("mapped") is None  # mapped weights are not held
+    optimal = data["records"][1]
+    assert optimal["total_bytes"] <= optimal["budget_bytes"]
