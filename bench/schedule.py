@@ -26,6 +26,7 @@ from mebp_compiler import models
 from mebp_compiler.capture import capture
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
+from mebp_compiler.passes.fuse_update import fuse_lora_update
 from mebp_compiler.passes.policies import (
     least_feasible_budget,
     mebp_schedule,
@@ -52,6 +53,9 @@ def main() -> int:
     parser.add_argument("--sweep", type=int, default=4, help="budgets below mebp's peak tried for (b)")
     parser.add_argument("--no-offload", action="store_true", help="keep or recompute only, no flash")
     parser.add_argument("--head-chunks", type=int, default=0, help="LM head + loss in this many chunks (both plans)")
+    parser.add_argument("--vocab-slices", type=int, default=0,
+                        help="LM head + loss streamed over this many vocabulary slices (both plans)")
+    parser.add_argument("--fuse-update", action="store_true", help="LoRA updates fused into the step (both plans)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -61,7 +65,10 @@ def main() -> int:
     start = time.perf_counter()
     model = models.add_lora(models.load(args.model, device="meta"))
     ids = torch.zeros((1, args.seq_len), dtype=torch.int64, device="meta")
-    graph = capture(model, {"input_ids": ids, "labels": ids}, head_chunks=args.head_chunks)
+    graph = capture(model, {"input_ids": ids, "labels": ids}, head_chunks=args.head_chunks,
+                    vocab_slices=args.vocab_slices)
+    if args.fuse_update:
+        graph = fuse_lora_update(graph)
     capture_s = time.perf_counter() - start
     print(f"captured {len(graph.nodes())} nodes in {capture_s:.1f} s", file=sys.stderr)
 
@@ -88,7 +95,8 @@ def main() -> int:
 
     result = {
         "model": args.model, "seq_len": args.seq_len, "device": args.device, "time_limit_s": args.time_limit,
-        "offload": offload, "head_chunks": args.head_chunks,
+        "offload": offload, "head_chunks": args.head_chunks, "vocab_slices": args.vocab_slices,
+        "fuse_update": args.fuse_update,
         "nodes": len(graph.nodes()), "schedule_wall_s": schedule_s, "least_feasible_bytes": least,
         "none": none, "mebp": mebp, "optimal_at_mebp_peak": at_mebp_peak, "optimal_at_mebp_time": best,
         "a_extra_time_ratio": at_mebp_peak["extra_s"] / mebp["extra_s"],
@@ -98,13 +106,16 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"schedule-{args.model}-seq{args.seq_len}" + ("" if offload else "-no-offload")
-            + (f"-head{args.head_chunks}" if args.head_chunks else ""))
+            + (f"-head{args.head_chunks}" if args.head_chunks else "")
+            + (f"-slices{args.vocab_slices}" if args.vocab_slices else "") + ("-fused" if args.fuse_update else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     rows = [("none", none), ("mebp", mebp), ("optimal @ mebp's peak", at_mebp_peak),
             ("optimal @ mebp's extra time", best)]
     table = [f"### Scheduling {args.model}, seq {args.seq_len}, cost model {args.device}"
              + ("" if offload else ", no offload")
-             + (f", LM head in {args.head_chunks} chunks" if args.head_chunks else ""), "",
+             + (f", LM head in {args.head_chunks} chunks" if args.head_chunks else "")
+             + (f", head over {args.vocab_slices} vocabulary slices" if args.vocab_slices else "")
+             + (", fused LoRA updates" if args.fuse_update else ""), "",
              "| plan | peak, all | peak, computed tensors | extra time over the plain step | solver gap |",
              "|---|---:|---:|---:|---:|"]
     for label, row in rows:
