@@ -189,8 +189,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (all methods)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (all methods)")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="backprop steps between held-out evaluations (MeZO: at the same training times, or "
-                        "proportionally more steps with --mezo-steps)")
+                   help="backprop steps between held-out evaluations, plus two early ones at 1/5 and 2/5 of it "
+                        "(MeZO: at the same training times, or proportionally more steps with --mezo-steps)")
     p.add_argument("--eval-blocks", type=int, default=d.eval_blocks, help="held-out blocks evaluated at each point")
     p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction,
                    help="fraction of the token blocks held out (never trained on)")

@@ -57,10 +57,11 @@ LABELS = {
 class StudySettings:
     """What the study runs. Equal `seq_len` and `batch_size` for every method.
 
-    `mezo_steps=None` gives MeZO the same training wall time as the first backprop method
-    (it steps until its summed step time reaches that run's, and is evaluated when it
-    passes that run's evaluation times); a number gives it exactly that many steps,
-    evaluated every `eval_every * mezo_steps / steps` steps. `budget=None` runs the
+    Backprop is evaluated at `eval_steps(steps, eval_every)`. `mezo_steps=None` gives MeZO
+    the same training wall time as the first backprop method (it steps until its summed
+    step time reaches that run's, and is evaluated when it passes that run's evaluation
+    times); a number gives it exactly that many steps, evaluated at
+    `eval_steps(mezo_steps, eval_every * mezo_steps / steps)`. `budget=None` runs the
     optimal schedule at the mebp plan's predicted peak plus AdamW's state.
     """
 
@@ -284,10 +285,17 @@ def _run_backprop(method, model, example, batches, settings: StudySettings, meas
         compile_s=compile_s, predicted_peak_bytes=plan.predicted_peak_bytes, held_peak_bytes=0,
         optimizer_state_bytes=state_bytes,
     )
-    marks = [k * settings.eval_every for k in range(1, settings.steps // settings.eval_every + 1)]
+    marks = eval_steps(settings.steps, settings.eval_every)
     _train_loop(result, step, batches, initial, measure, steps=settings.steps, step_marks=marks,
                 progress=progress)
     return result
+
+
+def eval_steps(steps: int, every: int) -> list[int]:
+    """Steps after which to evaluate: every `every` steps and the last, plus two early points
+    (`every // 5`, `2 * every // 5`) so that fast early progress is resolved."""
+    marks = {every // 5, 2 * every // 5, *range(every, steps + 1, every), steps}
+    return sorted(m for m in marks if 1 <= m <= steps)
 
 
 def _run_mezo(model, example, batches, settings: StudySettings, measure, initial,
@@ -310,7 +318,7 @@ def _run_mezo(model, example, batches, settings: StudySettings, measure, initial
     )
     if settings.mezo_steps is not None:
         every = max(1, round(settings.eval_every * settings.mezo_steps / settings.steps))
-        marks = [k * every for k in range(1, settings.mezo_steps // every + 1)]
+        marks = eval_steps(settings.mezo_steps, every)
         _train_loop(result, step, batches, initial, measure, steps=settings.mezo_steps, step_marks=marks,
                     progress=progress)
     else:

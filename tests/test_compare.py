@@ -10,7 +10,7 @@ import torch
 
 from mebp_compiler import data
 from mebp_compiler.cli import main
-from mebp_compiler.compare import StudySettings, evaluate, run_study, study_blocks, write_study
+from mebp_compiler.compare import StudySettings, eval_steps, evaluate, run_study, study_blocks, write_study
 from tests.conftest import lora_model
 
 SEQ = 16
@@ -74,6 +74,11 @@ def test_study_runs_end_to_end_and_writes_png_json_and_table(tmp_path, text_bloc
         assert label in table
 
 
+def test_evaluation_points_resolve_early_progress():
+    assert eval_steps(150, 25) == [5, 10, 25, 50, 75, 100, 125, 150]
+    assert eval_steps(4, 2) == [2, 4] and eval_steps(7, 3) == [1, 3, 6, 7]
+
+
 def test_heldout_blocks_are_disjoint_from_training_blocks():
     n = 200
     blocks = torch.arange(n * SEQ).view(n, SEQ)  # every row is distinct: its first token names it
@@ -116,7 +121,7 @@ def test_cli_compare_with_fixed_mezo_steps(tmp_path, capsys):
     record = json.loads((tmp_path / "study.json").read_text())
     methods = {m["method"]: m for m in record["methods"]}
     assert list(methods) == ["mebp", "mezo"] and record["mezo_budget"] == "8 steps"
-    assert methods["mezo"]["steps"] == 8 and [p["step"] for p in methods["mezo"]["evals"]] == [0, 4, 8]
+    assert methods["mezo"]["steps"] == 8 and [p["step"] for p in methods["mezo"]["evals"]] == [0, 1, 4, 8]
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "table.md").is_file()
     assert "| MeZO | 8 |" in capsys.readouterr().out
 
