@@ -70,11 +70,11 @@ class StudySettings:
     steps: int = 150
     mezo_steps: int | None = None
     eval_every: int = 25
-    eval_blocks: int = 32
+    eval_blocks: int = 24
     eval_batch_size: int = 4
     heldout_fraction: float = 0.1
     lr: float = 2e-3
-    mezo_lr: float = 1e-4
+    mezo_lr: float = 1e-3  # SmolLM2 probe, 60 steps: 1e-2 diverged, 1e-3 beat 1e-4 (README)
     mezo_eps: float = 1e-3
     budget: str | int | None = None
     device: str = "cpu-local"
