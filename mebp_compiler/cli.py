@@ -162,6 +162,13 @@ def _add_plan(sub) -> None:
     p.set_defaults(run=_run_plan)
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none (the help then says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def _add_compare(sub) -> None:
     from mebp_compiler.compare import StudySettings
 
@@ -176,7 +183,7 @@ def _add_compare(sub) -> None:
                     "time, with each method's held peak bytes. Held-out blocks are disjoint from training blocks. "
                     "Writes curves.png, study.json (every point) and table.md (final metrics, memory, steps and "
                     "time to reach the same held-out loss) to --out. The defaults take about 15 minutes on 2 cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     from mebp_compiler.models import MODEL_NAMES
 
