@@ -218,13 +218,20 @@ def _add_compare(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output directory (default: runs/compare-MODEL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--redraw", action="store_true",
+                   help="no training: read --out/study.json and write its curves.png and table.md again")
     p.set_defaults(run=_run_compare)
 
 
 def _run_compare(args) -> int:
     from mebp_compiler import data, models
-    from mebp_compiler.compare import StudySettings, run_study, write_study
+    from mebp_compiler.compare import StudySettings, redraw, run_study, write_study
 
+    if args.redraw:
+        paths = redraw(args.out or f"runs/compare-{args.model}")
+        print(paths["table"].read_text())
+        _say(f"wrote {paths['png']} and {paths['table']}")
+        return 0
     settings = StudySettings(
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, mezo_steps=args.mezo_steps,
         eval_every=args.eval_every, eval_blocks=args.eval_blocks, heldout_fraction=args.heldout_fraction,

@@ -24,6 +24,7 @@ training blocks (`data.split_blocks`); evaluation uses the first `eval_blocks` o
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -156,6 +157,15 @@ class Study:
     heldout_blocks: int
     results: list[MethodResult]
     environment: dict
+
+    @classmethod
+    def from_json(cls, record: dict) -> Study:
+        """The study written by `to_json` (e.g. read back from study.json to draw it again)."""
+        results = [MethodResult(**{k: v for k, v in m.items() if k not in ("steps", "train_s", "evals")},
+                                evals=[EvalPoint(**p) for p in m["evals"]]) for m in record["methods"]]
+        settings = {**record["settings"], "methods": tuple(record["settings"]["methods"])}
+        return cls(model=record["model"], settings=StudySettings(**settings), train_blocks=record["train_blocks"],
+                   heldout_blocks=record["heldout_blocks"], results=results, environment=record["environment"])
 
     def to_json(self) -> dict:
         return {
@@ -389,11 +399,15 @@ def targets(study: Study) -> list[Target]:
     """Held-out losses to compare the methods at.
 
     "common": the lowest held-out loss every method reaches (the largest of their best
-    losses); "best": the lowest held-out loss any method reaches. Resolution is the
-    evaluation interval: a method reaches a target at the first evaluation at or below it.
+    losses); "first": the lowest held-out loss any method has at its first evaluation after
+    step 0 (what the fastest method reaches within a few steps); "best": the lowest held-out
+    loss any method reaches. Resolution is the evaluation interval: a method reaches a
+    target at the first evaluation at or below it.
     """
     best = {r.method: min(p.heldout_loss for p in r.evals) for r in study.results}
-    chosen = [("common (reached by all)", max(best.values())), ("best (lowest reached)", min(best.values()))]
+    first = min(r.evals[1].heldout_loss for r in study.results if len(r.evals) > 1)
+    chosen = [("common (reached by all)", max(best.values())), ("first (best method's first evaluation)", first),
+              ("best (lowest reached)", min(best.values()))]
     out = []
     for name, loss in chosen:
         points = {r.method: r.first_reaching(loss) for r in study.results}
@@ -498,6 +512,21 @@ def write_study(study: Study, out: str | os.PathLike) -> dict[str, Path]:
         "json": atomic_write_json(out / "study.json", _finite(study.to_json())),
         "table": atomic_write_text(out / "table.md", markdown_table(study)),
     }
+
+
+def redraw(out: str | os.PathLike) -> dict[str, Path]:
+    """Read `out/study.json` and write its PNG and table again (no training).
+
+    Raises FileNotFoundError if there is no study.json, ValueError if it is not one.
+    """
+    path = Path(out) / "study.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no study to redraw: {path} does not exist (run mebp compare --out {out} first)")
+    try:
+        study = Study.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a study written by mebp compare ({exc})") from None
+    return write_study(study, out)
 
 
 def _finite(value):

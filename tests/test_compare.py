@@ -10,7 +10,7 @@ import torch
 
 from mebp_compiler import data
 from mebp_compiler.cli import main
-from mebp_compiler.compare import StudySettings, eval_steps, evaluate, run_study, study_blocks, write_study
+from mebp_compiler.compare import StudySettings, eval_steps, evaluate, redraw, run_study, study_blocks, write_study
 from tests.conftest import lora_model
 
 SEQ = 16
@@ -63,8 +63,9 @@ def test_study_runs_end_to_end_and_writes_png_json_and_table(tmp_path, text_bloc
     optimal = methods["optimal"]
     assert optimal["settings"]["budget_bytes"] == methods["mebp"]["predicted_peak_bytes"] + optimal["optimizer_state_bytes"]
     assert optimal["held_peak_bytes"] + optimal["optimizer_state_bytes"] <= optimal["settings"]["budget_bytes"]
-    common, best = record["targets"]
+    common, first, best = record["targets"]
     assert all(step is not None for step in common["steps"].values())
+    assert first["heldout_loss"] == min(m["evals"][1]["heldout_loss"] for m in methods.values())
     assert best["heldout_loss"] == min(p["heldout_loss"] for m in methods.values() for p in m["evals"])
 
     table = paths["table"].read_text()
@@ -72,6 +73,9 @@ def test_study_runs_end_to_end_and_writes_png_json_and_table(tmp_path, text_bloc
     for label in ("backprop, mebp plan", "backprop, optimal schedule", "MeZO", "held peak", "common (reached by all)",
                   "held-out next-token accuracy"):
         assert label in table
+    # the study reads back from its JSON and draws the same table
+    paths["png"].unlink()
+    assert redraw(tmp_path)["table"].read_text() == table and paths["png"].is_file()
 
 
 def test_evaluation_points_resolve_early_progress():
@@ -124,6 +128,10 @@ def test_cli_compare_with_fixed_mezo_steps(tmp_path, capsys):
     assert methods["mezo"]["steps"] == 8 and [p["step"] for p in methods["mezo"]["evals"]] == [0, 1, 4, 8]
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "table.md").is_file()
     assert "| MeZO | 8 |" in capsys.readouterr().out
+    assert main(["compare", "--redraw", "--out", str(tmp_path)]) == 0
+    assert "| MeZO | 8 |" in capsys.readouterr().out
+    assert main(["compare", "--redraw", "--out", str(tmp_path / "nothing")]) == 1
+    assert "no study to redraw" in capsys.readouterr().err
 
 
 def test_cli_compare_explains_itself_and_refuses_bad_settings(capsys):
