@@ -94,8 +94,13 @@ class StudySettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be distinct names from {', '.join(METHODS)}, got {list(self.methods)}")
-        if "mezo" in self.methods and self.mezo_steps is None and not self.backprop_methods:
-            raise ValueError("MeZO alone has no backprop run to match the wall time of: give mezo_steps (--mezo-steps)")
+        if "mezo" in self.methods and self.mezo_steps is None:
+            if not self.backprop_methods:
+                raise ValueError("MeZO alone has no backprop run to match the wall time of: give mezo_steps "
+                                 "(--mezo-steps)")
+            if self.methods.index("mezo") < self.methods.index(self.backprop_methods[0]):
+                raise ValueError("MeZO gets the wall time of the first backprop run, so list it after one "
+                                 "(e.g. mebp,mezo), or give mezo_steps (--mezo-steps)")
         if self.mezo_eps <= 0 or self.mezo_lr <= 0 or self.lr <= 0:
             raise ValueError("lr, mezo_lr and mezo_eps must be > 0")
 
@@ -228,15 +233,14 @@ def run_study(model: torch.nn.Module, blocks: torch.Tensor, settings: StudySetti
     results: list[MethodResult] = []
     mebp_peak: list[int] = []  # the mebp plan's predicted peak, once known
 
+    def measure() -> tuple[float, float]:
+        return evaluate(model, eval_blocks, settings.eval_batch_size)
+
     for method in settings.methods:
         with torch.no_grad():
             for name, param in lora.items():
                 param.copy_(start_values[name])
         batches = data.batches(train_blocks, settings.batch_size, seed=settings.seed)
-
-        def measure() -> tuple[float, float]:
-            return evaluate(model, eval_blocks, settings.eval_batch_size)
-
         if method == "mezo":
             result = _run_mezo(model, example, batches, settings, measure, initial, results, progress)
         else:
