@@ -21,7 +21,7 @@ examples:
   mebp train --data notes.txt --steps 200     # your own text (.txt, or .jsonl with a "text" field)
   mebp compile --model smollm2-135m --budget 700MB   # optimal schedule under a hard cap
   mebp plan --model qwen2.5-0.5b --seq-len 256   # predicted memory of a real-size model (meta device)
-  mebp compare                                # backprop (mebp, optimal) vs. MeZO on SmolLM2-135M, ~15 min
+  mebp compare                                # backprop (mebp, optimal) vs. MeZO on SmolLM2-135M (README)
 """
 
 
@@ -182,7 +182,8 @@ def _add_compare(sub) -> None:
                     "training loss, held-out loss and held-out next-token accuracy against step and training wall "
                     "time, with each method's held peak bytes. Held-out blocks are disjoint from training blocks. "
                     "Writes curves.png, study.json (every point) and table.md (final metrics, memory, steps and "
-                    "time to reach the same held-out loss) to --out. The defaults take about 15 minutes on 2 cores.",
+                    "time to reach the same held-out loss) to --out. The defaults took 35 minutes on a heavily loaded "
+                    "2-core machine (about 15-17 expected on a quiet one; see the README).",
         formatter_class=_DefaultsHelpFormatter,
     )
     from mebp_compiler.models import MODEL_NAMES
