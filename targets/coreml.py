@@ -88,6 +88,9 @@ aten = torch.ops.aten
 SUFFIX = ".mlpackage"
 DEFAULT_DEPLOYMENT_TARGET = ct.target.iOS17
 PRECISIONS = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}
+#: Constant tensors larger than this many elements are computed on the device (e.g. `fill`,
+#: rotary tables from `arange`) rather than folded into the package by the converter.
+MAX_FOLDED_ELEMENTS = 4096
 
 _MIL_DTYPES = {
     torch.float32: "fp32",
@@ -161,11 +164,14 @@ def export_stage(
     program, _ = build_program(stage, deployment_target, constants=baked)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        pipeline = ct.PassPipeline.DEFAULT
+        pipeline.set_options("common::const_elimination", {"skip_const_by_size": str(MAX_FOLDED_ELEMENTS)})
         model = ct.convert(
             program,
             convert_to="mlprogram",
             minimum_deployment_target=deployment_target,
             compute_precision=PRECISIONS[precision],
+            pass_pipeline=pipeline,
             skip_model_load=True,
         )
         if int4_block_size is not None:
@@ -443,8 +449,13 @@ class _Mil:
         return value
 
     def full(self, shape: Sequence[int], value: Any, dtype: torch.dtype | str) -> Var:
+        """A tensor of one value: a const when small, else a `fill` op, so the package stores no
+        large block of one repeated number (the converter is told not to fold big constants)."""
         target = dtype if isinstance(dtype, str) else mil_dtype(dtype)
-        return self.const(np.full(tuple(shape), value, dtype=_NP_DTYPES[target]))
+        value = np.array(value, dtype=_NP_DTYPES[target])
+        if int(np.prod(shape, dtype=np.int64)) <= MAX_FOLDED_ELEMENTS:
+            return self.const(np.full(tuple(shape), value))
+        return self.op("fill", shape=np.array(shape, dtype=np.int32), value=value)
 
     def reshape(self, x: Var, shape: Sequence[int]) -> Var:
         return self.op("reshape", x=x, shape=np.array(shape, dtype=np.int32))
