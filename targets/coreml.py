@@ -18,9 +18,10 @@ linear quantization (needs iOS 18).
 
 Core ML cannot run a model on Linux, so `load_stage` refuses with a clear error;
 `check_stage` checks what Linux allows: the package reloads, its inputs and outputs match
-the stage's names, shapes and dtypes, its ops are ones this translation emits, and the
-same MIL translation evaluated on the example inputs by MIL's value inference (numpy
-fallbacks for the ops that lack it) equals the torch stage.
+the stage's names, shapes and dtypes, its ops are ones this translation emits (or the
+converter's passes introduce), and the saved program itself - read back from the package
+and evaluated op by op with MIL's value inference (`package_values`; numpy fallbacks for
+the ops that lack it) - equals the torch stage on the example inputs.
 
 Translated ops (all ops of the captured training step of tiny Llama, Qwen2, Gemma-3 and
 SmolLM2-135M, without decomposition):
@@ -82,6 +83,7 @@ with warnings.catch_warnings():  # coremltools warns about the untested torch ve
     warnings.simplefilter("ignore")
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
     from coremltools.converters.mil.mil import Function, Program, Var, types
 
 aten = torch.ops.aten
@@ -89,7 +91,8 @@ SUFFIX = ".mlpackage"
 DEFAULT_DEPLOYMENT_TARGET = ct.target.iOS17
 PRECISIONS = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}
 #: Constant tensors larger than this many elements are computed on the device (e.g. `fill`,
-#: rotary tables from `arange`) rather than folded into the package by the converter.
+#: rotary tables from `arange`) rather than folded into the package by the converter
+#: (unless the stage has baked-in weights, which must fold).
 MAX_FOLDED_ELEMENTS = 4096
 
 _MIL_DTYPES = {
@@ -165,7 +168,8 @@ def export_stage(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipeline = ct.PassPipeline.DEFAULT
-        pipeline.set_options("common::const_elimination", {"skip_const_by_size": str(MAX_FOLDED_ELEMENTS)})
+        if not baked:  # baked weights must fold (e.g. their transposes) to be quantized and stored once
+            pipeline.set_options("common::const_elimination", {"skip_const_by_size": str(MAX_FOLDED_ELEMENTS)})
         model = ct.convert(
             program,
             convert_to="mlprogram",
@@ -185,31 +189,25 @@ def build_program(
     deployment_target: Any = DEFAULT_DEPLOYMENT_TARGET,
     *,
     constants: dict[str, torch.Tensor] | None = None,
-    values: Sequence[torch.Tensor] | None = None,
 ) -> tuple[Program, Counter]:
     """The stage as a MIL program, and the count of each MIL op type the translation emitted.
 
-    With `values` (one tensor per input) every input is a constant instead, so each op's
-    output value is computed as the program is built (MIL value inference, numpy for ops
-    without it): the program's outputs then hold the stage's results in `.val`.
+    Inputs named in `constants` are baked in with the given values; the others are the
+    program's inputs, in Core ML I/O form (see the module docstring).
     """
     constants = constants or {}
     inputs = input_signature(stage)
-    mil = _Mil(value_mode=values is not None)
+    mil = _Mil()
     placeholders = {
         s.name: mb.placeholder(shape=io_shape(s.shape), dtype=types.string_to_builtin(io_dtype(s.dtype)))
         for s in inputs
-        if s.name not in constants and values is None
+        if s.name not in constants
     }
     with Function(placeholders, opset_version=deployment_target) as function:
-        args = []
-        for k, s in enumerate(inputs):
-            if values is not None:
-                args.append(mil.input_value(s, values[k]))
-            elif s.name in constants:
-                args.append(mil.input_value(s, constants[s.name]))
-            else:
-                args.append(mil.adapt_input(s, function.inputs[s.name]))
+        args = [
+            mil.input_value(s, constants[s.name]) if s.name in constants else mil.adapt_input(s, function.inputs[s.name])
+            for s in inputs
+        ]
         rules = {op: functools.partial(rule, mil) for op, rule in _RULES.items()}
         results = translate(stage, args, rules, "coreml", mil.tensor_constant, mil.finish)
         outputs = [mil.adapt_output(sig, var) for sig, var in zip(output_signature(stage), results)]
@@ -291,9 +289,11 @@ def check_stage(
     The package must reload (`skip_model_load=True`), declare the deployment target, have
     the stage's inputs (less `constants`) and outputs by name, shape and dtype (Core ML
     I/O form, see the module docstring), and contain only op types the translation emits
-    or the converter introduces (casts, fusions such as linear). Numerically, the MIL
-    translation evaluated by value inference on `example_inputs` must equal the torch
-    stage: per output, max abs diff <= tol x max(1, max |torch value|).
+    or the converter introduces (casts, fusions such as linear). Numerically, the saved
+    program itself, evaluated by MIL value inference on `example_inputs`
+    (`package_values`), must equal the torch stage: per output, max abs diff <= tol x
+    max(1, max |torch value|). This covers the converter's passes and, for an fp16 or
+    INT4 package, its rounding (choose `tol` accordingly).
     """
     path = pathlib.Path(path)
     ensure_values(stage, example_inputs)
@@ -315,32 +315,91 @@ def check_stage(
     def wanted(sigs: list[TensorSig]) -> list[tuple[str, tuple[int, ...], str]]:
         return [(s.name, io_shape(s.shape), _SPEC_DTYPES[io_dtype(s.dtype)]) for s in sigs]
 
+    inputs = input_signature(stage)
+    fed = [k for k, sig in enumerate(inputs) if sig.name not in constants]
     for kind, have, want in (
-        ("inputs", described(spec.description.input), wanted([s for s in input_signature(stage) if s.name not in constants])),
+        ("inputs", described(spec.description.input), wanted([inputs[k] for k in fed])),
         ("outputs", described(spec.description.output), wanted(output_signature(stage))),
     ):
         if have != want:
             check.problems.append(f"{kind} {have} differ from the stage's {want}")
+    if check.problems:
+        return check
 
-    program, emitted = build_program(stage, deployment_target, values=example_inputs)
+    baked = {inputs[k].name: example_inputs[k] for k in range(len(inputs)) if k not in fed}
+    _, emitted = build_program(stage, deployment_target, constants=baked)
     foreign = set(package_ops) - set(emitted) - _CONVERTER_OPS
     if foreign:
         check.problems.append(f"the package has op types the translation does not emit: {sorted(foreign)}")
-    inferred = [v.val for v in program.functions["main"].outputs]
-    for i, (mil_value, ref, sig) in enumerate(zip(inferred, run_torch(stage, example_inputs), output_signature(stage))):
+    try:
+        computed = package_values(path, [io_array(example_inputs[k]) for k in fed])
+    except StageError as error:
+        check.problems.append(str(error))
+        return check
+    for got, ref, sig in zip(computed, run_torch(stage, example_inputs), output_signature(stage)):
         ref = ref.detach().reshape(io_shape(ref.shape)).to(torch.float64 if ref.is_floating_point() else torch.int64)
-        got = torch.from_numpy(np.asarray(mil_value).astype(np.float64 if ref.is_floating_point() else np.int64))
-        got = got.reshape(io_shape(got.shape))
-        if got.shape != ref.shape:
-            check.problems.append(f"output {sig.name}: value inference gave shape {tuple(got.shape)}")
-            continue
-        error = (got - ref).abs().max().item() if ref.numel() else 0.0
+        got = torch.from_numpy(np.asarray(got).astype(np.float64 if ref.is_floating_point() else np.int64))
+        error = (got.reshape(ref.shape) - ref).abs().max().item() if ref.numel() else 0.0
         scale = ref.abs().max().item() if ref.numel() else 0.0
         check.max_error.append(error)
         check.scale.append(scale)
-        if error > tol * max(1.0, scale):
-            check.problems.append(f"output {sig.name}: value inference differs from torch by {error:.3g}")
+        if not error <= tol * max(1.0, scale):
+            check.problems.append(f"output {sig.name}: the package's values differ from torch by {error:.3g}")
     return check
+
+
+def io_array(tensor: torch.Tensor) -> np.ndarray:
+    """A stage tensor as the array a Core ML model takes for it (int32 for ints and bools, (1,) for rank 0)."""
+    array = tensor.detach().cpu().numpy().astype(_NP_DTYPES[io_dtype(tensor.dtype)])
+    return array.reshape(io_shape(array.shape))
+
+
+def package_values(path: pathlib.Path, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Evaluate a saved package on Linux: its outputs for `inputs` (in Core ML I/O form, in order).
+
+    The package's program is read back (`milproto` loader) and each of its ops is rebuilt,
+    in order, on constant inputs, so MIL's value inference computes it (numpy for the few
+    ops without value inference, `_NUMPY_FALLBACKS`; compressed `constexpr_*` weights are
+    decompressed by coremltools). Slow for big tensors; meant for checks.
+    Raises StageError for an op that can be computed neither way.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = model.get_spec()
+        program = load_milproto(spec, spec.specificationVersion, model.weights_dir)
+    function = program.functions["main"]
+    if len(inputs) != len(function.inputs):
+        raise StageError(f"{path.name} takes {len(function.inputs)} inputs, got {len(inputs)}")
+    with warnings.catch_warnings(), Function({}, opset_version=function.opset_version):
+        warnings.simplefilter("ignore")  # numpy overflow in fp16 programs (-inf masks) is expected
+        env: dict[Var, Var] = {var: mb.const(val=np.asarray(x)) for var, x in zip(function.inputs.values(), inputs)}
+        for op in function.operations:
+            if op.op_type == "const":
+                env[op.outputs[0]] = mb.const(val=_const_value(op.outputs[0].val))
+                continue
+            if op.op_type.startswith("constexpr_"):  # compressed weights, decompressed by coremltools
+                env[op.outputs[0]] = mb.const(val=op.materialized_val_inference())
+                continue
+            kwargs = {k: [env[v] for v in arg] if isinstance(arg, (list, tuple)) else env[arg]
+                      for k, arg in op.inputs.items()}
+            results = getattr(mb, op.op_type)(**kwargs)
+            for old, new in zip(op.outputs, results if isinstance(results, (list, tuple)) else [results]):
+                env[old] = new if new.val is not None else _fallback(op.op_type, kwargs, new)
+        return [np.asarray(env[var].val) for var in function.outputs]
+
+
+def _const_value(value: Any) -> Any:
+    # The loader gives scalar bools as numpy bools, which some value inferences cannot take.
+    return bool(value) if np.asarray(value).dtype == np.bool_ and np.ndim(value) == 0 else value
+
+
+def _fallback(op_type: str, kwargs: dict[str, Any], var: Var) -> Var:
+    fallback = _NUMPY_FALLBACKS.get(op_type)
+    if fallback is None:
+        raise StageError(f"MIL op {op_type} has neither value inference nor a numpy fallback in targets/coreml.py")
+    args = {k: v.val for k, v in kwargs.items() if not isinstance(v, list)}
+    return mb.const(val=np.asarray(fallback(**args)).astype(_NP_DTYPES[types.builtin_to_string(var.dtype)]))
 
 
 def _opset_name(deployment_target: Any) -> str:
@@ -377,28 +436,20 @@ def _quantize_int4(model: Any, block_size: int) -> Any:
 #: numpy semantics of MIL ops that lack value inference in coremltools 9.0.
 _NUMPY_FALLBACKS: dict[str, Callable[..., np.ndarray]] = {
     "silu": lambda x: x / (1 + np.exp(-x)),
+    "gather_nd": lambda x, indices, batch_dims=0: x[tuple(np.moveaxis(indices, -1, 0))],
 }
 
 
 class _Mil:
-    """Creates MIL ops under unique names, counts their types, and in value mode makes sure
-    every op's output has a value (numpy fallback for ops without value inference)."""
+    """Creates MIL ops under unique names and counts their types."""
 
-    def __init__(self, value_mode: bool) -> None:
-        self.value_mode = value_mode
+    def __init__(self) -> None:
         self.emitted: Counter = Counter()
         self._names = (f"mil_{k}" for k in itertools.count())
 
     def op(self, op_type: str, **kwargs) -> Var:
-        var = getattr(mb, op_type)(**kwargs, name=next(self._names))
         self.emitted[op_type] += 1
-        if self.value_mode and var.val is None:
-            fallback = _NUMPY_FALLBACKS.get(op_type)
-            if fallback is None:
-                raise StageError(f"MIL op {op_type} has no value inference and no numpy fallback in targets/coreml.py")
-            args = {k: v.val if isinstance(v, Var) else v for k, v in kwargs.items()}
-            var = self.const(np.asarray(fallback(**args), dtype=_NP_DTYPES[self.dtype_of(var)]))
-        return var
+        return getattr(mb, op_type)(**kwargs, name=next(self._names))
 
     def const(self, value: np.ndarray) -> Var:
         return mb.const(val=value, name=next(self._names))
@@ -418,7 +469,7 @@ class _Mil:
         return x if self.dtype_of(x) == target else self.op("cast", x=x, dtype=target)
 
     def input_value(self, sig: TensorSig, tensor: torch.Tensor) -> Var:
-        """A stage input as a constant (value mode, or an input baked in)."""
+        """A stage input baked in as a constant."""
         if tuple(tensor.shape) != sig.shape or tensor.dtype != sig.dtype:
             raise StageError(f"value for input '{sig.name}' is {tensor.dtype} {tuple(tensor.shape)}, "
                              f"the stage takes {sig.dtype} {sig.shape}")
