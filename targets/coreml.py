@@ -50,8 +50,10 @@ Any other op raises `UnsupportedStageOpError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import logging
 import math
 import os
 import pathlib
@@ -165,7 +167,7 @@ def export_stage(
         path = path.with_name(path.name + SUFFIX)
     baked = {n: x for n, x in zip(names, example_inputs) if n in constants}
     program, _ = build_program(stage, deployment_target, constants=baked)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_converter():
         warnings.simplefilter("ignore")
         pipeline = ct.PassPipeline.DEFAULT
         if not baked:  # baked weights must fold (e.g. their transposes) to be quantized and stored once
@@ -400,6 +402,18 @@ def _fallback(op_type: str, kwargs: dict[str, Any], var: Var) -> Var:
         raise StageError(f"MIL op {op_type} has neither value inference nor a numpy fallback in targets/coreml.py")
     args = {k: v.val for k, v in kwargs.items() if not isinstance(v, list)}
     return mb.const(val=np.asarray(fallback(**args)).astype(_NP_DTYPES[types.builtin_to_string(var.dtype)]))
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    """Silence coremltools' per-op warnings (each constant left unfolded is logged); errors still raise."""
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _opset_name(deployment_target: Any) -> str:
