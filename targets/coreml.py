@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import pathlib
+import platform
 import shutil
 import warnings
 from collections import Counter
@@ -111,6 +112,8 @@ _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int32": np.int32, "bool":
 #: Core ML model input/output dtype of a stage tensor of each MIL dtype.
 _IO_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int32": "int32", "bool": "int32"}
 _SPEC_DTYPES = {"fp32": "FLOAT32", "fp16": "FLOAT16", "int32": "INT32"}
+_ARRAY_TYPES = ct.proto.FeatureTypes_pb2.ArrayFeatureType
+_SPEC_NP_DTYPES = {_ARRAY_TYPES.FLOAT32: np.float32, _ARRAY_TYPES.FLOAT16: np.float16, _ARRAY_TYPES.INT32: np.int32}
 
 
 def mil_dtype(dtype: torch.dtype) -> str:
@@ -207,7 +210,8 @@ def build_program(
     }
     with Function(placeholders, opset_version=deployment_target) as function:
         args = [
-            mil.input_value(s, constants[s.name]) if s.name in constants else mil.adapt_input(s, function.inputs[s.name])
+            mil.input_value(s, constants[s.name]) if s.name in constants
+            else mil.adapt_input(s, function.inputs[s.name])
             for s in inputs
         ]
         rules = {op: functools.partial(rule, mil) for op, rule in _RULES.items()}
@@ -220,9 +224,9 @@ def build_program(
 
 
 def load_stage(path: pathlib.Path) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-    """Core ML predictions need macOS or iOS; on other systems this raises with what to do instead."""
-    import platform
-
+    """On macOS, a function from the stage inputs (in order) to its outputs in Core ML I/O form
+    (int32 for int and bool tensors, (1,) for rank 0). Elsewhere Core ML cannot predict, and
+    this raises with what to do instead. Not exercised by the tests here (Linux)."""
     if platform.system() != "Darwin":
         raise RuntimeError(
             f"cannot run {path}: Core ML predictions need macOS or iOS. On this machine use "
@@ -230,12 +234,16 @@ def load_stage(path: pathlib.Path) -> Callable[[list[np.ndarray]], list[np.ndarr
             "or run the stage with the ONNX or MLX target."
         )
     model = ct.models.MLModel(str(path))
-    names = [i.name for i in model.get_spec().description.input]
-    outs = [o.name for o in model.get_spec().description.output]
+    description = model.get_spec().description
+    inputs_spec = [(f.name, tuple(f.type.multiArrayType.shape), _SPEC_NP_DTYPES[f.type.multiArrayType.dataType])
+                   for f in description.input]
+    outputs = [f.name for f in description.output]
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        prediction = model.predict({n: np.asarray(x) for n, x in zip(names, inputs)})
-        return [np.asarray(prediction[n]) for n in outs]
+        feed = {name: np.asarray(x).astype(dtype).reshape(shape)
+                for (name, shape, dtype), x in zip(inputs_spec, inputs)}
+        prediction = model.predict(feed)
+        return [np.asarray(prediction[name]) for name in outputs]
 
     return run
 
@@ -311,8 +319,7 @@ def check_stage(
 
     def described(features) -> list[tuple[str, tuple[int, ...], str]]:
         return [(f.name, tuple(f.type.multiArrayType.shape),
-                 ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(f.type.multiArrayType.dataType))
-                for f in features]
+                 _ARRAY_TYPES.ArrayDataType.Name(f.type.multiArrayType.dataType)) for f in features]
 
     def wanted(sigs: list[TensorSig]) -> list[tuple[str, tuple[int, ...], str]]:
         return [(s.name, io_shape(s.shape), _SPEC_DTYPES[io_dtype(s.dtype)]) for s in sigs]

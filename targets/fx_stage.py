@@ -61,7 +61,9 @@ def ensure_values(stage: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     """
     placeholders = stage_placeholders(stage)
     if len(placeholders) != len(example_inputs):
-        raise StageError(f"the stage has {len(placeholders)} inputs but {len(example_inputs)} example inputs were given")
+        raise StageError(
+            f"the stage has {len(placeholders)} inputs but {len(example_inputs)} example inputs were given"
+        )
     for p, x in zip(placeholders, example_inputs):
         if not isinstance(x, torch.Tensor):
             raise StageError(f"example input for '{p.name}' is a {type(x).__name__}, not a tensor")

@@ -6,11 +6,13 @@ tuple of the values it produces that something outside it reads.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
 import torch.fx as fx
 
+from mebp_compiler.capture import capture
 from mebp_compiler.ir import Phase, TrainingGraph
 
 
@@ -64,3 +66,18 @@ def extract_stage(graph: TrainingGraph, names: set[str], values: dict[str, torch
     stage.output(tuple(env[n] for n in outputs))
     module = fx.GraphModule(graph.module, stage)
     return module, inputs, [values[n.name] for n in outputs]
+
+
+@functools.lru_cache(maxsize=4)
+def captured_step(model: torch.nn.Module | str, seq: int = 24, batch: int = 1, seed: int = 0
+                  ) -> tuple[TrainingGraph, dict[str, torch.Tensor]]:
+    """(graph, every node's value) of one step on a random batch, cached so that tests cutting
+    several stages from one model capture it once (callers must not mutate them). `model`
+    is a LoRA model or the name of a tiny config (built by tests.conftest.lora_model)."""
+    from tests.conftest import lora_model, random_batch
+
+    if isinstance(model, str):
+        model = lora_model(model)
+    example = random_batch(model.config.vocab_size, batch=batch, seq=seq, seed=seed)
+    graph = capture(model, example)
+    return graph, node_values(graph, step_inputs(model, graph, example))

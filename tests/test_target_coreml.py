@@ -16,7 +16,7 @@ from mebp_compiler.passes import quantize
 from mebp_compiler.targets import coreml as coreml_target
 from mebp_compiler.targets.fx_stage import UnsupportedStageOpError
 from tests.conftest import TINY_MODELS, lora_model, random_batch
-from tests.stages import block_nodes, extract_stage, node_values, step_inputs
+from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
 
 
 def captured(name, **kwargs):
@@ -27,8 +27,8 @@ def captured(name, **kwargs):
 
 
 def block_stage(name, block, phase):
-    model, graph, inputs = captured(name)
-    return graph, *extract_stage(graph, block_nodes(graph, block, phase), node_values(graph, inputs))
+    graph, values = captured_step(name, batch=2)
+    return graph, *extract_stage(graph, block_nodes(graph, block, phase), values)
 
 
 def assert_checks(path, stage, inputs, **kwargs):
@@ -114,8 +114,6 @@ def test_load_stage_says_predict_needs_macos(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", [Phase.FORWARD, Phase.BACKWARD])
 def test_smollm2_block_stage_package_checks(smollm2, phase, tmp_path):
-    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
-    graph = capture(smollm2, batch)
-    values = node_values(graph, step_inputs(smollm2, graph, batch))
+    graph, values = captured_step(smollm2, seq=16, seed=3)
     stage, inputs, _ = extract_stage(graph, block_nodes(graph, 7, phase), values)
     assert_checks(coreml_target.export_stage(stage, inputs, tmp_path / "block"), stage, inputs)

@@ -12,7 +12,7 @@ from mebp_compiler.capture import capture
 from mebp_compiler.ir import Phase
 from mebp_compiler.passes import quantize
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
-from tests.stages import block_nodes, extract_stage, node_values, step_inputs
+from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
 
 pytest.importorskip("mlx.core", reason="the MLX target needs the 'mlx' extra")
 from mebp_compiler.targets import mlx as mlx_target  # noqa: E402
@@ -50,10 +50,7 @@ def test_whole_step_matches_autograd(name, tmp_path):
 @pytest.mark.parametrize("name", TINY_MODELS)
 @pytest.mark.parametrize("phase", [Phase.FORWARD, Phase.BACKWARD])
 def test_block_stage_matches_torch(name, phase, tmp_path):
-    model = lora_model(name)
-    batch = random_batch(model.config.vocab_size)
-    graph = capture(model, batch)
-    values = node_values(graph, step_inputs(model, graph, batch))
+    graph, values = captured_step(name, batch=2)
     stage, inputs, expected = extract_stage(graph, block_nodes(graph, 1, phase), values)
     assert_outputs_close(run_exported(stage, inputs, tmp_path / "block"), expected)
 
@@ -85,8 +82,6 @@ def test_missing_file_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", [Phase.FORWARD, Phase.BACKWARD])
 def test_smollm2_block_stage_matches_torch(smollm2, phase, tmp_path):
-    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
-    graph = capture(smollm2, batch)
-    values = node_values(graph, step_inputs(smollm2, graph, batch))
+    graph, values = captured_step(smollm2, seq=16, seed=3)
     stage, inputs, expected = extract_stage(graph, block_nodes(graph, 7, phase), values)
     assert_outputs_close(run_exported(stage, inputs, tmp_path / "block"), expected)
