@@ -1,0 +1,480 @@
+"""MLX target: a stage's ATen ops translated to `mlx.core` and written as an `.mlxfn` file.
+
+`export_stage` traces the translation with `mx.export_function` on the stage's example
+inputs, so the file holds MLX's own graph with fixed shapes: MLX-Swift loads it on iOS
+(`ImportedFunction`) and `mx.import_function` runs it here (`load_stage`). Frozen
+weights, LoRA parameters and activations are all function inputs; only small constants
+the graph itself holds are baked in.
+
+Translated ops (every op the captured training step of tiny Llama, Qwen2 and Gemma-3
+configs and SmolLM2-135M contains, as `mebp_compiler.capture` traces it without
+decomposition, plus a few close relatives and the INT4 dequantization ops):
+
+    views and copies   view, _unsafe_view, reshape, t, transpose.int, permute, expand,
+                       squeeze.dim, squeeze.dims, unsqueeze, slice.Tensor, select.int,
+                       alias, detach, clone, _to_copy, lift_fresh_copy
+    creation           arange (3 overloads), zeros, ones, full, scalar_tensor, new_zeros,
+                       new_ones, new_full, zeros_like, ones_like, full_like
+    arithmetic         add/sub (Tensor, Scalar; alpha), mul/div (Tensor, Scalar), neg,
+                       pow.Tensor_Scalar, pow.Tensor_Tensor, rsqrt, sqrt, exp, log, sin,
+                       cos, tanh, sigmoid, where.self
+    comparison, logic  eq, ne, lt, le, gt, ge (Tensor, Scalar), bitwise_and/or.Tensor,
+                       logical_and, logical_or, logical_not, bitwise_not
+    reductions         sum.default, sum.dim_IntList, mean.dim, amax, cumsum
+    linear algebra     mm, bmm, addmm, matmul
+    indexing, shape    embedding, index.Tensor, index_select, cat, stack,
+                       constant_pad_nd, slice_backward
+    nn                 _softmax, _log_softmax, silu, gelu (none / tanh)
+    backward           _softmax_backward_data, _log_softmax_backward_data, silu_backward,
+                       gelu_backward, nll_loss_forward, nll_loss_backward
+    INT4 weights       passes.quantize.dequantize_int4, passes.quantize.embedding_int4
+
+Any other op raises `UnsupportedStageOpError` naming it. Each op's result is cast to the
+dtype torch gives it (from the trace) and its shape is checked against the trace, so a
+translation that drifts from ATen's semantics fails at export, not on the phone.
+
+Limits: shapes are fixed at export (one file per stage shape); numpy cannot hold
+bfloat16, so `load_stage` takes and returns float16/float32/int/bool arrays only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from mebp_compiler.passes import quantize
+from mebp_compiler.targets.fx_stage import (
+    OpContext,
+    StageError,
+    ensure_values,
+    rule_name,
+    stage_placeholders,
+    translate,
+)
+
+try:
+    import mlx.core as mx
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the MLX target needs the 'mlx' package: pip install 'mebp-compiler[mlx]' "
+        "(on Linux this installs mlx[cpu])"
+    ) from error
+
+aten = torch.ops.aten
+SUFFIX = ".mlxfn"
+
+_DTYPES = {
+    torch.float32: mx.float32,
+    torch.float16: mx.float16,
+    torch.bfloat16: mx.bfloat16,
+    torch.int64: mx.int64,
+    torch.int32: mx.int32,
+    torch.int16: mx.int16,
+    torch.int8: mx.int8,
+    torch.uint8: mx.uint8,
+    torch.bool: mx.bool_,
+}
+
+
+def mx_dtype(dtype: torch.dtype) -> mx.Dtype:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise StageError(f"the MLX target has no dtype for {dtype}") from None
+
+
+def export_stage(stage: fx.GraphModule, example_inputs: list[torch.Tensor], path: pathlib.Path) -> pathlib.Path:
+    """Write `stage` as an MLX function file (`.mlxfn`) for inputs shaped like `example_inputs`.
+
+    The file is written atomically; `path` gets the `.mlxfn` suffix if it lacks it. The
+    function takes the stage inputs in placeholder order and returns the stage outputs
+    in order. Raises UnsupportedStageOpError for an op without a translation.
+    """
+    ensure_values(stage, example_inputs)
+    path = pathlib.Path(path)
+    if path.suffix != SUFFIX:
+        path = path.with_name(path.name + SUFFIX)
+    fn = stage_function(stage)
+    args = [_to_mx(x) for x in example_inputs]
+    tmp = path.with_name(f".{path.stem}.tmp{SUFFIX}")
+    tmp.unlink(missing_ok=True)
+    try:
+        mx.export_function(str(tmp), fn, *args)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def stage_function(stage: fx.GraphModule) -> Callable[..., tuple[mx.array, ...]]:
+    """The stage as a Python function over MLX arrays (what `export_stage` traces)."""
+    n_inputs = len(stage_placeholders(stage))
+
+    def run(*inputs: mx.array) -> tuple[mx.array, ...]:
+        if len(inputs) != n_inputs:
+            raise StageError(f"the stage takes {n_inputs} inputs, got {len(inputs)}")
+        return tuple(translate(stage, inputs, RULES, "mlx", _to_mx, _finish))
+
+    return run
+
+
+def load_stage(path: pathlib.Path) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """Load an `.mlxfn` stage: a function from the input arrays (in order) to the output arrays."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no MLX stage file at {path}; export it with targets.mlx.export_stage")
+    imported = mx.import_function(str(path))
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        outputs = imported([mx.array(np.asarray(x)) for x in inputs])
+        return [np.array(y) for y in outputs]
+
+    return run
+
+
+def _to_mx(x: torch.Tensor) -> mx.array:
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+        return mx.array(x.float().numpy()).astype(mx.bfloat16)
+    return mx.array(x.numpy())
+
+
+def _finish(ctx: OpContext, value):
+    if isinstance(value, tuple):
+        return value
+    if value.dtype != mx_dtype(ctx.dtype):
+        value = value.astype(mx_dtype(ctx.dtype))
+    if tuple(value.shape) != ctx.shape:
+        raise AssertionError(
+            f"MLX translation of {ctx.node.name} ({ctx.node.target}) gave shape {tuple(value.shape)}, "
+            f"torch gives {ctx.shape}"
+        )
+    return value
+
+
+# ---------------------------------------------------------------- translation rules
+# Each rule takes the OpContext and the op's arguments by ATen schema name.
+
+
+def _as(x, dtype: torch.dtype):
+    """`x` (array or Python scalar) in the dtype torch computes in."""
+    return x.astype(mx_dtype(dtype)) if isinstance(x, mx.array) else x
+
+
+def _binary(fn: Callable) -> Callable:
+    def rule(ctx: OpContext, input, other, alpha=1, **_):
+        dtype = ctx.promoted("input", "other")
+        if alpha != 1:
+            other = other * alpha
+        return fn(_as(input, dtype), _as(other, dtype))
+
+    return rule
+
+
+def _compare(fn: Callable) -> Callable:
+    def rule(ctx: OpContext, input, other, **_):
+        dtype = ctx.promoted("input", "other")
+        return fn(_as(input, dtype), _as(other, dtype))
+
+    return rule
+
+
+def _unary(fn: Callable) -> Callable:
+    return lambda ctx, input, **_: fn(_as(input, ctx.dtype))
+
+
+def _dims(dim, ndim: int) -> list[int] | None:
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return [d % ndim if ndim else 0 for d in dims]
+
+
+def _reduce(fn: Callable) -> Callable:
+    def rule(ctx: OpContext, input, dim=None, keepdim=False, dtype=None, **_):
+        axes = _dims(dim, input.ndim)
+        return fn(_as(input, ctx.dtype), axis=axes, keepdims=keepdim)
+
+    return rule
+
+
+def _full(ctx: OpContext, value) -> mx.array:
+    return mx.full(ctx.shape, value, dtype=mx_dtype(ctx.dtype))
+
+
+def _slice_index(ndim: int, dim: int, index) -> tuple:
+    return (slice(None),) * (dim % ndim) + (index,)
+
+
+def _clamped(size: int, start, end, step) -> slice:
+    """A slice with ATen's out-of-range bounds (e.g. end = 2**63 - 1) clamped to `size`."""
+    return slice(*slice(start, end, step).indices(size))
+
+
+def _slice(ctx, input, dim=0, start=None, end=None, step=1, **_):
+    return input[_slice_index(input.ndim, dim, _clamped(input.shape[dim], start, end, step))]
+
+
+def _slice_backward(ctx, grad_output, input_sizes, dim, start, end, step, **_):
+    out = mx.zeros(tuple(input_sizes), dtype=grad_output.dtype)
+    out[_slice_index(len(input_sizes), dim, _clamped(input_sizes[dim], start, end, step))] = grad_output
+    return out
+
+
+def _expand(ctx, input, size, **_):
+    return mx.broadcast_to(input, ctx.shape)
+
+
+def _squeeze(ctx, input, dim=None, **_):
+    return mx.reshape(input, ctx.shape)
+
+
+def _transpose(ctx, input, dim0, dim1, **_):
+    return mx.swapaxes(input, dim0, dim1)
+
+
+def _t(ctx, input, **_):
+    return input.T if input.ndim == 2 else input
+
+
+def _log_softmax(ctx, input, dim, half_to_float=False, **_):
+    return input - mx.logsumexp(input, axis=dim, keepdims=True)
+
+
+def _softmax_backward(ctx, grad_output, output, dim, input_dtype, **_):
+    return output * (grad_output - mx.sum(grad_output * output, axis=dim, keepdims=True))
+
+
+def _log_softmax_backward(ctx, grad_output, output, dim, input_dtype, **_):
+    return grad_output - mx.exp(output) * mx.sum(grad_output, axis=dim, keepdims=True)
+
+
+def _silu_backward(ctx, grad_output, input, **_):
+    s = mx.sigmoid(input)
+    return grad_output * s * (1 + input * (1 - s))
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_GELU_KAPPA = 0.044715
+
+
+def _gelu(ctx, input, approximate="none", **_):
+    x = input
+    if approximate == "tanh":
+        return 0.5 * x * (1 + mx.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x)))
+    return 0.5 * x * (1 + mx.erf(x / math.sqrt(2)))
+
+
+def _gelu_backward(ctx, grad_output, input, approximate="none", **_):
+    # The derivatives torch's own gelu_backward decomposition computes.
+    x = input
+    if approximate == "tanh":
+        inner_tanh = mx.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x))
+        left_derivative = 0.5 * (1 + inner_tanh)
+        right_derivative = 0.5 * x * (1 - inner_tanh * inner_tanh) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_KAPPA * x * x)
+        return grad_output * (left_derivative + right_derivative)
+    cdf = 0.5 * (1 + mx.erf(x / math.sqrt(2)))
+    pdf = mx.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return grad_output * (cdf + x * pdf)
+
+
+def _nll_check(weight, reduction):
+    if weight is not None:
+        raise StageError("nll_loss with class weights is not translated (the captured LM loss has none)")
+    if reduction not in (0, 1, 2):
+        raise StageError(f"nll_loss reduction {reduction} is unknown")
+
+
+def _nll_loss_forward(ctx, input, target, weight, reduction, ignore_index, **_):
+    # input [N, C] log-probabilities (or [C]), target [N] class indices.
+    _nll_check(weight, reduction)
+    keep = target != ignore_index
+    safe = mx.where(keep, target, 0)
+    picked = mx.take_along_axis(input, mx.expand_dims(safe, -1), axis=-1).squeeze(-1)
+    losses = mx.where(keep, -picked, 0.0).astype(input.dtype)
+    total_weight = mx.sum(keep).astype(input.dtype)
+    if reduction == 0:
+        return losses, mx.zeros((), dtype=input.dtype)
+    total = mx.sum(losses)
+    return (total / total_weight if reduction == 1 else total), total_weight
+
+
+def _nll_loss_backward(ctx, grad_output, input, target, weight, reduction, ignore_index, total_weight, **_):
+    _nll_check(weight, reduction)
+    keep = target != ignore_index
+    classes = mx.arange(input.shape[-1], dtype=target.dtype)
+    one_hot = (mx.expand_dims(target, -1) == classes) & mx.expand_dims(keep, -1)
+    scale = grad_output / total_weight if reduction == 1 else grad_output
+    if reduction == 0:
+        scale = mx.expand_dims(scale, -1)
+    return mx.where(one_hot, -scale, 0.0).astype(input.dtype)
+
+
+def _index(ctx, input, indices, **_):
+    return input[tuple(slice(None) if i is None else i for i in indices)]
+
+
+def _constant_pad_nd(ctx, input, pad, value=0, **_):
+    # pad lists (before, after) pairs from the last dim backwards; negative pads crop.
+    widths = [[0, 0] for _ in range(input.ndim)]
+    for k in range(0, len(pad), 2):
+        widths[input.ndim - 1 - k // 2] = [pad[k], pad[k + 1]]
+    crop = tuple(slice(-min(b, 0) or None, min(a, 0) or None) for b, a in widths)
+    padded = mx.pad(input[crop], [(max(b, 0), max(a, 0)) for b, a in widths], constant_values=value)
+    return padded
+
+
+def _dequantize_int4(ctx, packed, scales, **_):
+    # Mirrors passes.quantize.dequantize_int4: two signed 4-bit values per byte, low nibble first.
+    low = (packed & 0x0F).astype(mx.int8)
+    high = (packed >> 4).astype(mx.int8)
+    q = mx.stack([low, high], axis=-1).reshape(packed.shape[0], -1)
+    q = mx.where(q > 7, q - 16, q).astype(scales.dtype)
+    groups = scales.shape[1]
+    return (q.reshape(q.shape[0], groups, -1) * mx.expand_dims(scales, -1)).reshape(q.shape)
+
+
+def _embedding_int4(ctx, packed, scales, indices, **_):
+    flat = indices.reshape(-1)
+    rows = _dequantize_int4(ctx, mx.take(packed, flat, axis=0), mx.take(scales, flat, axis=0))
+    return rows.reshape(*indices.shape, rows.shape[-1])
+
+
+def _arange(ctx, start=0, end=None, step=1, **_):
+    if end is None:
+        start, end = 0, start
+    return mx.arange(start, end, step, dtype=mx_dtype(ctx.dtype))
+
+
+def _identity(ctx, input, **_):
+    return input
+
+
+RULES: dict[object, Callable] = {
+    # views and copies
+    aten.view.default: lambda ctx, input, size, **_: mx.reshape(input, ctx.shape),
+    aten._unsafe_view.default: lambda ctx, input, size, **_: mx.reshape(input, ctx.shape),
+    aten.reshape.default: lambda ctx, input, shape, **_: mx.reshape(input, ctx.shape),
+    aten.t.default: _t,
+    aten.transpose.int: _transpose,
+    aten.permute.default: lambda ctx, input, dims, **_: mx.transpose(input, [d % input.ndim for d in dims]),
+    aten.expand.default: _expand,
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
+    aten.unsqueeze.default: _squeeze,
+    aten.slice.Tensor: _slice,
+    aten.select.int: lambda ctx, input, dim, index, **_: input[_slice_index(input.ndim, dim, index)],
+    aten.alias.default: _identity,
+    aten.detach.default: _identity,
+    aten.clone.default: _identity,
+    aten.lift_fresh_copy.default: _identity,
+    aten._to_copy.default: _identity,  # the dtype cast is applied to every result
+    # creation
+    aten.arange.default: lambda ctx, end, **_: _arange(ctx, 0, end),
+    aten.arange.start: lambda ctx, start, end, **_: _arange(ctx, start, end),
+    aten.arange.start_step: lambda ctx, start, end, step, **_: _arange(ctx, start, end, step),
+    aten.zeros.default: lambda ctx, **_: _full(ctx, 0),
+    aten.ones.default: lambda ctx, **_: _full(ctx, 1),
+    aten.full.default: lambda ctx, size, fill_value, **_: _full(ctx, fill_value),
+    aten.scalar_tensor.default: lambda ctx, s, **_: _full(ctx, s),
+    aten.new_zeros.default: lambda ctx, input, size, **_: _full(ctx, 0),
+    aten.new_ones.default: lambda ctx, input, size, **_: _full(ctx, 1),
+    aten.new_full.default: lambda ctx, input, size, fill_value, **_: _full(ctx, fill_value),
+    aten.zeros_like.default: lambda ctx, input, **_: _full(ctx, 0),
+    aten.ones_like.default: lambda ctx, input, **_: _full(ctx, 1),
+    aten.full_like.default: lambda ctx, input, fill_value, **_: _full(ctx, fill_value),
+    # arithmetic
+    aten.add.Tensor: _binary(mx.add),
+    aten.add.Scalar: _binary(mx.add),
+    aten.sub.Tensor: _binary(mx.subtract),
+    aten.sub.Scalar: _binary(mx.subtract),
+    aten.mul.Tensor: _binary(mx.multiply),
+    aten.mul.Scalar: _binary(mx.multiply),
+    aten.div.Tensor: _binary(mx.divide),
+    aten.div.Scalar: _binary(mx.divide),
+    aten.neg.default: _unary(mx.negative),
+    aten.pow.Tensor_Scalar: lambda ctx, input, exponent, **_: mx.power(_as(input, ctx.dtype), exponent),
+    aten.pow.Tensor_Tensor: _binary(mx.power),
+    aten.rsqrt.default: _unary(mx.rsqrt),
+    aten.sqrt.default: _unary(mx.sqrt),
+    aten.exp.default: _unary(mx.exp),
+    aten.log.default: _unary(mx.log),
+    aten.sin.default: _unary(mx.sin),
+    aten.cos.default: _unary(mx.cos),
+    aten.tanh.default: _unary(mx.tanh),
+    aten.sigmoid.default: _unary(mx.sigmoid),
+    aten.where.self: lambda ctx, condition, input, other, **_: mx.where(
+        condition, _as(input, ctx.dtype), _as(other, ctx.dtype)
+    ),
+    # comparison and logic
+    aten.eq.Tensor: _compare(mx.equal),
+    aten.eq.Scalar: _compare(mx.equal),
+    aten.ne.Tensor: _compare(mx.not_equal),
+    aten.ne.Scalar: _compare(mx.not_equal),
+    aten.lt.Tensor: _compare(mx.less),
+    aten.lt.Scalar: _compare(mx.less),
+    aten.le.Tensor: _compare(mx.less_equal),
+    aten.le.Scalar: _compare(mx.less_equal),
+    aten.gt.Tensor: _compare(mx.greater),
+    aten.gt.Scalar: _compare(mx.greater),
+    aten.ge.Tensor: _compare(mx.greater_equal),
+    aten.ge.Scalar: _compare(mx.greater_equal),
+    aten.bitwise_and.Tensor: _binary(mx.bitwise_and),
+    aten.bitwise_or.Tensor: _binary(mx.bitwise_or),
+    aten.logical_and.default: lambda ctx, input, other, **_: mx.logical_and(input, other),
+    aten.logical_or.default: lambda ctx, input, other, **_: mx.logical_or(input, other),
+    aten.logical_not.default: lambda ctx, input, **_: mx.logical_not(input),
+    aten.bitwise_not.default: lambda ctx, input, **_: (
+        mx.logical_not(input) if input.dtype == mx.bool_ else mx.bitwise_invert(input)
+    ),
+    # reductions
+    aten.sum.default: _reduce(mx.sum),
+    aten.sum.dim_IntList: _reduce(mx.sum),
+    aten.mean.dim: _reduce(mx.mean),
+    aten.amax.default: _reduce(mx.max),
+    aten.cumsum.default: lambda ctx, input, dim, **_: mx.cumsum(_as(input, ctx.dtype), axis=dim),
+    # linear algebra
+    aten.mm.default: lambda ctx, input, mat2, **_: mx.matmul(input, mat2),
+    aten.bmm.default: lambda ctx, input, mat2, **_: mx.matmul(input, mat2),
+    aten.matmul.default: lambda ctx, input, other, **_: mx.matmul(input, other),
+    aten.addmm.default: lambda ctx, input, mat1, mat2, beta=1, alpha=1, **_: mx.addmm(
+        input, mat1, mat2, alpha=alpha, beta=beta
+    ),
+    # indexing and shape
+    aten.embedding.default: lambda ctx, weight, indices, **_: mx.take(weight, indices, axis=0),
+    aten.index.Tensor: _index,
+    aten.index_select.default: lambda ctx, input, dim, index, **_: mx.take(input, index, axis=dim),
+    aten.cat.default: lambda ctx, tensors, dim=0, **_: mx.concatenate(
+        [_as(t, ctx.dtype) for t in tensors], axis=dim
+    ),
+    aten.stack.default: lambda ctx, tensors, dim=0, **_: mx.stack([_as(t, ctx.dtype) for t in tensors], axis=dim),
+    aten.constant_pad_nd.default: _constant_pad_nd,
+    aten.slice_backward.default: _slice_backward,
+    # nn
+    aten._softmax.default: lambda ctx, input, dim, half_to_float=False, **_: mx.softmax(input, axis=dim, precise=True),
+    aten._log_softmax.default: _log_softmax,
+    aten.silu.default: lambda ctx, input, **_: input * mx.sigmoid(input),
+    aten.gelu.default: _gelu,
+    # backward
+    aten._softmax_backward_data.default: _softmax_backward,
+    aten._log_softmax_backward_data.default: _log_softmax_backward,
+    aten.silu_backward.default: _silu_backward,
+    aten.gelu_backward.default: _gelu_backward,
+    aten.nll_loss_forward.default: _nll_loss_forward,
+    aten.nll_loss_backward.default: _nll_loss_backward,
+    # INT4 frozen weights (passes.quantize)
+    quantize.dequantize_int4: _dequantize_int4,
+    quantize.embedding_int4: _embedding_int4,
+}
+"""ATen op (or graph function) -> MLX translation rule."""
+
+
+def supported_ops() -> list[str]:
+    """Names of the ops this target translates."""
+    return sorted(rule_name(op) for op in RULES)
