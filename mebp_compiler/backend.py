@@ -151,7 +151,6 @@ class MebpBackend:
         self.options = BackendOptions.parse(options)
         self.store = OffloadStore(self.options.offload_dir)
         self.graphs: list[GraphPlan] = []
-        self._calls = itertools.count()
         self._frames: list[int] = []  # dynamo frames in first-compile order
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -190,9 +189,11 @@ class _GraphState:
         self.is_parameter = is_parameter
         self.plan: GraphPlan | None = None
         self.free_inputs: set[str] = set()
+        self.num_fwd_outputs = 0
 
     def partition(self, joint: fx.GraphModule, joint_inputs, *, num_fwd_outputs: int, **_):
         options = self.backend.options
+        self.num_fwd_outputs = num_fwd_outputs
         graph = joint_training_graph(joint, self.is_parameter)
         self.free_inputs = {s.name for s in graph.inputs if s.role == Role.FROZEN}
         dag = training_dag(graph, options.device)
@@ -205,9 +206,7 @@ class _GraphState:
         share = options.memory_budget_bytes - held_before
         problem = build_problem(dag)
         try:
-            if share <= 0:
-                raise BudgetInfeasible(share, 0, [])
-            solution = solve(problem, share, options.device, time_limit_s=options.time_limit_s,
+            solution = solve(problem, max(share, 0), options.device, time_limit_s=options.time_limit_s,
                              offload=options.offload)
         except BudgetInfeasible as exc:
             least = exc.least_budget_bytes + held_before
@@ -248,7 +247,8 @@ class _GraphState:
         output_node = fw_module.graph.output_node()
         outputs = list(output_node.args[0])
         names = [a.name if isinstance(a, fx.Node) else None for a in outputs]
-        saved_positions = [i for i, name in enumerate(names) if name in set(plan.saved_names)]
+        saved_positions = [i for i, name in enumerate(names)
+                           if i >= self.num_fwd_outputs and name in set(plan.saved_names)]
         offload_positions = [i for i in saved_positions if names[i] in set(plan.offloaded_names)]
         counted_positions = [i for i in saved_positions
                              if names[i] not in self.free_inputs and i not in offload_positions]
