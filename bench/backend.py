@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Side by side: eager, torch.compile with activation_memory_budget, and backend="mebp" at budgets.
 
-    python bench/backend.py --model smollm2-135m --seq-len 128 --amb 0.5,0.1 --budgets 150MB,110MB,90MB
+    python bench/backend.py --model smollm2-135m --seq-len 128 --amb 0.5,0.1 --budgets 340MB,200MB,130MB
 
 Every method runs in its own fresh subprocess (this script with --method), one after the
 other, under MALLOC_MMAP_THRESHOLD_=65536 and OMP_NUM_THREADS=1 (bench/memory.py's recipe).
@@ -36,7 +36,8 @@ methods:
                  torch._functorch.config.activation_memory_budget = R: PyTorch's min-cut
                  partitioner saves about R x the activation bytes it would save unconstrained
                  (a ratio, not a bound); graphs run as plain fx code, like ours
-  mebp-SIZE      torch.compile(model, backend="mebp", options={"memory_budget": SIZE})
+  mebp-SIZE      torch.compile(model, backend="mebp", options={"memory_budget": SIZE}); the
+                 scheduler's device profile is cpu-local, or DEVICE for mebp-SIZE@DEVICE
 
 columns (MiB = 2^20 bytes):
   saved for bw   unique storages handed from the forward to the backward, counted in the
@@ -93,7 +94,8 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
     elif method.startswith("mebp-"):
         from mebp_compiler.backend import backend_for
 
-        options = {"memory_budget": method[5:], "time_limit_s": args.time_limit_s}
+        budget, _, device = method[5:].partition("@")
+        options = {"memory_budget": budget, "time_limit_s": args.time_limit_s, "device": device or "cpu-local"}
         forward = torch.compile(model, backend="mebp", options=options)
         backend = backend_for(options)
 
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--amb", default="0.5,0.1", help="activation_memory_budget ratios, comma-separated")
-    parser.add_argument("--budgets", default="150MB,110MB,90MB", help="mebp budgets, comma-separated")
+    parser.add_argument("--budgets", default="340MB,200MB,130MB",
+                        help="mebp budgets, comma-separated; SIZE@DEVICE schedules for another device profile")
     parser.add_argument("--time-limit-s", type=float, default=20.0, help="CP-SAT limit per graph")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per method")

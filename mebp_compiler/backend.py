@@ -26,8 +26,11 @@ the Python code around the graphs allocates.
 Several graphs (graph breaks): the graphs of one compiled model run one after another in
 the forward and in reverse order in the backward, so while graph k runs, every earlier
 graph's kept tensors are held. Graph k is therefore scheduled under the budget minus what
-graphs 1..k-1 keep (a ledger in first-compile order, one entry per dynamo frame; a
-recompile of a frame replaces its entry). The sum of kept bytes plus the running graph's
+graphs 1..k-1 keep (a ledger in compile order). Every graph dynamo compiles
+for training is an entry, recompiles too: a recompile of a frame may be a second graph
+that runs in the same step (the same layer code for another layer instance), so it cannot
+replace the first; a recompile for a new batch shape thus shrinks later shares
+(conservative; keep batch shapes fixed). The sum of kept bytes plus the running graph's
 peak then stays within the budget at every point. Earlier graphs take what their
 least-time schedule needs; when a later graph no longer fits, `BudgetInfeasible` says how
 much the earlier graphs keep.
@@ -118,7 +121,7 @@ class GraphPlan:
     neither parameters nor offloaded tensors.
     """
 
-    frame: int
+    key: int  # the graph's place in compile order
     budget_bytes: int  # this graph's share: the budget minus what earlier graphs keep
     model_peak_bytes: int  # the scheduler's (upper-bound) peak of this graph
     decisions: dict[str, Decision]
@@ -151,16 +154,14 @@ class MebpBackend:
         self.options = BackendOptions.parse(options)
         self.store = OffloadStore(self.options.offload_dir)
         self.graphs: list[GraphPlan] = []
-        self._frames: list[int] = []  # dynamo frames in first-compile order
+        self._keys = itertools.count()  # graphs in compile order
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
-        frame = _frame_id()
-        if frame not in self._frames:
-            self._frames.append(frame)
-        earlier = [g for g in self.graphs if self._frames.index(g.frame) < self._frames.index(frame)]
+        key = next(self._keys)
+        earlier = list(self.graphs)
         is_parameter = [isinstance(x, torch.nn.Parameter) for x in (*gm.parameters(), *gm.buffers())]
         is_parameter += [isinstance(x, torch.nn.Parameter) for x in example_inputs]
-        state = _GraphState(self, frame, earlier, is_parameter)
+        state = _GraphState(self, key, earlier, is_parameter)
         return aot_autograd(
             fw_compiler=state.compile_forward,
             bw_compiler=boxed_nop,
@@ -182,9 +183,10 @@ class MebpBackend:
 class _GraphState:
     """The partition and forward compiler of one graph, sharing its plan."""
 
-    def __init__(self, backend: MebpBackend, frame: int, earlier: list[GraphPlan], is_parameter: list[bool]):
+    def __init__(self, backend: MebpBackend, key: int, earlier: list[GraphPlan],
+                 is_parameter: list[bool]):
         self.backend = backend
-        self.frame = frame
+        self.key = key
         self.earlier = earlier
         self.is_parameter = is_parameter
         self.plan: GraphPlan | None = None
@@ -221,16 +223,14 @@ class _GraphState:
         sizes = {n: dag.nodes[n]["size_bytes"] for n in dag.nodes}
         kept = [n.name for n in saved if n.name not in self.free_inputs and n not in offloaded]
         self.plan = GraphPlan(
-            frame=self.frame, budget_bytes=share, model_peak_bytes=solution.model_peak_bytes,
+            key=self.key, budget_bytes=share, model_peak_bytes=solution.model_peak_bytes,
             decisions=solution.decisions,
             kept_bytes=sum(sizes[n] for n in kept),
             offloaded_bytes=sum(sizes[n.name] for n in offloaded),
             solver_status=solution.status, solve_s=solution.solve_s,
             saved_names=[n.name for n in saved], offloaded_names=[n.name for n in offloaded],
         )
-        frames = self.backend._frames
-        self.backend.graphs = sorted([g for g in self.backend.graphs if g.frame != self.frame] + [self.plan],
-                                     key=lambda g: frames.index(g.frame))
+        self.backend.graphs.append(self.plan)
 
         fw_module, bw_module = _extract_fwd_bwd_modules(joint, saved, saved_sym_nodes=[],
                                                         num_fwd_outputs=num_fwd_outputs)
@@ -409,14 +409,6 @@ def _check_static(node: fx.Node) -> None:
             raise BackendError("the mebp backend plans memory for static shapes, and this graph has "
                                "symbolic ones; compile with torch.compile(..., dynamic=False) (each "
                                "new shape then gets its own plan) or pad batches to one shape")
-
-
-def _frame_id() -> int:
-    """Dynamo's id of the frame being compiled (graph breaks give each graph its own frame)."""
-    from torch._guards import CompileContext
-
-    compile_id = CompileContext.current_compile_id()
-    return compile_id.frame_id if compile_id is not None else -1
 
 
 _BACKENDS: dict[int, tuple[Mapping[str, Any], MebpBackend]] = {}
