@@ -9,8 +9,8 @@ Each graph dynamo hands over goes through AOTAutograd (`aot_module_simplified`) 
 partition function driven by our scheduler: the joint forward+backward graph becomes the
 scheduler's plain DAG (`passes.schedule.from_graph.training_dag`), CP-SAT decides for every
 forward storage whether the forward keeps it for the backward, the backward recomputes it,
-or it is offloaded (written to a memory-mapped file right after the forward and mapped back
-for the backward, so its pages are read from flash only when the backward touches them),
+or it is offloaded (written to a memory-mapped file after its last forward use and mapped
+back for the backward, so its pages are read from flash only when the backward touches them),
 and the forward and backward graphs are cut accordingly. The graphs run as plain fx code
 (no Inductor): every value is dropped after its last use and the backward frees each saved
 tensor after its last use (boxed calling convention), which is the execution the
@@ -19,21 +19,20 @@ scheduler's memory model describes.
 What the budget covers, per graph: every tensor the graph computes (forward activations,
 the tensors kept for the backward, backward temporaries, gradients and the graph's
 outputs) plus its inputs that are not parameters (token ids, a hidden state passed from an
-earlier graph, the backward's incoming gradients). It does not cover parameters and
-buffers (held by the module whether or not the model trains), optimizer state, or what
-the Python code around the graphs allocates.
+earlier graph, the backward's incoming gradients; buffers too). Not covered: parameters
+(`nn.Parameter`s, held by the module whether or not the model trains), optimizer state,
+and what the Python code around the graphs allocates.
 
 Several graphs (graph breaks): the graphs of one compiled model run one after another in
 the forward and in reverse order in the backward, so while graph k runs, every earlier
 graph's kept tensors are held. Graph k is therefore scheduled under the budget minus what
-graphs 1..k-1 keep (a ledger in compile order). Every graph dynamo compiles
-for training is an entry, recompiles too: a recompile of a frame may be a second graph
-that runs in the same step (the same layer code for another layer instance), so it cannot
-replace the first; a recompile for a new batch shape thus shrinks later shares
-(conservative; keep batch shapes fixed). The sum of kept bytes plus the running graph's
-peak then stays within the budget at every point. Earlier graphs take what their
-least-time schedule needs; when a later graph no longer fits, `BudgetInfeasible` says how
-much the earlier graphs keep.
+graphs 1..k-1 keep (a ledger in compile order). Every graph compiled for training is an
+entry, recompiles too: a recompiled frame may be a second graph that runs in the same
+step (the same layer code for another layer instance), so it cannot replace the first.
+Kept bytes plus the running graph's peak then stay within the budget. Earlier graphs take
+what their least-time plan needs; when a later graph no longer fits, `BudgetInfeasible`
+says how much the earlier graphs keep. Not covered: what a later graph leaves behind
+while an earlier one runs its backward (returned logits, LoRA gradients).
 """
 
 from __future__ import annotations
