@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,8 +17,11 @@ from mebp_compiler.backend import BackendError, MebpBackend, backend_for
 from mebp_compiler.passes.schedule.solver import BudgetInfeasible
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from memory import allocator_peak  # noqa: E402  (the bench's profiler-based peak, reused)
+_spec = importlib.util.spec_from_file_location(
+    "bench_memory", Path(__file__).resolve().parents[1] / "bench" / "memory.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
+allocator_peak = _bench.allocator_peak  # the bench's profiler-based peak of the bytes a step allocates
 
 
 @pytest.fixture(autouse=True)
