@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-#: Target name -> module implementing it.
-TARGETS = {
-    "onnx": "mebp_compiler.targets.onnx",
+#: Target name -> (module implementing it, what it writes and what is verified where).
+TARGETS: dict[str, tuple[str, str]] = {
+    "onnx": ("mebp_compiler.targets.onnx",
+             "one .onnx file (opset 18) per distinct stage; runs here with onnxruntime (`mebp run`), "
+             "where loss and LoRA gradients are checked against autograd by the tests"),
 }
 
 
@@ -23,4 +25,4 @@ def load_target(name: str) -> ModuleType:
     """The module of target `name`; ValueError naming the known targets otherwise."""
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
-    return importlib.import_module(TARGETS[name])
+    return importlib.import_module(TARGETS[name][0])

@@ -28,8 +28,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 OPSET = 18
 SUFFIX = ".onnx"
 NAME = "onnx"
-DESCRIPTION = ("one .onnx file per distinct stage (opset 18), run here with onnxruntime; "
-               "verified here: loss and LoRA gradients against autograd, held bytes against the plan")
 
 _ONNX_DTYPES = {1: "float32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 6: "int32", 16: "bfloat16"}
 

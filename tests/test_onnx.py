@@ -170,3 +170,34 @@ def test_a_batch_of_another_shape(artifacts):
 def test_a_directory_without_manifest(tmp_path):
     with pytest.raises(ManifestError, match="has no manifest.json"):
         driver.Driver.open(tmp_path, ONNX)
+
+
+def test_cli_compiles_and_runs_an_onnx_directory(tmp_path, capsys):
+    from mebp_compiler.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",
+                 "--target", "onnx", "-o", str(out)]) == 0
+    manifest = driver.load_manifest(out)
+    assert manifest.target == "onnx" and manifest.model == "tiny-qwen2"
+    assert (out / "weights.safetensors").is_file() and (out / "schedule.json").is_file()
+    assert main(["run", str(out), "--steps", "2", "--no-progress", "--out", str(tmp_path / "lora.safetensors")]) == 0
+    assert "manifest predicts" in capsys.readouterr().err
+    assert (tmp_path / "lora.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_smollm2_onnx_driver_matches_autograd(smollm2, policy, tmp_path):
+    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
+    plan, part, facts = export(smollm2, batch, policy, tmp_path, weights=False)
+    weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
+    run = driver.Driver.open(tmp_path, ONNX, weights=weights)
+    result = run.step(numpy_batch(batch))
+    assert_matches_autograd(as_step_result(result), autograd_reference(smollm2, batch))
+    assert_held_as_predicted(part, plan, result)
+    assert result.flash_bytes_written > 0
+    # 63 stages, a handful of files: the 30 blocks share their artifacts.
+    assert len(part.manifest.stages) == 63
+    assert len(list(tmp_path.glob("*.onnx"))) == len(facts) <= 12
+    assert max(f["stages"] for f in facts.values()) >= 15
