@@ -202,7 +202,6 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
     Raises PartitionError if a non-tensor value would cross a stage boundary.
     """
     nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
-    info = graph.info
     handle_of = {n.name: n.args[0] for n in nodes if n.target is offload.offload}
     key_of = _stage_keys(graph, nodes)
     names = _stage_names(nodes, key_of)
@@ -215,7 +214,7 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
         stage = names[node.name]
         if stage not in builders:
             builders[stage] = _StageBuilder(stage, key_of[node.name], graph)
-        builders[stage].add(node, builders, names, producer)
+        builders[stage].add(node, producer)
 
     offloaded = {n.args[0].name for n in nodes if n.target is offload.offload}
     reload_of = {n.name: handle_of[n.args[0].name].name for n in nodes if n.target is offload.reload}
@@ -348,12 +347,14 @@ class _StageBuilder:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
 
-    def add(self, node: fx.Node, builders: dict, names: dict[str, str], producer: dict[str, str]) -> None:
-        new = self.graph.node_copy(node, lambda a: self._read(a, builders, names))
+    def add(self, node: fx.Node, producer: dict[str, str]) -> None:
+        """Copy `node` into the stage; record the stage as the producer of its value."""
+        new = self.graph.node_copy(node, self._read)
         self.env[node.name] = new
         producer[node.name] = self.name
 
-    def _read(self, a: fx.Node, builders: dict, names: dict[str, str]) -> fx.Node:
+    def _read(self, a: fx.Node) -> fx.Node:
+        """The stage's node for value `a`: its own, a rebuilt view, a constant or a new input."""
         if a.name in self.env:
             return self.env[a.name]
         info = self.source.info[a.name]
@@ -365,7 +366,7 @@ class _StageBuilder:
         elif a.op == "call_function" and info.is_view and a.target is not operator.getitem \
                 and a.target not in (offload.reload, offload.offload):
             # Rebuild the view here from its base: a view costs nothing, a copy would.
-            new = self.graph.node_copy(a, lambda b: self._read(b, builders, names))
+            new = self.graph.node_copy(a, self._read)
         else:
             val = a.meta.get("val")
             if not isinstance(val, torch.Tensor):

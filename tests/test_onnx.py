@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partition
 from mebp_compiler.targets import driver, load_target
