@@ -20,8 +20,8 @@ from tests.test_partition import as_step_result, assert_held_as_predicted, compi
 ONNX = load_target("onnx")
 
 
-def export(model, batch, policy, directory, weights=True):
-    plan = compile_policy(model, batch, policy)
+def export(model, batch, policy, directory, weights=True, mebp=None):
+    plan = compile_policy(model, batch, policy, mebp)
     part = partition(plan.graph, model="test")
     facts = write_artifacts(part, ONNX, directory, weights=step_weights(model, part) if weights else None,
                             progress=False)
@@ -51,11 +51,10 @@ def test_onnx_driver_matches_autograd(name, policy, tmp_path):
         assert {o.domain: o.version for o in model_proto.opset_import}[""] == ONNX.OPSET
 
 
-def test_train_step_applies_adamw_like_torch(tmp_path):
-    model = lora_model("tiny-llama")
-    batch = random_batch(model.config.vocab_size)
-    export(model, batch, "mebp", tmp_path)
-    run = driver.Driver.open(tmp_path, ONNX)
+def test_train_step_applies_adamw_like_torch(artifacts):
+    directory, batch = artifacts
+    model = lora_model("tiny-llama")  # the model the artifacts were compiled from
+    run = driver.Driver.open(directory, ONNX)
     run.use_optimizer("adamw", lr=1e-2)
     before = {n: a.copy() for n, a in run.lora_arrays().items()}
     for _ in range(2):
@@ -185,11 +184,17 @@ def test_cli_compiles_and_runs_an_onnx_directory(tmp_path, capsys):
     assert (tmp_path / "lora.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def smollm2_mebp(smollm2):
+    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
+    return batch, compile_policy(smollm2, batch, "mebp")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_smollm2_onnx_driver_matches_autograd(smollm2, policy, tmp_path):
-    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
-    plan, part, facts = export(smollm2, batch, policy, tmp_path, weights=False)
+def test_smollm2_onnx_driver_matches_autograd(smollm2, smollm2_mebp, policy, tmp_path):
+    batch, mebp = smollm2_mebp
+    plan, part, facts = export(smollm2, batch, policy, tmp_path, weights=False, mebp=mebp)
     weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
     run = driver.Driver.open(tmp_path, ONNX, weights=weights)
     result = run.step(numpy_batch(batch))
