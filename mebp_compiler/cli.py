@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ examples:
   mebp compile --model smollm2-135m --budget 700MB   # optimal schedule under a hard cap
   mebp plan --model qwen2.5-0.5b --seq-len 256   # predicted memory of a real-size model (meta device)
   mebp compare                                # backprop (mebp, optimal) vs. MeZO on SmolLM2-135M (README)
+  mebp compile --model smollm2-135m --target onnx -o out/   # per-stage training graphs + manifest
+  mebp run out/ --steps 10                    # train with those artifacts here
 """
 
 
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_compile(sub)
     _add_plan(sub)
     _add_compare(sub)
+    _add_run(sub)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.command is None:
@@ -120,14 +124,27 @@ def _add_train(sub) -> None:
 
 
 def _add_compile(sub) -> None:
+    from mebp_compiler.targets import TARGETS
+
+    targets = "\n".join(textwrap.fill(text, 88, initial_indent=f"  {name:<8}", subsequent_indent=" " * 10)
+                         for name, (_, text) in TARGETS.items())
     p = sub.add_parser(
         "compile", help="schedule a training step under a memory budget and save the schedule",
         description="Capture one training step, schedule it (by default: optimal under --budget) "
-                    "and write the schedule (JSON) and its predicted memory to --out.",
+                    "and write the schedule (JSON) and its predicted memory to --out. With --target, "
+                    "also cut the scheduled step into stages (embedding, each block's forward and "
+                    "backward, head and loss) and write one artifact per distinct stage, the manifest "
+                    "(manifest.json: stage order, inputs and outputs, checkpoints, predicted peak) "
+                    "and the weights (weights.safetensors); `mebp run DIR` executes it.",
+        epilog=f"targets:\n{targets}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(p)
     p.add_argument("--seed", type=int, default=0, help="random-weight seed (default: %(default)s)")
     p.add_argument("-o", "--out", default=None, help="output directory (default: runs/compile-MODEL)")
+    p.add_argument("--target", default=None, choices=tuple(TARGETS),
+                   help="write per-stage training graphs for this runtime (see 'targets' below); "
+                        "loads the real weights instead of planning on the meta device")
     p.set_defaults(run=_run_compile)
 
 
@@ -139,8 +156,9 @@ def _run_compile(args) -> int:
 
     out = Path(args.out or f"runs/compile-{args.model}")
     out.mkdir(parents=True, exist_ok=True)
-    model = _load_lora_model(args, device="meta")  # scheduling needs shapes, not weights
-    ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device="meta")
+    device = "cpu" if args.target else "meta"  # scheduling alone needs shapes, not weights
+    model = _load_lora_model(args, device=device)
+    ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device=device)
     _say(f"capturing and scheduling (policy {_policy(args)}) ...")
     start = time.perf_counter()
     plan = _compile(model, {"input_ids": ids, "labels": ids}, args)
@@ -156,6 +174,86 @@ def _run_compile(args) -> int:
     _say(f"scheduled in {time.perf_counter() - start:.1f} s: predicted peak {format_bytes(plan.predicted_peak_bytes)}, "
          f"predicted step {cost.total_s:.3f} s on {args.device} ({cost.extra_s:.3f} s of recompute and I/O)")
     _say(f"wrote {out / 'schedule.json'} and {out / 'memory.json'}")
+    if args.target:
+        _write_target(plan, model, args, out)
+    return 0
+
+
+def _write_target(plan, model, args, out: Path) -> None:
+    from mebp_compiler.ir import format_bytes
+    from mebp_compiler.passes.partition import partition
+    from mebp_compiler.targets import load_target
+    from mebp_compiler.targets.artifacts import step_weights, write_artifacts
+
+    if args.int4:
+        raise ValueError("--int4 is not supported with --target yet: the INT4 dequantize op has no "
+                         "exporter; compile without --int4")
+    target = load_target(args.target)
+    _say("partitioning into stages ...")
+    part = partition(plan.graph, model=args.model, target=args.target)
+    manifest = part.manifest
+    _say(f"{len(manifest.stages)} stages, {len(manifest.unique_artifacts())} distinct; exporting to {args.target} ...")
+    start = time.perf_counter()
+    facts = write_artifacts(part, target, out, weights=step_weights(model, part))
+    total = sum(f["bytes"] for f in facts.values())
+    _say(f"wrote {len(facts)} {args.target} artifacts ({format_bytes(total)}) in {time.perf_counter() - start:.1f} s, "
+         f"{out / 'manifest.json'} and {out / 'weights.safetensors'}; staged peak "
+         f"{format_bytes(manifest.predicted_peak_bytes)} (op-by-op plan {format_bytes(manifest.plan_peak_bytes)})")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="train with an artifact directory written by `mebp compile --target`",
+        description="Execute the stages of an artifact directory here, as its manifest says (keep, "
+                    "free, write to and read from memory-mapped files), for --steps steps on real "
+                    "text, applying the LoRA update after each. Everything is checked against the "
+                    "manifest before any compute.",
+    )
+    p.add_argument("directory", help="artifact directory (manifest.json, stage files, weights.safetensors)")
+    p.add_argument("--steps", type=int, default=10, help="training steps (default: %(default)s)")
+    p.add_argument("--data", default="pydoc", help="'pydoc' or a .txt / .jsonl file (default: %(default)s)")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=BACKPROP_LR, help="learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed (default: %(default)s)")
+    p.add_argument("--offload-dir", default=None, help="directory for offloaded tensors (default: a temporary one)")
+    p.add_argument("--out", default=None, help="write the trained LoRA parameters here (safetensors)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_artifacts)
+
+
+def _run_artifacts(args) -> int:
+    from safetensors.numpy import save_file
+    from tqdm.auto import tqdm
+
+    from mebp_compiler import data, models
+    from mebp_compiler.ir import format_bytes
+    from mebp_compiler.targets import load_target
+    from mebp_compiler.targets.driver import Driver, load_manifest
+
+    manifest = load_manifest(args.directory)
+    _say(f"checking {args.directory} ({manifest.target}, {len(manifest.stages)} stages) ...")
+    driver = Driver.open(args.directory, load_target(manifest.target), offload_dir=args.offload_dir)
+    driver.use_optimizer(args.optimizer, args.lr)
+    batch_size, seq_len = manifest.batch_shape
+    tokenizer = models.load_tokenizer(manifest.model) if manifest.model == "smollm2-135m" else data.ByteTokenizer()
+    blocks = data.token_blocks(tokenizer, data.load_text(None if args.data == "pydoc" else args.data), seq_len)
+    batches = data.batches(blocks, batch_size, seed=args.seed)
+    losses, peaks = [], []
+    bar = tqdm(range(args.steps), desc=f"run {manifest.target}", unit="step", disable=args.no_progress,
+               dynamic_ncols=True)
+    for _ in bar:
+        batch = next(batches)
+        result = driver.train_step({k: v.numpy() for k, v in batch.items()})
+        losses.append(result.loss)
+        peaks.append(result.staged_peak_bytes)
+        bar.set_postfix(loss=f"{result.loss:.3f}", held=format_bytes(result.held_peak_bytes))
+    _say(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; driver held peak {format_bytes(result.held_peak_bytes)}, "
+         f"with the stages' own tensors {format_bytes(max(peaks))} (manifest predicts "
+         f"{format_bytes(manifest.predicted_peak_bytes)})")
+    if args.out:
+        save_file({k: a.copy() for k, a in driver.lora_arrays().items()}, args.out)
+        _say(f"wrote {args.out}")
     return 0
 
 

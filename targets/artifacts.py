@@ -1,0 +1,61 @@
+"""Write a partitioned plan as an artifact directory: one file per distinct stage, the
+manifest, and (optionally) the weights."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from tqdm.auto import tqdm
+
+from mebp_compiler.passes.partition import Partition
+from mebp_compiler.targets.driver import WEIGHTS_FILE, save_weights
+
+
+def write_artifacts(partition: Partition, target: ModuleType, directory: str | Path, *,
+                    weights: Mapping[str, torch.Tensor] | None = None, progress: bool = True) -> dict:
+    """Export every distinct stage once with `target`, then write the manifest (last, so a
+    directory with a manifest is complete) and, if given, the weights (source name -> tensor).
+
+    Returns export facts: seconds per artifact and its size in bytes.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = partition.manifest
+    manifest.target = getattr(target, "NAME", target.__name__.rsplit(".", 1)[-1])
+    written: dict[str, str] = {}
+    facts: dict[str, dict] = {}
+    unique = partition.unique_stages()
+    for signature, stage in tqdm(unique.items(), desc=f"export {manifest.target}", unit="stage",
+                                 disable=not progress, dynamic_ncols=True):
+        start = time.perf_counter()
+        path = target.export_stage(stage.module, stage.example_inputs(manifest.values),
+                                   directory / stage.spec.artifact)
+        relative = path.relative_to(directory).as_posix()
+        written[signature] = relative
+        facts[relative] = {"export_s": time.perf_counter() - start, "bytes": _size(path),
+                           "stages": sum(s.spec.signature == signature for s in partition.stages)}
+    for stage in partition.stages:
+        stage.spec.artifact = written[stage.spec.signature]
+    if weights is not None:
+        save_weights(directory, weights)
+        manifest.weights_file = WEIGHTS_FILE
+    manifest.save(directory)
+    return facts
+
+
+def step_weights(model: torch.nn.Module, partition: Partition) -> dict[str, torch.Tensor]:
+    """The model's frozen weights and LoRA parameters the manifest's stages read, by source name."""
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
+    return {v.source: state[v.source] for v in partition.manifest.values.values()
+            if v.kind in ("frozen", "lora") and not v.reload_of}
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -1,0 +1,207 @@
+"""The ONNX target: per-stage .onnx files run by the manifest driver equal autograd, and a
+directory that does not match its manifest fails before any compute."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partition
+from mebp_compiler.targets import driver, load_target
+from mebp_compiler.targets.artifacts import step_weights, write_artifacts
+from mebp_compiler.train import make_optimizer
+from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
+from tests.test_partition import as_step_result, assert_held_as_predicted, compile_policy
+
+ONNX = load_target("onnx")
+
+
+def export(model, batch, policy, directory, weights=True, mebp=None):
+    plan = compile_policy(model, batch, policy, mebp)
+    part = partition(plan.graph, model="test")
+    facts = write_artifacts(part, ONNX, directory, weights=step_weights(model, part) if weights else None,
+                            progress=False)
+    return plan, part, facts
+
+
+def numpy_batch(batch):
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_onnx_driver_matches_autograd(name, policy, tmp_path):
+    model = lora_model(name)
+    batch = random_batch(model.config.vocab_size)
+    plan, part, facts = export(model, batch, policy, tmp_path / "artifacts")
+    run = driver.Driver.open(tmp_path / "artifacts", ONNX, offload_dir=str(tmp_path / "flash"))
+    result = run.step(numpy_batch(batch))
+    assert_matches_autograd(as_step_result(result), autograd_reference(model, batch))
+    assert_held_as_predicted(part, plan, result)
+    assert result.flash_bytes_written > 0 and result.flash_bytes_read == result.flash_bytes_written
+    files = sorted(p.name for p in (tmp_path / "artifacts").glob("*.onnx"))
+    assert files == sorted(facts) == sorted(part.manifest.unique_artifacts())
+    for path in (tmp_path / "artifacts").glob("*.onnx"):
+        model_proto = onnx.load(str(path))
+        onnx.checker.check_model(model_proto)
+        assert {o.domain: o.version for o in model_proto.opset_import}[""] == ONNX.OPSET
+
+
+def test_train_step_applies_adamw_like_torch(artifacts):
+    directory, batch = artifacts
+    model = lora_model("tiny-llama")  # the model the artifacts were compiled from
+    run = driver.Driver.open(directory, ONNX)
+    run.use_optimizer("adamw", lr=1e-2)
+    before = {n: a.copy() for n, a in run.lora_arrays().items()}
+    for _ in range(2):
+        run.train_step(numpy_batch(batch))
+    # The same two AdamW steps in torch on autograd's gradients.
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(lora.values(), "adamw", 1e-2)
+    for _ in range(2):
+        _, grads = autograd_reference(model, batch)
+        for n, p in lora.items():
+            p.grad = grads[n]
+        optimizer.step()
+    after = run.lora_arrays()
+    worst = max(np.abs(after[n] - p.detach().numpy()).max() for n, p in lora.items())
+    assert worst < 1e-5, worst
+    assert all(not np.array_equal(after[n], before[n]) for n in lora)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    directory = tmp_path_factory.mktemp("artifacts")
+    export(model, batch, "mebp", directory)
+    return directory, batch
+
+
+def broken_copy(artifacts, tmp_path, edit):
+    directory, batch = artifacts
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    data = json.loads((copy / MANIFEST_FILE).read_text())
+    edit(copy, data)
+    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    return copy
+
+
+class CountingTarget:
+    """The ONNX target, counting the stage calls: a refused directory must run none."""
+
+    def __init__(self):
+        self.calls = 0
+        self.describe_stage = ONNX.describe_stage
+
+    def load_stage(self, path):
+        fn = ONNX.load_stage(path)
+
+        def run(inputs):
+            self.calls += 1
+            return fn(inputs)
+        return run
+
+
+def test_a_missing_artifact(artifacts, tmp_path):
+    def edit(copy, data):
+        (copy / data["stages"][1]["artifact"]).unlink()
+    target = CountingTarget()
+    with pytest.raises(ManifestError, match="block0.forward: artifact .*block_forward-.*onnx is missing"):
+        driver.Driver.open(broken_copy(artifacts, tmp_path, edit), target)
+    assert target.calls == 0
+
+
+def test_a_manifest_of_another_version(artifacts, tmp_path):
+    def edit(copy, data):
+        data["format_version"] = 2
+    with pytest.raises(ManifestError, match="format version 2 is not 1"):
+        driver.Driver.open(broken_copy(artifacts, tmp_path, edit), ONNX)
+
+
+def test_a_value_of_another_shape_than_the_artifact(artifacts, tmp_path):
+    def edit(copy, data):
+        hidden = data["stages"][1]["inputs"][0]
+        value = next(v for v in data["values"] if v["name"] == hidden)
+        value["shape"] = [value["shape"][0], value["shape"][1] + 1, *value["shape"][2:]]
+    with pytest.raises(ManifestError, match=r"embed.forward: output 0 \(embedding\) of embed_forward-.*onnx is "
+                                            r"float32\[2, 24, 64\], the manifest says float32\[2, 25, 64\]"):
+        driver.Driver.open(broken_copy(artifacts, tmp_path, edit), ONNX)
+
+
+def test_an_artifact_with_other_outputs(artifacts, tmp_path):
+    def edit(copy, data):
+        data["stages"][1]["outputs"] = data["stages"][1]["outputs"] * 2
+        data["stages"][2]["outputs"] = data["stages"][2]["outputs"] * 2
+    with pytest.raises(ManifestError, match="block0.forward: .* has 1 outputs, the manifest lists 2"):
+        driver.Driver.open(broken_copy(artifacts, tmp_path, edit), ONNX)
+
+
+def test_weights_of_another_shape(artifacts, tmp_path):
+    directory, batch = artifacts
+    target = CountingTarget()
+    weights = dict(driver.load_weights(directory, driver.load_manifest(directory)))
+    name = next(k for k in weights if "q_proj.base_layer" in k)
+    weights[name] = np.zeros((3, 3), dtype=np.float32)
+    with pytest.raises(ManifestError, match=f"frozen input '{name}' is float32\\[3, 3\\], the manifest says"):
+        driver.Driver.open(directory, target, weights=weights)
+    assert target.calls == 0
+
+
+def test_a_batch_of_another_shape(artifacts):
+    directory, batch = artifacts
+    target = CountingTarget()
+    run = driver.Driver.open(directory, target)
+    short = {k: v[:, :10].numpy() for k, v in batch.items()}
+    with pytest.raises(ManifestError, match=r"batch input 'input_ids' is int64\[2, 10\].*compile again"):
+        run.step(short)
+    assert target.calls == 0
+    run.step(numpy_batch(batch))
+    assert target.calls == len(run.manifest.stages)
+
+
+def test_a_directory_without_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="has no manifest.json"):
+        driver.Driver.open(tmp_path, ONNX)
+
+
+def test_cli_compiles_and_runs_an_onnx_directory(tmp_path, capsys):
+    from mebp_compiler.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",
+                 "--target", "onnx", "-o", str(out)]) == 0
+    manifest = driver.load_manifest(out)
+    assert manifest.target == "onnx" and manifest.model == "tiny-qwen2"
+    assert (out / "weights.safetensors").is_file() and (out / "schedule.json").is_file()
+    assert main(["run", str(out), "--steps", "2", "--no-progress", "--out", str(tmp_path / "lora.safetensors")]) == 0
+    assert "manifest predicts" in capsys.readouterr().err
+    assert (tmp_path / "lora.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def smollm2_mebp(smollm2):
+    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
+    return batch, compile_policy(smollm2, batch, "mebp")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_smollm2_onnx_driver_matches_autograd(smollm2, smollm2_mebp, policy, tmp_path):
+    batch, mebp = smollm2_mebp
+    plan, part, facts = export(smollm2, batch, policy, tmp_path, weights=False, mebp=mebp)
+    weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
+    run = driver.Driver.open(tmp_path, ONNX, weights=weights)
+    result = run.step(numpy_batch(batch))
+    assert_matches_autograd(as_step_result(result), autograd_reference(smollm2, batch))
+    assert_held_as_predicted(part, plan, result)
+    assert result.flash_bytes_written > 0
+    # 63 stages, a handful of files: the 30 blocks share their artifacts.
+    assert len(part.manifest.stages) == 63
+    assert len(list(tmp_path.glob("*.onnx"))) == len(facts) <= 12
+    assert max(f["stages"] for f in facts.values()) >= 15

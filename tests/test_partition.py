@@ -1,0 +1,162 @@
+"""The partition pass: stages run in torch by the manifest equal autograd; blocks share artifacts.
+
+Running every stage's fx graph in torch, in the manifest's order, with the manifest's
+keeps, frees, offloads and reloads, is the reference every target (ONNX, MLX, CoreML)
+must equal.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import mebp_compiler
+from mebp_compiler import models
+from mebp_compiler.capture import capture
+from mebp_compiler.offload import OffloadStore
+from mebp_compiler.passes.partition import Manifest, ManifestError, partition
+from mebp_compiler.device import DeviceProfile
+from mebp_compiler.passes.liveness import liveness
+from mebp_compiler.passes.policies import mebp_schedule, optimal_schedule
+from mebp_compiler.passes.rewrite import rewrite
+from mebp_compiler.plan import optimizer_state_bytes
+from mebp_compiler.targets import driver
+from mebp_compiler.targets.artifacts import step_weights
+from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
+
+#: The staged peak (bytes the driver holds when a stage starts + the stage's own op-by-op
+#: peak) may exceed the plan's op-by-op peak: a stage's inputs stay held until it returns.
+STAGED_PEAK_TOLERANCE = 0.05
+
+
+def compile_policy(model, batch, policy: str, mebp=None):
+    """`mebp` with disk checkpoints, or `optimal` (offload on) at mebp's budget: something
+    with the scheduled `graph` and its `predicted_peak_bytes`. The optimal schedule reuses
+    the mebp plan's capture (given or compiled here)."""
+    mebp = mebp or mebp_compiler.compile(model, batch, "mebp", checkpoints="disk")
+    if policy == "mebp":
+        return mebp
+    budget = mebp.predicted_peak_bytes + optimizer_state_bytes(model, "adamw")
+    schedule = optimal_schedule(mebp.captured, budget, DeviceProfile.load("iphone15promax"), time_limit_s=5,
+                                reserved_bytes=optimizer_state_bytes(model, "adamw"))
+    graph = rewrite(mebp.captured, schedule)
+    return types.SimpleNamespace(graph=graph, schedule=schedule, predicted_peak_bytes=liveness(graph).peak_bytes)
+
+
+def step_arrays(model, part, batch) -> dict[str, np.ndarray]:
+    arrays = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
+    arrays.update({k: v.numpy() for k, v in batch.items()})
+    return arrays
+
+
+def as_step_result(result: driver.DriverResult):
+    return types.SimpleNamespace(loss=torch.tensor(result.loss),
+                                 grads={k: torch.from_numpy(np.asarray(v)) for k, v in result.grads.items()})
+
+
+def assert_held_as_predicted(part, plan, result: driver.DriverResult) -> None:
+    """Measured held bytes equal the manifest's per stage; the staged peak is the plan's within tolerance."""
+    manifest = part.manifest
+    assert result.held_before_bytes == [s.held_before_bytes for s in manifest.stages]
+    assert result.staged_peak_bytes == manifest.predicted_peak_bytes
+    assert manifest.plan_peak_bytes == plan.predicted_peak_bytes
+    ratio = result.staged_peak_bytes / plan.predicted_peak_bytes
+    assert 1 <= ratio <= 1 + STAGED_PEAK_TOLERANCE, f"staged peak {ratio:.4f} x the plan's"
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_stages_run_in_torch_match_autograd(name, policy):
+    model = lora_model(name)
+    batch = random_batch(model.config.vocab_size)
+    plan = compile_policy(model, batch, policy)
+    part = partition(plan.graph, model=name)
+    store = OffloadStore()
+    result = driver.run_stages(part.manifest, driver.torch_stage_fns(part), step_arrays(model, part, batch), store)
+    assert_matches_autograd(as_step_result(result), autograd_reference(model, batch))
+    assert_held_as_predicted(part, plan, result)
+    assert result.flash_bytes_written > 0 and result.flash_bytes_read == result.flash_bytes_written
+    offloaded = [v for v in part.manifest.values.values() if v.offload]
+    assert offloaded and all(any(r.reload_of == v.name for r in part.manifest.values.values()) for v in offloaded)
+
+
+def test_stage_order_and_kinds():
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    part = partition(compile_policy(model, batch, "mebp").graph)
+    names = [s.name for s in part.manifest.stages]
+    assert names == ["embed.forward", "block0.forward", "block1.forward", "head.forward",
+                     "head.backward", "block1.backward", "block0.backward"]
+    for stage in part.stages:
+        outputs = stage.module.graph.output_node().args[0]
+        assert isinstance(outputs, tuple) and len(outputs) == len(stage.spec.outputs)
+        assert [n.name for n in stage.module.graph.nodes if n.op == "placeholder"] == stage.spec.inputs
+    block1 = part.manifest.stages[2]
+    assert all(".layers.1." in w for w in block1.reads_frozen) and block1.reads_frozen
+    # Each block's backward recomputes the block (MeBP) and reads its input back from flash.
+    backward = part.manifest.stages[5]
+    assert any(part.manifest.values[v].reload_of for v in backward.inputs)
+    assert any(n.name.endswith("_recompute") for n in part.stages[5].module.graph.nodes)
+    grads = {v for s in part.manifest.stages for v in s.outputs if part.manifest.values[v].kind == "gradient"}
+    assert set(part.manifest.grads.values()) <= grads
+
+
+def test_chunked_head_stages_match_autograd():
+    model = lora_model("tiny-qwen2")
+    batch = random_batch(model.config.vocab_size, seq=30)
+    plan = mebp_compiler.compile(model, batch, "mebp", head_chunks=3)
+    part = partition(plan.graph)
+    result = driver.run_stages(part.manifest, driver.torch_stage_fns(part), step_arrays(model, part, batch),
+                               OffloadStore())
+    assert_matches_autograd(as_step_result(result), autograd_reference(model, batch))
+    assert_held_as_predicted(part, plan, result)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_identical_blocks_share_one_artifact(name):
+    """A 4-block model: one forward artifact for all blocks and one backward artifact for
+    blocks 1-3 (block 0's backward needs no input gradient: the embedding is frozen).
+    Gemma-3 alternates sliding-window and global layers, but their masks and rotary
+    tables are stage inputs, so its blocks share too."""
+    config = models.config(name)
+    config.num_hidden_layers = 4
+    if getattr(config, "layer_types", None):  # tiny-gemma3: sliding, global, sliding, global
+        config.layer_types = config.layer_types[:2] * 2
+    torch.manual_seed(0)
+    model = models.add_lora(AutoModelForCausalLM.from_config(config).train())
+    batch = random_batch(config.vocab_size, seq=16)
+    graph = capture(model, batch)
+    part = partition(rewrite(graph, mebp_schedule(graph, "disk")))
+    stages = part.manifest.stages
+    forward = {s.artifact for s in stages if s.kind == "block_forward"}
+    backward = {s.artifact for s in stages if s.kind == "block_backward" and s.block > 0}
+    assert sum(s.kind == "block_forward" for s in stages) == 4 and len(forward) == 1
+    assert len(backward) == 1
+    assert len(part.unique_stages()) == len(part.manifest.unique_artifacts()) == 6
+    # Different layers bind different weights to the one artifact.
+    block2, block3 = (s for s in stages if s.kind == "block_forward" and s.block in (2, 3))
+    assert set(block2.reads_frozen).isdisjoint(block3.reads_frozen)
+    assert [part.manifest.values[v].shape for v in block2.inputs] == \
+        [part.manifest.values[v].shape for v in block3.inputs]
+
+
+def test_manifest_round_trips_and_refuses_other_versions(tmp_path):
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    part = partition(compile_policy(model, batch, "mebp").graph)
+    part.manifest.save(tmp_path)
+    loaded = driver.load_manifest(tmp_path)
+    assert loaded.to_json() == part.manifest.to_json()
+    data = part.manifest.to_json()
+    with pytest.raises(ManifestError, match="format version 99 is not 1.*compile the artifacts again"):
+        Manifest.from_json({**data, "format_version": 99})
+    broken = {**data, "stages": [{**data["stages"][1], "inputs": ["no_such_value"]}, *data["stages"][2:]]}
+    with pytest.raises(ManifestError, match="block0.forward names values \\['no_such_value'\\]"):
+        Manifest.from_json(broken)
+    out_of_order = {**data, "stages": data["stages"][1:]}
+    with pytest.raises(ManifestError, match="block0.forward reads .* before any stage produces them"):
+        Manifest.from_json(out_of_order)
