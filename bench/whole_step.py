@@ -282,7 +282,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (batch is 1)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank, alpha = 2r (default 8, MeSP's)")
     parser.add_argument("--group-size", type=int, default=64, help="INT4 group size (default 64, MeSP's)")
-    parser.add_argument("--vocab-slices", type=int, default=16, help="LM head + loss vocabulary slices")
+    parser.add_argument("--vocab-slices", type=int, default=64, help="LM head + loss vocabulary slices (default 64)")
     parser.add_argument("--budgets", default="least", help="comma-separated budgets for optimal plans ('least' or sizes)")
     parser.add_argument("--device", default="iphone15promax", help="device profile for the optimal plans")
     parser.add_argument("--time-limit", type=float, default=20.0, help="solver seconds per solve")

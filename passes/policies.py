@@ -99,8 +99,10 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
             runs += 1
         run_of[node.name] = runs
     restore: dict[int, list[fx.Node]] = defaultdict(list)
+    by_name = {n.name: n for n in nodes}
+    dequantized = {n.name for n in nodes if info[n.name].role == Role.DEQUANTIZED}
     for node in nodes:
-        if decisions.get(node.name) == Decision.RECOMPUTE and info[node.name].role == Role.DEQUANTIZED:
+        if decisions.get(node.name) == Decision.RECOMPUTE and _storage_root(node, info).name in dequantized:
             continue  # decompressed just in time, see below
         if decisions.get(node.name) in (Decision.RECOMPUTE, Decision.OFFLOAD):
             first = _first_backward_use(node, info, run_of)
@@ -112,17 +114,26 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
     for node in backward:
         if run_of[node.name] != previous_run:
             previous_run = run_of[node.name]
+            restore_start = len(sequence)
             for member in restore[previous_run]:
                 _bring_back(member, info, decisions, ready, sequence, position)
             # A weight decompressed to recompute the segment's activations is dropped after
-            # that, and decompressed again right before the backward op that reads it.
-            ready -= {name for name in ready if decisions.get(name) == Decision.RECOMPUTE
-                      and info[name].role == Role.DEQUANTIZED}
+            # that (with its views), and decompressed again right before the backward op
+            # that reads it.
+            ready -= {step.tensor for step in sequence[restore_start:] if step.kind == StepKind.RECOMPUTE
+                      and _storage_root(by_name[step.tensor], info).name in dequantized}
         for arg in node.all_input_nodes:
             _bring_back(arg, info, decisions, ready, sequence, position)
         sequence.append(Step(StepKind.COMPUTE, node.name))
         ready.add(node.name)
     return sequence
+
+
+def _storage_root(node: fx.Node, info) -> fx.Node:
+    """The node that allocated the storage `node`'s value refers to (itself unless it is a view)."""
+    while info[node.name].is_view and node.all_input_nodes:
+        node = node.all_input_nodes[info[node.name].output_alias[0]]
+    return node
 
 
 def _first_backward_use(node: fx.Node, info, run_of: dict[str, int]) -> int | None:
