@@ -166,4 +166,6 @@ def test_weight_residency_is_a_costed_scheduling_decision():
     least = least_feasible_budget(captured, device, offload=False) + reserved
     tight = mebp_compiler.compile(model, batch, "optimal", budget=least, **options)
     assert any(tight.schedule.decisions.get(n) == Decision.RECOMPUTE for n in resident)
-    assert_matches_autograd(tight.step(batch), autograd_reference(dequantized_copy(model, tight), batch))
+    result = tight.step(batch)
+    assert_matches_autograd(result, autograd_reference(dequantized_copy(model, tight), batch))
+    assert result.held_peak_bytes == tight.predicted_peak_bytes <= least - reserved

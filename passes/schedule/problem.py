@@ -12,6 +12,9 @@ execution order (graph inputs, then forward ops, then backward ops). Node attrib
   together (e.g. one transformer block's backward); recomputations and reloads for a
   segment are modelled as happening at its start.
 - `output` (bool, default False): held until the end of the step (loss, gradients).
+- `just_in_time` (bool, default False): if recomputed, the tensor is rebuilt right before
+  its first backward use rather than at the start of that segment (a decompressed
+  weight); in a restore phase it lives only as long as the recomputations that read it.
 
 An edge u -> v means v reads u. The realisation the model describes is the one
 `passes.policies.sequence_from_decisions` emits: the forward as traced, the backward as
@@ -155,22 +158,28 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
     # A transient is needed only to recompute other tensors of its own segment: it lives
     # inside that segment's restore phase and is modelled step by step there.
     transient = {v for v in decidable if v not in saved and last_use[v] == group[v]}
+    # When a recomputed tensor is held for the backward: from its segment's restore, or
+    # (just in time) from its first backward use; in restore phases the latter are transient.
+    just_in_time = {v for v in decidable if dag.nodes[v].get("just_in_time", False) and bwd_users(v)}
+    materialized_from = {v: min(position[u] for u in bwd_users(v)) if v in just_in_time else group[v]
+                         for v in decidable}
 
     # Checkpoints: one per interval over which the set of decision terms does not change;
     # within an interval only the largest fixed part matters.
     kept_from = {v: last_forward[v] + 1 for v in decidable}
     events = sorted({kept_from[v] for v in decidable} | {last_use[v] + 1 for v in decidable}
-                    | {group[v] for v in decidable} | {0, len(forward)} | set(restore_of_run))
+                    | {materialized_from[v] for v in decidable} | {0, len(forward)} | set(restore_of_run))
     events = [e for e in events if e < end]
     intervals = []
     for i, start in enumerate(events):
         stop = events[i + 1] if i + 1 < len(events) else end
         peak = max(range(start, stop), key=fixed.__getitem__)
         kept = [v for v in decidable if kept_from[v] <= start <= last_use[v]]
-        materialized = [v for v in decidable if group[v] <= start <= last_use[v] and v not in transient]
+        materialized = [v for v in decidable if materialized_from[v] <= start <= last_use[v] and v not in transient]
         intervals.append(Checkpoint(peak, fixed[peak], kept, materialized))
     checkpoints = _drop_dominated(intervals) + _restore_phases(decidable, group, last_use, kept_from,
-                                                               transient, fwd_users, fixed)
+                                                               transient | just_in_time, materialized_from,
+                                                               fwd_users, fixed)
     needs = {v: [w for w in dag.predecessors(v) if w in group] for v in decidable}
     return SchedulingProblem(
         size={v: size[v] for v in decidable},
@@ -186,7 +195,8 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
     )
 
 
-def _restore_phases(decidable, group, last_use, kept_from, transient, fwd_users, fixed) -> list[Checkpoint]:
+def _restore_phases(decidable, group, last_use, kept_from, transient, materialized_from, fwd_users,
+                    fixed) -> list[Checkpoint]:
     """Checkpoints inside each segment's restore phase, recomputing in forward order.
 
     At the i-th recomputation of a segment, what is held is: everything kept, what earlier
@@ -203,7 +213,8 @@ def _restore_phases(decidable, group, last_use, kept_from, transient, fwd_users,
         last_consumer = {v: max([index[u] for u in fwd_users(v) if u in index] + [index[v]]) for v in transient
                          if v in index}
         kept = [v for v in decidable if kept_from[v] <= restore <= last_use[v]]
-        earlier = [v for v in decidable if group[v] < restore <= last_use[v] and v not in transient]
+        earlier = [v for v in decidable if materialized_from[v] < restore <= last_use[v]
+                   and (v not in transient or materialized_from[v] != group[v])]
         dies_after = {last_consumer[v] for v in last_consumer}
         for i, v in enumerate(vs):
             if i not in dies_after and i != len(vs) - 1:
