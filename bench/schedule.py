@@ -35,6 +35,7 @@ from mebp_compiler.passes.policies import (
     scheduling_problem,
 )
 from mebp_compiler.passes.schedule import pareto
+from mebp_compiler.passes.schedule.solver import BudgetInfeasible
 
 
 def evaluate(graph, schedule, device, budget=None) -> dict:
@@ -82,12 +83,22 @@ def main() -> int:
     print(f"(a) optimal at mebp's peak: extra {at_mebp_peak['extra_s']:.4f} s vs {mebp['extra_s']:.4f} s",
           file=sys.stderr)
 
-    least = least_feasible_budget(graph, device, time_limit_s=args.time_limit, problem=problem, offload=offload)
+    try:
+        least = least_feasible_budget(graph, device, time_limit_s=args.time_limit, problem=problem, offload=offload)
+    except RuntimeError as exc:  # no least-memory solution within the limit: sweep down to the inputs
+        print(f"least feasible budget not found ({exc}); sweeping down to the inputs' bytes", file=sys.stderr)
+        least = None
+    floor = least if least is not None else mebp["peak_bytes"] - mebp["peak_activation_bytes"]
     best = at_mebp_peak
-    for k in range(1, args.sweep + 1 if least < mebp["peak_bytes"] else 1):
-        budget = mebp["peak_bytes"] - (mebp["peak_bytes"] - least) * k // args.sweep
-        point = evaluate(graph, optimal_schedule(graph, budget, device, time_limit_s=args.time_limit,
-                                                 problem=problem, offload=offload), device, budget)
+    for k in range(1, args.sweep + 1 if floor < mebp["peak_bytes"] else 1):
+        budget = mebp["peak_bytes"] - (mebp["peak_bytes"] - floor) * k // args.sweep
+        try:
+            schedule = optimal_schedule(graph, budget, device, time_limit_s=args.time_limit,
+                                        problem=problem, offload=offload)
+        except BudgetInfeasible:
+            print(f"    budget {format_bytes(budget)}: infeasible", file=sys.stderr)
+            continue
+        point = evaluate(graph, schedule, device, budget)
         print(f"    budget {format_bytes(budget)}: extra {point['extra_s']:.4f} s, computed peak "
               f"{format_bytes(point['peak_activation_bytes'])}", file=sys.stderr)
         if point["extra_s"] <= mebp["extra_s"] and point["peak_activation_bytes"] < best["peak_activation_bytes"]:
@@ -122,7 +133,7 @@ def main() -> int:
         gap = row["stats"].get("gap")
         table.append(f"| {label} | {format_bytes(row['peak_bytes'])} | {format_bytes(row['peak_activation_bytes'])} "
                      f"| {row['extra_s'] * 1e3:.1f} ms | {'-' if gap is None else f'{gap:.1%}'} |")
-    table += ["", f"Least feasible budget: {format_bytes(least)}.",
+    table += ["", f"Least feasible budget: {'not found in the time limit' if least is None else format_bytes(least)}.",
               f"(a) extra time of optimal at mebp's peak / mebp's: {result['a_extra_time_ratio']:.2f}; "
                   f"(b) computed-tensor peak of optimal at mebp's extra time / mebp's: "
                   f"{result['b_peak_activation_ratio']:.2f}; capture + first solve: {schedule_s:.1f} s "

@@ -52,7 +52,6 @@ from torch._functorch.partitioners import (
     _extract_fwd_bwd_modules,
     _has_tag_is_forward,
     _is_primal,
-    _is_tangent,
     raise_getitems,
     reordering_to_mimic_autograd_engine,
 )
