@@ -93,7 +93,7 @@ def run_plan(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = models.add_lora(models.load(args.model), models.LoraSettings(r=args.lora_r, alpha=2 * args.lora_r))
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids}
+    batch = {"input_ids": ids, "labels": ids.clone()}  # two tensors, as a data loader gives
     options = dict(int4=True, group_size=args.group_size, vocab_slices=args.vocab_slices, fuse_update=True,
                    offload_dir=tempfile.mkdtemp(prefix="mebp-bench-"))
     reserved = optimizer_state_bytes(model, "adamw")
