@@ -39,6 +39,7 @@ bfloat16, so `load_stage` takes and returns float16/float32/int/bool arrays only
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -53,6 +54,7 @@ from mebp_compiler.targets.fx_stage import (
     OpContext,
     StageError,
     ensure_values,
+    output_signature,
     rule_name,
     stage_placeholders,
     translate,
@@ -68,6 +70,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 aten = torch.ops.aten
 SUFFIX = ".mlxfn"
+NAME = "mlx"
+#: Plan options whose stages hold ops this target does not translate yet (vocabulary-sliced
+#: loss: aten.maximum, aten.clamp, ...).
+UNSUPPORTED_OPTIONS = ("vocab_slices",)
 
 _DTYPES = {
     torch.float32: mx.float32,
@@ -102,10 +108,14 @@ def export_stage(stage: fx.GraphModule, example_inputs: list[torch.Tensor], path
         path = path.with_name(path.name + SUFFIX)
     fn = stage_function(stage)
     args = [_to_mx(x) for x in example_inputs]
+    signature = {
+        "inputs": [[list(x.shape), _dtype_name(x.dtype)] for x in example_inputs],
+        "outputs": [[list(s.shape), _dtype_name(s.dtype)] for s in output_signature(stage)],
+    }
     tmp = path.with_name(f".{path.stem}.tmp{SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
-        mx.export_function(str(tmp), fn, *args)
+        mx.export_function(str(tmp), fn, *args, metadata=json.dumps(signature))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -122,6 +132,25 @@ def stage_function(stage: fx.GraphModule) -> Callable[..., tuple[mx.array, ...]]
         return tuple(translate(stage, inputs, RULES, "mlx", _to_mx, _finish))
 
     return run
+
+
+def describe_stage(path: pathlib.Path) -> tuple[list[tuple[list[int], str]], list[tuple[list[int], str]]]:
+    """(inputs, outputs) of an `.mlxfn` stage as ([shape], dtype name) pairs, from the signature
+    `export_stage` stores in the file's metadata (the imported function itself refuses inputs
+    of other shapes or dtypes, but MLX does not expose its signature). Runs nothing."""
+    path = pathlib.Path(path)
+    _, metadata = mx.import_function(str(path), return_metadata=True)
+    try:
+        signature = json.loads(metadata)
+        return ([(list(shape), dtype) for shape, dtype in signature["inputs"]],
+                [(list(shape), dtype) for shape, dtype in signature["outputs"]])
+    except (ValueError, KeyError, TypeError):
+        raise StageError(f"{path.name} has no stage signature in its metadata; export it again with "
+                         "targets.mlx.export_stage") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def load_stage(path: pathlib.Path) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
