@@ -233,6 +233,36 @@ def _reduce(fn: Callable) -> Callable:
     return rule
 
 
+#: Elements summed per block by `_sum`: MLX's CPU float32 sum accumulates sequentially
+#: (measured: 9e-5 relative error over a 49152-wide vocabulary row, against 9e-7 when
+#: summed in blocks of 256), which over a loss's log-softmax costs ~1e-4 of the gradients.
+SUM_BLOCK = 256
+
+
+def _sum(x: mx.array, axis=None, keepdims: bool = False) -> mx.array:
+    """`mx.sum` of a float array summed in blocks of `SUM_BLOCK` (two-level, pairwise-like), so
+    its rounding error grows with the number of blocks, not of elements. Exact for ints."""
+    axes = list(range(x.ndim)) if axis is None else [a % x.ndim for a in ([axis] if isinstance(axis, int) else axis)]
+    count = math.prod(x.shape[a] for a in axes)
+    if not mx.issubdtype(x.dtype, mx.floating) or count <= SUM_BLOCK:
+        return mx.sum(x, axis=axes, keepdims=keepdims)
+    kept = [a for a in range(x.ndim) if a not in axes]
+    flat = mx.transpose(x, kept + axes).reshape(*[x.shape[a] for a in kept], count)
+    blocks = -(-count // SUM_BLOCK)
+    if blocks * SUM_BLOCK != count:
+        flat = mx.pad(flat, [(0, 0)] * len(kept) + [(0, blocks * SUM_BLOCK - count)])
+    partial = mx.sum(flat.reshape(*flat.shape[:-1], blocks, SUM_BLOCK), axis=-1)
+    total = _sum(partial, axis=-1)
+    if keepdims:
+        total = total.reshape([1 if a in axes else x.shape[a] for a in range(x.ndim)])
+    return total
+
+
+def _mean(x: mx.array, axis=None, keepdims: bool = False) -> mx.array:
+    axes = list(range(x.ndim)) if axis is None else ([axis] if isinstance(axis, int) else axis)
+    return _sum(x, axis=axes, keepdims=keepdims) / math.prod(x.shape[a] for a in axes)
+
+
 def _full(ctx: OpContext, value) -> mx.array:
     return mx.full(ctx.shape, value, dtype=mx_dtype(ctx.dtype))
 
@@ -273,15 +303,16 @@ def _t(ctx, input, **_):
 
 
 def _log_softmax(ctx, input, dim, half_to_float=False, **_):
-    return input - mx.logsumexp(input, axis=dim, keepdims=True)
+    shifted = input - mx.max(input, axis=dim, keepdims=True)
+    return shifted - mx.log(_sum(mx.exp(shifted), axis=dim, keepdims=True))
 
 
 def _softmax_backward(ctx, grad_output, output, dim, input_dtype, **_):
-    return output * (grad_output - mx.sum(grad_output * output, axis=dim, keepdims=True))
+    return output * (grad_output - _sum(grad_output * output, axis=dim, keepdims=True))
 
 
 def _log_softmax_backward(ctx, grad_output, output, dim, input_dtype, **_):
-    return grad_output - mx.exp(output) * mx.sum(grad_output, axis=dim, keepdims=True)
+    return grad_output - mx.exp(output) * _sum(grad_output, axis=dim, keepdims=True)
 
 
 def _silu_backward(ctx, grad_output, input, **_):
@@ -330,7 +361,7 @@ def _nll_loss_forward(ctx, input, target, weight, reduction, ignore_index, **_):
     total_weight = mx.sum(keep).astype(input.dtype)
     if reduction == 0:
         return losses, mx.zeros((), dtype=input.dtype)
-    total = mx.sum(losses)
+    total = _sum(losses)
     return (total / total_weight if reduction == 1 else total), total_weight
 
 
@@ -463,9 +494,9 @@ RULES: dict[object, Callable] = {
         mx.logical_not(input) if input.dtype == mx.bool_ else mx.bitwise_invert(input)
     ),
     # reductions
-    aten.sum.default: _reduce(mx.sum),
-    aten.sum.dim_IntList: _reduce(mx.sum),
-    aten.mean.dim: _reduce(mx.mean),
+    aten.sum.default: _reduce(_sum),
+    aten.sum.dim_IntList: _reduce(_sum),
+    aten.mean.dim: _reduce(_mean),
     aten.amax.default: _reduce(mx.max),
     aten.cumsum.default: lambda ctx, input, dim, **_: mx.cumsum(_as(input, ctx.dtype), axis=dim),
     # linear algebra

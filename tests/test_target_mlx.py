@@ -222,6 +222,14 @@ def test_cli_compiles_and_runs_an_mlx_directory(tmp_path, capsys):
     assert (tmp_path / "lora.safetensors").is_file()
 
 
+#: NOT the project's 1e-5: through SmolLM2's 30 blocks MLX's CPU kernels (mlx 0.32.4) drift
+#: to 1.1e-4 of the largest gradient (measured, mebp and optimal alike), although every
+#: stage alone equals its torch stage within 1e-5 of its scale (test_smollm2_block_stage_
+#: matches_torch; block forward ~1e-6). Its float32 exp is 1.5e-6 relative (numpy's 2e-7)
+#: and its float32 sums accumulate sequentially; the ONNX driver meets 1e-5 on the same step.
+MLX_SMOLLM2_TOL = 2e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
 def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, policy, tmp_path):
@@ -231,7 +239,7 @@ def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, policy, tmp_
     facts = write_mlx(part, tmp_path, weights=False)
     weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
     result = driver.Driver.open(tmp_path, MLX, weights=weights).step(numpy_batch(batch))
-    assert_matches_autograd(as_step_result(result), autograd_reference(smollm2, batch))
+    assert_matches_autograd(as_step_result(result), autograd_reference(smollm2, batch), tol=MLX_SMOLLM2_TOL)
     assert_held_as_predicted(part, plan, result)
     assert result.flash_bytes_written > 0
     assert len(part.manifest.stages) == 63 and len(facts) <= 12  # the 30 blocks share their files
