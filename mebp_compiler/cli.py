@@ -218,7 +218,8 @@ def _write_target(plan, model, args, out: Path) -> None:
 def _add_run(sub) -> None:
     p = sub.add_parser(
         "run", help="train with an artifact directory written by `mebp compile --target`",
-        description="Execute the stages of an artifact directory here, as its manifest says (keep, "
+        description="Execute the stages of an ONNX or MLX artifact directory here (a CoreML one is checked, "
+                    "then refused: Core ML predictions need macOS or iOS), as its manifest says (keep, "
                     "free, write to and read from memory-mapped files), for --steps steps on real "
                     "text, applying the LoRA update after each. Everything is checked against the "
                     "manifest before any compute.",
