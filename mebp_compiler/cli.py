@@ -189,8 +189,8 @@ def _write_target(plan, model, args, out: Path) -> None:
     from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 
     if args.int4:
-        raise ValueError("--int4 is not supported with --target yet: the INT4 dequantize op has no "
-                         "exporter; compile without --int4")
+        raise ValueError("--int4 is not supported with --target yet: the partition and its weights file do "
+                         "not carry INT4 weights; compile without --int4")
     target = load_target(args.target)
     _say("partitioning into stages ...")
     part = partition(plan.graph, model=args.model, target=args.target)
