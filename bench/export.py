@@ -1,16 +1,19 @@
 #!/usr/bin/env python
-"""Artifact sizes and export times of the ONNX target, and one checked step, per model.
+"""Artifact sizes and export times of a target (ONNX, MLX, CoreML), and one checked step, per model.
 
     python bench/export.py --model smollm2-135m --model qwen2.5-0.5b [--seq-len 128]
-                           [--policy mebp|optimal] [--out DIR]
+                           [--policy mebp|optimal] [--target onnx|mlx|coreml] [--out DIR]
 
 For each model: load it (real SmolLM2 weights; random weights at the real size for the
 others), add LoRA (r=16, all 7 projections), compile the `mebp` policy with disk
-checkpoints (or `optimal`, offload on, at mebp's peak), partition, and export every distinct stage to ONNX, timing each export.
-Then one step runs from the files with onnxruntime and once with the stages' fx graphs
-in torch, and the two losses and gradients are compared (the tests compare both with
-autograd). Weights are not written (they are the model's own size, reported apart).
-Results go to DIR/export-MODEL-POLICY.json and a Markdown row is printed.
+checkpoints (or `optimal`, offload on, at mebp's peak), partition, and export every distinct stage with the target, timing each export.
+Then one step runs from the files (onnxruntime, or mlx[cpu]) and once with the stages' fx
+graphs in torch, and the two losses and gradients are compared (the tests compare both
+with autograd); CoreML, which cannot run here, gets `coreml.verify_artifacts` instead
+(every package's MIL value inference against its torch stage, on the step's real values)
+and the last column is the worst error relative to max(1, output scale). Weights are not
+written (they are the model's own size, reported apart). Results go to
+DIR/export-MODEL-POLICY[-TARGET].json and a Markdown row is printed.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from mebp_compiler.targets import driver, load_target  # noqa: E402
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts  # noqa: E402
 
 
-def bench(name: str, seq_len: int, policy: str, out: pathlib.Path) -> dict:
+def bench(name: str, seq_len: int, policy: str, out: pathlib.Path, target_name: str = "onnx") -> dict:
     torch.manual_seed(0)
     start = time.perf_counter()
     model = models.add_lora(models.load(name))
@@ -54,36 +57,50 @@ def bench(name: str, seq_len: int, policy: str, out: pathlib.Path) -> dict:
     start = time.perf_counter()
     part = partition(plan.graph, model=name)
     partition_s = time.perf_counter() - start
+    target = load_target(target_name)
+    weights = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
+    numpy_batch = {k: v.numpy() for k, v in batch.items()}
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
-        facts = write_artifacts(part, load_target("onnx"), directory)
+        facts = write_artifacts(part, target, directory)
         export_s = time.perf_counter() - start
-        weights = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
-        run = driver.Driver.open(directory, load_target("onnx"), weights=weights)
-        numpy_batch = {k: v.numpy() for k, v in batch.items()}
         start = time.perf_counter()
-        onnx_result = run.step(numpy_batch)
-        onnx_step_s = time.perf_counter() - start
+        if hasattr(target, "verify_artifacts"):
+            report = target.verify_artifacts(part, pathlib.Path(directory), {**weights, **numpy_batch})
+            target_result = None
+        else:
+            run = driver.Driver.open(directory, target, weights=weights)
+            target_result = run.step(numpy_batch)
+        target_step_s = time.perf_counter() - start
     start = time.perf_counter()
     torch_result = driver.run_stages(part.manifest, driver.torch_stage_fns(part), {**weights, **numpy_batch},
                                      OffloadStore())
     torch_step_s = time.perf_counter() - start
-    scale = max(float(np.abs(g).max()) for g in torch_result.grads.values())
-    grad_diff = max(float(np.abs(onnx_result.grads[n] - g).max()) for n, g in torch_result.grads.items())
+    if target_result is None:
+        difference = max(a["worst_relative_error"] for a in report["artifacts"].values())
+        loss_diff = None
+    else:
+        scale = max(float(np.abs(g).max()) for g in torch_result.grads.values())
+        difference = max(float(np.abs(target_result.grads[n] - g).max())
+                         for n, g in torch_result.grads.items()) / scale
+        loss_diff = abs(target_result.loss - torch_result.loss)
     per_layer_bytes = sum(facts[s.artifact]["bytes"] for s in part.manifest.stages)
     result = {
-        "model": name, "seq_len": seq_len, "policy": plan.schedule.policy, "opset": load_target("onnx").OPSET,
+        "model": name, "seq_len": seq_len, "policy": plan.schedule.policy, "target": target_name,
         "stages": len(part.manifest.stages), "artifacts": len(facts),
         "artifact_bytes": sum(f["bytes"] for f in facts.values()), "unshared_bytes": per_layer_bytes,
         "weights_bytes": sum(a.nbytes for a in weights.values()),
         "export_s": export_s, "per_artifact": facts,
         "load_s": load_s, "compile_s": compile_s, "partition_s": partition_s,
-        "onnx_step_s": onnx_step_s, "torch_stages_step_s": torch_step_s,
-        "loss_diff": abs(onnx_result.loss - torch_result.loss), "grad_diff_over_scale": grad_diff / scale,
-        "staged_peak_bytes": onnx_result.staged_peak_bytes, "plan_peak_bytes": plan.predicted_peak_bytes,
+        "target_step_or_check_s": target_step_s, "torch_stages_step_s": torch_step_s,
+        "loss_diff": loss_diff, "difference": difference,
+        "difference_is": "worst check error / max(1, output scale)" if target_result is None
+        else "max grad diff / max grad, vs the torch stages", "staged_peak_bytes": torch_result.staged_peak_bytes,
+        "plan_peak_bytes": plan.predicted_peak_bytes,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"export-{name}-{policy}.json").write_text(json.dumps(result, indent=2))
+    suffix = "" if target_name == "onnx" else f"-{target_name}"
+    (out / f"export-{name}-{policy}{suffix}.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -93,17 +110,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--policy", default="mebp", choices=("mebp", "optimal"),
                         help="mebp with disk checkpoints, or optimal (offload on) at mebp's peak")
+    parser.add_argument("--target", default="onnx", choices=("onnx", "mlx", "coreml"))
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| model | stages | distinct artifacts | artifact bytes (one file per layer would be) | "
-          "export time | weights (not in artifacts) | onnx vs torch stages: grad diff / max grad |")
+          f"export time | weights (not in artifacts) | {args.target} vs torch stages: "
+          + ("worst check error |" if args.target == "coreml" else "grad diff / max grad |"))
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.model or ["smollm2-135m", "qwen2.5-0.5b"]:
-        r = bench(name, args.seq_len, args.policy, pathlib.Path(args.out))
+        r = bench(name, args.seq_len, args.policy, pathlib.Path(args.out), args.target)
         print(f"| {name} | {r['stages']} | {r['artifacts']} | {format_bytes(r['artifact_bytes'])} "
               f"({format_bytes(r['unshared_bytes'])}) | {r['export_s']:.1f} s | {format_bytes(r['weights_bytes'])} "
-              f"| {r['grad_diff_over_scale']:.1e} |", flush=True)
+              f"| {r['difference']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ examples:
   mebp compare                                # backprop (mebp, optimal) vs. MeZO on SmolLM2-135M (README)
   mebp compile --model smollm2-135m --target onnx -o out/   # per-stage training graphs + manifest
   mebp run out/ --steps 10                    # train with those artifacts here
+  mebp compile --model smollm2-135m --target coreml -o pkg/ # .mlpackage stages, each checked here
 """
 
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_compare(sub)
     _add_run(sub)
     args = parser.parse_args(argv)
+    from mebp_compiler.targets import TargetUnavailableError
+
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.command is None:
         parser.print_help()
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.run(args)
-    except (ValueError, OSError, TypeError) as exc:
+    except (ValueError, OSError, TypeError, TargetUnavailableError) as exc:
         print(f"mebp {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
@@ -186,8 +189,8 @@ def _write_target(plan, model, args, out: Path) -> None:
     from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 
     if args.int4:
-        raise ValueError("--int4 is not supported with --target yet: the INT4 dequantize op has no "
-                         "exporter; compile without --int4")
+        raise ValueError("--int4 is not supported with --target yet: the partition and its weights file do "
+                         "not carry INT4 weights; compile without --int4")
     target = load_target(args.target)
     _say("partitioning into stages ...")
     part = partition(plan.graph, model=args.model, target=args.target)
@@ -199,12 +202,24 @@ def _write_target(plan, model, args, out: Path) -> None:
     _say(f"wrote {len(facts)} {args.target} artifacts ({format_bytes(total)}) in {time.perf_counter() - start:.1f} s, "
          f"{out / 'manifest.json'} and {out / 'weights.safetensors'}; staged peak "
          f"{format_bytes(manifest.predicted_peak_bytes)} (op-by-op plan {format_bytes(manifest.plan_peak_bytes)})")
+    verify = getattr(target, "verify_artifacts", None)
+    if verify is not None:  # a target that cannot run here is checked here as far as it can be
+        _say(f"checking every {args.target} artifact against its torch stage on a random batch ...")
+        generator = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, model.config.vocab_size, tuple(manifest.batch_shape), generator=generator)
+        arrays = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
+        arrays.update({"input_ids": ids.numpy(), "labels": ids.numpy()})
+        report = verify(part, out, arrays)
+        worst = max(a["worst_relative_error"] for a in report["artifacts"].values())
+        _say(f"all {len(report['artifacts'])} checks passed (worst error {worst:.2g} x max(1, output scale), "
+             f"tolerance {report['tolerance']:g}); wrote {out / target.CHECK_REPORT}")
 
 
 def _add_run(sub) -> None:
     p = sub.add_parser(
         "run", help="train with an artifact directory written by `mebp compile --target`",
-        description="Execute the stages of an artifact directory here, as its manifest says (keep, "
+        description="Execute the stages of an ONNX or MLX artifact directory here (a CoreML one is checked, "
+                    "then refused: Core ML predictions need macOS or iOS), as its manifest says (keep, "
                     "free, write to and read from memory-mapped files), for --steps steps on real "
                     "text, applying the LoRA update after each. Everything is checked against the "
                     "manifest before any compute.",

@@ -184,8 +184,12 @@ class Stage:
 
 @dataclass
 class Partition:
+    """The stages, their manifest, and the capture options of the plan they were cut from
+    (`head_chunks`, `vocab_slices`), which a target may not support."""
+
     stages: list[Stage]
     manifest: Manifest
+    options: dict = field(default_factory=dict)
 
     def unique_stages(self) -> dict[str, Stage]:
         """Signature -> the first stage with it: what a target exports."""
@@ -199,9 +203,12 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
     """Cut the rewritten (scheduled) `graph` into stages and describe them in a manifest.
 
     Artifact names are `<kind>-<signature[:12]>`, without a suffix: a target adds its own.
-    Raises PartitionError if a non-tensor value would cross a stage boundary.
+    Raises PartitionError if a non-tensor value would cross a stage boundary, or if the plan
+    was compiled with an option the stages and driver do not carry (`int4=True`,
+    `fuse_update=True`). A plan with `vocab_slices` partitions like any other.
     """
     nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
+    _refuse_unsupported_options(graph, nodes)
     handle_of = {n.name: n.args[0] for n in nodes if n.target is offload.offload}
     key_of = _stage_keys(graph, nodes)
     names = _stage_names(nodes, key_of)
@@ -272,7 +279,22 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
         predicted_peak_bytes=step_peak, plan_peak_bytes=liveness(graph).peak_bytes,
     )
     manifest.check()
-    return Partition(stages, manifest)
+    options = {k: graph.meta[k] for k in ("head_chunks", "vocab_slices") if k in graph.meta}
+    return Partition(stages, manifest, options)
+
+
+def _refuse_unsupported_options(graph: TrainingGraph, nodes: list[fx.Node]) -> None:
+    from mebp_compiler.passes import fuse_update, quantize
+
+    if graph.meta.get("fused_update") or any(n.target is fuse_update.apply_lora_update for n in nodes):
+        raise PartitionError("the plan was compiled with fuse_update=True (--fuse-update): its LoRA updates are "
+                             "ops inside the step, but a partitioned step returns the gradients and the driver "
+                             "applies the update; compile without fuse_update to write artifacts")
+    int4_ops = (quantize.dequantize_int4, quantize.embedding_int4, quantize.dequantize_int4_rows)
+    if any(n.target in int4_ops for n in nodes):
+        raise PartitionError("the plan was compiled with int4=True (--int4): the partition, the weights file and "
+                             "the ONNX exporter do not carry INT4 weights yet; compile without int4 to write "
+                             "artifacts")
 
 
 def _stage_keys(graph: TrainingGraph, nodes: list[fx.Node]) -> dict[str, tuple[str, int | None]]:

@@ -8,11 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.partition import Partition
-from mebp_compiler.targets.driver import WEIGHTS_FILE, save_weights
+from mebp_compiler.targets.driver import WEIGHTS_FILE, run_stages, save_weights, torch_stage_fn
 
 
 def write_artifacts(partition: Partition, target: ModuleType, directory: str | Path, *,
@@ -22,6 +24,11 @@ def write_artifacts(partition: Partition, target: ModuleType, directory: str | P
 
     Returns export facts: seconds per artifact and its size in bytes.
     """
+    refused = [option for option in getattr(target, "UNSUPPORTED_OPTIONS", ()) if partition.options.get(option)]
+    if refused:
+        raise ValueError(f"the {target.NAME} target does not support plans compiled with {refused[0]}="
+                         f"{partition.options[refused[0]]} (its stages hold ops it does not translate); "
+                         f"compile without it, or use the onnx target")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = partition.manifest
@@ -53,6 +60,23 @@ def step_weights(model: torch.nn.Module, partition: Partition) -> dict[str, torc
     state.update(model.named_buffers())
     return {v.source: state[v.source] for v in partition.manifest.values.values()
             if v.kind in ("frozen", "lora") and not v.reload_of}
+
+
+def recorded_stage_inputs(partition: Partition, arrays: Mapping[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Signature -> the input arrays its first stage gets when the stages run in torch by the
+    manifest on `arrays` (step inputs by source name): real values to check an artifact with."""
+    recorded: dict[str, list[np.ndarray]] = {}
+    fns = {}
+    for signature, stage in partition.unique_stages().items():
+        fn = torch_stage_fn(stage.module)
+
+        def record(inputs, fn=fn, signature=signature):
+            recorded.setdefault(signature, list(inputs))
+            return fn(inputs)
+
+        fns[stage.spec.artifact] = record
+    run_stages(partition.manifest, fns, arrays, OffloadStore())
+    return recorded
 
 
 def _size(path: Path) -> int:

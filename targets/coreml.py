@@ -70,6 +70,7 @@ import torch
 import torch.fx as fx
 
 from mebp_compiler.passes import quantize
+from mebp_compiler.targets import TargetUnavailableError
 from mebp_compiler.targets.fx_stage import (
     OpContext,
     StageError,
@@ -91,6 +92,12 @@ with warnings.catch_warnings():  # coremltools warns about the untested torch ve
 
 aten = torch.ops.aten
 SUFFIX = ".mlpackage"
+NAME = "coreml"
+#: Plan options whose stages hold ops this target does not translate yet (vocabulary-sliced
+#: loss: aten.maximum, aten.clamp, ...).
+UNSUPPORTED_OPTIONS = ("vocab_slices",)
+#: `verify_artifacts` writes its per-artifact check results here, in the artifact directory.
+CHECK_REPORT = "coreml-check.json"
 DEFAULT_DEPLOYMENT_TARGET = ct.target.iOS17
 PRECISIONS = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}
 #: Constant tensors larger than this many elements are computed on the device (e.g. `fill`,
@@ -131,6 +138,27 @@ def io_shape(shape: Sequence[int]) -> tuple[int, ...]:
 def io_dtype(dtype: torch.dtype) -> str:
     """A stage tensor's dtype as a Core ML model input/output: 'fp32', 'fp16' or 'int32'."""
     return _IO_DTYPES[mil_dtype(dtype)]
+
+
+def io_form(shape: Sequence[int], dtype: str) -> tuple[list[int], str]:
+    """A manifest value's (shape, dtype name) as the package takes or gives it, e.g.
+    ([2, 24], 'int64') -> ([2, 24], 'int32') and ([], 'float32') -> ([1], 'float32')."""
+    io = io_dtype(getattr(torch, dtype))
+    return list(io_shape(shape)), np.dtype(_NP_DTYPES[io]).name
+
+
+def describe_stage(path: pathlib.Path) -> tuple[list[tuple[list[int], str]], list[tuple[list[int], str]]]:
+    """(inputs, outputs) of a saved package as ([shape], numpy dtype name) pairs in Core ML I/O form
+    (see `io_form`), read from its spec without loading a model (works on any OS)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        description = ct.models.MLModel(str(path), skip_model_load=True).get_spec().description
+
+    def spec(feature) -> tuple[list[int], str]:
+        array = feature.type.multiArrayType
+        return list(array.shape), np.dtype(_SPEC_NP_DTYPES[array.dataType]).name
+
+    return [spec(f) for f in description.input], [spec(f) for f in description.output]
 
 
 # ---------------------------------------------------------------- export
@@ -228,10 +256,10 @@ def load_stage(path: pathlib.Path) -> Callable[[list[np.ndarray]], list[np.ndarr
     (int32 for int and bool tensors, (1,) for rank 0). Elsewhere Core ML cannot predict, and
     this raises with what to do instead. Not exercised by the tests here (Linux)."""
     if platform.system() != "Darwin":
-        raise RuntimeError(
+        raise TargetUnavailableError(
             f"cannot run {path}: Core ML predictions need macOS or iOS. On this machine use "
-            "targets.coreml.check_stage (reload, signature and MIL value-inference checks), "
-            "or run the stage with the ONNX or MLX target."
+            "targets.coreml.check_stage (reload, signature and MIL value-inference checks; `mebp compile "
+            "--target coreml` runs them on every stage), or compile for the onnx or mlx target to train here."
         )
     model = ct.models.MLModel(str(path))
     description = model.get_spec().description
@@ -948,3 +976,55 @@ _RULES: dict[object, Callable] = {
 def supported_ops() -> list[str]:
     """Names of the ops this target translates."""
     return sorted(rule_name(op) for op in _RULES)
+
+
+# ---------------------------------------------------------------- a whole artifact directory
+
+
+class StageCheckFailed(ValueError):
+    """A stage package failed `check_stage`; the message names it and the report file."""
+
+
+def verify_artifacts(partition: Any, directory: pathlib.Path, arrays: dict[str, np.ndarray], *,
+                     tol: float = 1e-5, progress: bool = True) -> dict:
+    """Check every package of an artifact directory against its partition's torch stage.
+
+    Each distinct stage is checked (`check_stage`) on the inputs its first stage really gets
+    when the stages run in torch by the manifest on `arrays` (frozen weights, LoRA
+    parameters and a batch, by source name). Writes the results to `CHECK_REPORT` in
+    `directory` (per artifact: the stages it serves, ok, problems, worst error relative to
+    max(1, output scale), MIL op count, check seconds) and returns them; raises
+    StageCheckFailed after writing the report if any check fails.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from mebp_compiler.files import atomic_write_json
+    from mebp_compiler.targets.artifacts import recorded_stage_inputs
+
+    directory = pathlib.Path(directory)
+    inputs = recorded_stage_inputs(partition, arrays)
+    artifacts = {}
+    for signature, stage in tqdm(partition.unique_stages().items(), desc="check coreml", unit="stage",
+                                 disable=not progress, dynamic_ncols=True):
+        start = time.perf_counter()
+        example = [torch.from_numpy(np.require(a, requirements="W")) for a in inputs[signature]]
+        check = check_stage(directory / stage.spec.artifact, stage.module, example, tol=tol)
+        artifacts[stage.spec.artifact] = {
+            "stages": [s.spec.name for s in partition.stages if s.spec.signature == signature],
+            "ok": check.ok, "problems": check.problems, "deployment_target": check.deployment_target,
+            "worst_relative_error": max((e / max(1.0, s) for e, s in zip(check.max_error, check.scale)), default=0.0),
+            "max_error": check.max_error, "scale": check.scale, "mil_ops": sum(check.package_ops.values()),
+            "check_s": time.perf_counter() - start,
+        }
+    report = {"target": NAME, "precision": "fp32", "tolerance": tol,
+              "method": "MIL value inference of the saved program vs. the torch stage, on the values the "
+                        "stage gets when the manifest's stages run in torch",
+              "ok": all(a["ok"] for a in artifacts.values()), "artifacts": artifacts}
+    atomic_write_json(directory / CHECK_REPORT, report)
+    failed = [f"{name}: {'; '.join(a['problems'])}" for name, a in artifacts.items() if not a["ok"]]
+    if failed:
+        raise StageCheckFailed(f"{len(failed)} of {len(artifacts)} CoreML stage packages failed their check "
+                               f"(details in {directory / CHECK_REPORT}): {failed[0]}")
+    return report

@@ -69,9 +69,17 @@ def load_manifest(directory: str | Path) -> Manifest:
     return Manifest.from_json(data)
 
 
+IOForm = Callable[[list[int], str], tuple[list[int], str]]
+
+
 def check_artifacts(manifest: Manifest, directory: str | Path,
-                    describe_stage: Callable[[Path], StageSignature] | None = None) -> None:
-    """Raise ManifestError if an artifact is missing or its signature differs from its stages'."""
+                    describe_stage: Callable[[Path], StageSignature] | None = None,
+                    io_form: IOForm | None = None) -> None:
+    """Raise ManifestError if an artifact is missing or its signature differs from its stages'.
+
+    `io_form` maps a manifest value's (shape, dtype) to the form the artifact declares, for a
+    target whose runtime types differ from torch's (Core ML: int64 as int32, rank 0 as (1,)).
+    """
     directory = Path(directory)
     described: dict[str, StageSignature] = {}
     for stage in manifest.stages:
@@ -86,6 +94,8 @@ def check_artifacts(manifest: Manifest, directory: str | Path,
         ins, outs = described[stage.artifact]
         for role, names, actual in (("input", stage.inputs, ins), ("output", stage.outputs, outs)):
             expected = [(manifest.values[n].shape, manifest.values[n].dtype) for n in names]
+            if io_form is not None:
+                expected = [io_form(shape, dtype) for shape, dtype in expected]
             if len(actual) != len(expected):
                 raise ManifestError(f"stage {stage.name}: {path.name} has {len(actual)} {role}s, the manifest "
                                     f"lists {len(expected)}; the artifact and manifest are from different compiles")
@@ -181,12 +191,16 @@ class Driver:
         replaces the directory's weights file."""
         directory = Path(directory)
         manifest = load_manifest(directory)
-        check_artifacts(manifest, directory, getattr(target, "describe_stage", None))
+        io_form = getattr(target, "io_form", None)
+        check_artifacts(manifest, directory, getattr(target, "describe_stage", None), io_form)
+        # Loading the stages before the weights: a target that cannot run here says so first.
+        fns = {artifact: target.load_stage(directory / artifact) for artifact in manifest.unique_artifacts()}
+        if io_form is not None:
+            fns = {artifact: _in_manifest_form(fn, manifest, artifact) for artifact, fn in fns.items()}
         if weights is None:
             weights = load_weights(directory, manifest)
         arrays = dict(weights)
         check_step_inputs(manifest, arrays, kinds=("frozen", "lora"))
-        fns = {artifact: target.load_stage(directory / artifact) for artifact in manifest.unique_artifacts()}
         return cls(manifest, fns, arrays, OffloadStore(offload_dir))
 
     def step(self, batch: Mapping[str, np.ndarray]) -> DriverResult:
@@ -215,6 +229,18 @@ class Driver:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return result
+
+
+def _in_manifest_form(fn: StageFn, manifest: Manifest, artifact: str) -> StageFn:
+    """`fn` with its outputs cast and reshaped to the manifest's dtypes and shapes (a target's
+    I/O form, e.g. Core ML's int32 and (1,), back to torch's)."""
+    stage = next(s for s in manifest.stages if s.artifact == artifact)
+    specs = [(manifest.values[n].shape, manifest.values[n].dtype) for n in stage.outputs]
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(y).astype(dtype, copy=False).reshape(shape) for y, (shape, dtype) in zip(fn(inputs), specs)]
+
+    return run
 
 
 WEIGHTS_FILE = "weights.safetensors"

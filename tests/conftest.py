@@ -61,3 +61,12 @@ def smollm2():
     model = models.add_lora(models.load("smollm2-135m"))
     randomize_lora_b(model, seed=1)
     return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_mebp(smollm2):
+    """(batch, mebp plan with disk checkpoints) of SmolLM2 at seq 16, compiled once for every target's tests."""
+    from tests.test_partition import compile_policy
+
+    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
+    return batch, compile_policy(smollm2, batch, "mebp")

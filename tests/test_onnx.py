@@ -15,7 +15,7 @@ from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from mebp_compiler.train import make_optimizer
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
-from tests.test_partition import as_step_result, assert_held_as_predicted, compile_policy
+from tests.test_partition import as_step_result, assert_held_as_predicted, compile_policy, compiled_tiny
 
 ONNX = load_target("onnx")
 
@@ -35,9 +35,9 @@ def numpy_batch(batch):
 @pytest.mark.parametrize("name", TINY_MODELS)
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
 def test_onnx_driver_matches_autograd(name, policy, tmp_path):
-    model = lora_model(name)
-    batch = random_batch(model.config.vocab_size)
-    plan, part, facts = export(model, batch, policy, tmp_path / "artifacts")
+    model, batch, plan = compiled_tiny(name, policy)
+    part = partition(plan.graph, model="test")
+    facts = write_artifacts(part, ONNX, tmp_path / "artifacts", weights=step_weights(model, part), progress=False)
     run = driver.Driver.open(tmp_path / "artifacts", ONNX, offload_dir=str(tmp_path / "flash"))
     result = run.step(numpy_batch(batch))
     assert_matches_autograd(as_step_result(result), autograd_reference(model, batch))
@@ -182,12 +182,6 @@ def test_cli_compiles_and_runs_an_onnx_directory(tmp_path, capsys):
     assert main(["run", str(out), "--steps", "2", "--no-progress", "--out", str(tmp_path / "lora.safetensors")]) == 0
     assert "manifest predicts" in capsys.readouterr().err
     assert (tmp_path / "lora.safetensors").is_file()
-
-
-@pytest.fixture(scope="module")
-def smollm2_mebp(smollm2):
-    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
-    return batch, compile_policy(smollm2, batch, "mebp")
 
 
 @pytest.mark.slow

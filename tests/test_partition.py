@@ -7,6 +7,7 @@ must equal.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import numpy as np
@@ -18,7 +19,7 @@ import mebp_compiler
 from mebp_compiler import models
 from mebp_compiler.capture import capture
 from mebp_compiler.offload import OffloadStore
-from mebp_compiler.passes.partition import Manifest, ManifestError, partition
+from mebp_compiler.passes.partition import Manifest, ManifestError, PartitionError, partition
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.policies import mebp_schedule, optimal_schedule
@@ -47,6 +48,18 @@ def compile_policy(model, batch, policy: str, mebp=None):
     return types.SimpleNamespace(graph=graph, schedule=schedule, predicted_peak_bytes=liveness(graph).peak_bytes)
 
 
+@functools.lru_cache(maxsize=8)
+def compiled_tiny(name: str, policy: str):
+    """(model, batch, plan) of a tiny config under `policy`, compiled once per test session for
+    every target's tests (the optimal plan reuses the mebp plan's capture). Do not mutate."""
+    if policy == "mebp":
+        model = lora_model(name)
+        batch = random_batch(model.config.vocab_size)
+        return model, batch, compile_policy(model, batch, "mebp")
+    model, batch, mebp = compiled_tiny(name, "mebp")
+    return model, batch, compile_policy(model, batch, policy, mebp)
+
+
 def step_arrays(model, part, batch) -> dict[str, np.ndarray]:
     arrays = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
     arrays.update({k: v.numpy() for k, v in batch.items()})
@@ -71,9 +84,7 @@ def assert_held_as_predicted(part, plan, result: driver.DriverResult) -> None:
 @pytest.mark.parametrize("name", TINY_MODELS)
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
 def test_stages_run_in_torch_match_autograd(name, policy):
-    model = lora_model(name)
-    batch = random_batch(model.config.vocab_size)
-    plan = compile_policy(model, batch, policy)
+    model, batch, plan = compiled_tiny(name, policy)
     part = partition(plan.graph, model=name)
     store = OffloadStore()
     result = driver.run_stages(part.manifest, driver.torch_stage_fns(part), step_arrays(model, part, batch), store)
@@ -160,3 +171,24 @@ def test_manifest_round_trips_and_refuses_other_versions(tmp_path):
     out_of_order = {**data, "stages": data["stages"][1:]}
     with pytest.raises(ManifestError, match="block0.forward reads .* before any stage produces them"):
         Manifest.from_json(out_of_order)
+
+
+def test_vocab_sliced_head_stages_match_autograd():
+    model = lora_model("tiny-qwen2")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", checkpoints="disk", vocab_slices=3)
+    part = partition(plan.graph)
+    assert part.options["vocab_slices"] == 3
+    result = driver.run_stages(part.manifest, driver.torch_stage_fns(part), step_arrays(model, part, batch),
+                               OffloadStore())
+    assert_matches_autograd(as_step_result(result), autograd_reference(model, batch))
+    assert_held_as_predicted(part, plan, result)
+
+
+@pytest.mark.parametrize("option", ["int4", "fuse_update"])
+def test_plans_the_partition_does_not_carry_are_refused(option):
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size, seq=16)
+    plan = mebp_compiler.compile(model, batch, "mebp", **{option: True})
+    with pytest.raises(PartitionError, match=f"compiled with {option}=True .*compile without {option}"):
+        partition(plan.graph)

@@ -3,7 +3,9 @@ translation, evaluated by value inference, equals the torch stage."""
 
 from __future__ import annotations
 
+import json
 import platform
+import shutil
 
 import coremltools as ct
 import pytest
@@ -13,10 +15,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from mebp_compiler.capture import capture
 from mebp_compiler.ir import Phase, Role
 from mebp_compiler.passes import quantize
+from mebp_compiler.passes.partition import partition
+from mebp_compiler.targets import TargetUnavailableError, driver, load_target
 from mebp_compiler.targets import coreml as coreml_target
+from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from mebp_compiler.targets.fx_stage import UnsupportedStageOpError
 from tests.conftest import TINY_MODELS, lora_model, random_batch
 from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
+from tests.test_partition import compiled_tiny
 
 
 def captured(name, **kwargs):
@@ -117,3 +123,80 @@ def test_smollm2_block_stage_package_checks(smollm2, phase, tmp_path):
     graph, values = captured_step(smollm2, seq=16, seed=3)
     stage, inputs, _ = extract_stage(graph, block_nodes(graph, 7, phase), values)
     assert_checks(coreml_target.export_stage(stage, inputs, tmp_path / "block"), stage, inputs)
+
+
+# ---------------------------------------------------------------- over the partition
+
+COREML = load_target("coreml")
+
+
+def check_partition(model, batch, plan, directory, weights=True):
+    """Export every distinct stage of the plan's partition as a package and check each one."""
+    part = partition(plan.graph, model="test")
+    facts = write_artifacts(part, COREML, directory, weights=step_weights(model, part) if weights else None,
+                            progress=False)
+    arrays = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
+    arrays.update({k: v.numpy() for k, v in batch.items()})
+    return part, facts, COREML.verify_artifacts(part, directory, arrays, progress=False)
+
+
+def assert_every_stage_checked(part, facts, report, directory):
+    assert report["ok"] and json.loads((directory / COREML.CHECK_REPORT).read_text()) == report
+    assert set(report["artifacts"]) == set(facts) == set(part.manifest.unique_artifacts())
+    assert sorted(n for a in report["artifacts"].values() for n in a["stages"]) == \
+        sorted(s.name for s in part.manifest.stages)
+    for name, entry in report["artifacts"].items():
+        assert entry["deployment_target"] == "CoreML7" and entry["worst_relative_error"] <= 1e-5, name
+    # Each package's declared inputs and outputs are the manifest's, in Core ML I/O form.
+    driver.check_artifacts(part.manifest, directory, COREML.describe_stage, COREML.io_form)
+
+
+@pytest.fixture(scope="module")
+def tiny_packages(tmp_path_factory):
+    """The tiny Llama's mebp partition exported as packages and checked, once for this module."""
+    model, batch, plan = compiled_tiny("tiny-llama", "mebp")
+    directory = tmp_path_factory.mktemp("coreml")
+    return (model, batch, directory, *check_partition(model, batch, plan, directory))
+
+
+def test_partition_packages_check_and_run_refuses_off_macos(tiny_packages):
+    model, batch, directory, part, facts, report = tiny_packages
+    assert_every_stage_checked(part, facts, report, directory)
+    block = next(s for s in part.manifest.stages if s.kind == "block_forward")
+    assert report["artifacts"][block.artifact]["stages"] == ["block0.forward", "block1.forward"]
+    if platform.system() != "Darwin":
+        with pytest.raises(TargetUnavailableError, match="Core ML predictions need macOS"):
+            driver.Driver.open(directory, COREML)
+
+
+def test_a_failed_check_is_reported_and_raised(tiny_packages, tmp_path):
+    model, batch, directory, part, _, _ = tiny_packages
+    shutil.copytree(directory, tmp_path / "copy")
+    arrays = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
+    arrays.update({k: v.numpy() for k, v in batch.items()})
+    with pytest.raises(COREML.StageCheckFailed, match=r"of 6 CoreML stage packages failed .*coreml-check.json"):
+        COREML.verify_artifacts(part, tmp_path / "copy", arrays, tol=1e-12, progress=False)
+    report = json.loads((tmp_path / "copy" / COREML.CHECK_REPORT).read_text())
+    assert not report["ok"] and any(not a["ok"] for a in report["artifacts"].values())
+
+
+def test_cli_compiles_checks_and_refuses_to_run_a_coreml_directory(tmp_path, capsys):
+    from mebp_compiler.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",
+                 "--target", "coreml", "-o", str(out)]) == 0
+    assert json.loads((out / COREML.CHECK_REPORT).read_text())["ok"]
+    assert driver.load_manifest(out).target == "coreml"
+    if platform.system() != "Darwin":
+        capsys.readouterr()
+        assert main(["run", str(out), "--steps", "1", "--no-progress"]) == 1
+        assert "Core ML predictions need macOS or iOS" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_partition_packages_check(smollm2, smollm2_mebp, tmp_path):
+    batch, plan = smollm2_mebp
+    part, facts, report = check_partition(smollm2, batch, plan, tmp_path, weights=False)
+    assert_every_stage_checked(part, facts, report, tmp_path)
+    assert len(part.manifest.stages) == 63 and len(facts) <= 12  # the 30 blocks share their packages

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import mebp_compiler
 from mebp_compiler.capture import capture
 from mebp_compiler.ir import Phase
 from mebp_compiler.passes import quantize
+from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partition
+from mebp_compiler.targets import driver, load_target
+from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
+from tests.test_partition import as_step_result, assert_held_as_predicted, compile_policy, compiled_tiny
 
 pytest.importorskip("mlx.core", reason="the MLX target needs the 'mlx' extra")
 from mebp_compiler.targets import mlx as mlx_target  # noqa: E402
@@ -85,3 +92,155 @@ def test_smollm2_block_stage_matches_torch(smollm2, phase, tmp_path):
     graph, values = captured_step(smollm2, seq=16, seed=3)
     stage, inputs, expected = extract_stage(graph, block_nodes(graph, 7, phase), values)
     assert_outputs_close(run_exported(stage, inputs, tmp_path / "block"), expected)
+
+
+# ---------------------------------------------------------------- over the partition, by the manifest driver
+
+MLX = load_target("mlx")
+
+
+def numpy_batch(batch):
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+def write_mlx(part, directory, model=None, weights=True):
+    return write_artifacts(part, MLX, directory, weights=step_weights(model, part) if weights else None,
+                           progress=False)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_mlx_driver_matches_autograd(name, policy, tmp_path):
+    model, batch, plan = compiled_tiny(name, policy)
+    part = partition(plan.graph, model="test")
+    facts = write_mlx(part, tmp_path / "artifacts", model)
+    run = driver.Driver.open(tmp_path / "artifacts", MLX, offload_dir=str(tmp_path / "flash"))
+    result = run.step(numpy_batch(batch))
+    assert_matches_autograd(as_step_result(result), autograd_reference(model, batch))
+    assert_held_as_predicted(part, plan, result)
+    assert result.flash_bytes_written > 0 and result.flash_bytes_read == result.flash_bytes_written
+    files = sorted(p.name for p in (tmp_path / "artifacts").glob("*.mlxfn"))
+    assert files == sorted(facts) == sorted(part.manifest.unique_artifacts())
+    assert sum(f["stages"] for f in facts.values()) == len(part.manifest.stages)
+    if policy == "mebp":  # the two blocks' forwards run one file (optimal may schedule blocks differently)
+        forward = {s.artifact for s in part.manifest.stages if s.kind == "block_forward"}
+        assert len(forward) == 1 and facts[forward.pop()]["stages"] == 2
+
+
+@pytest.fixture(scope="module")
+def mlx_artifacts(tmp_path_factory):
+    model, batch, plan = compiled_tiny("tiny-llama", "mebp")
+    directory = tmp_path_factory.mktemp("mlx")
+    write_mlx(partition(plan.graph, model="test"), directory, model)
+    return directory, batch
+
+
+class CountingTarget:
+    """The MLX target, counting the stage calls: a refused directory must run none."""
+
+    def __init__(self):
+        self.calls = 0
+        self.describe_stage = MLX.describe_stage
+
+    def load_stage(self, path):
+        fn = MLX.load_stage(path)
+
+        def run(inputs):
+            self.calls += 1
+            return fn(inputs)
+        return run
+
+
+def edited_copy(mlx_artifacts, tmp_path, edit):
+    directory, _ = mlx_artifacts
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    data = json.loads((copy / MANIFEST_FILE).read_text())
+    edit(copy, data)
+    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    return copy
+
+
+def test_mlx_stage_signature_is_read_from_the_file(mlx_artifacts):
+    directory, _ = mlx_artifacts
+    manifest = driver.load_manifest(directory)
+    stage = manifest.stages[1]
+    inputs, outputs = MLX.describe_stage(directory / stage.artifact)
+    assert inputs == [(manifest.values[n].shape, manifest.values[n].dtype) for n in stage.inputs]
+    assert outputs == [(manifest.values[n].shape, manifest.values[n].dtype) for n in stage.outputs]
+
+
+def test_mlx_manifest_of_another_shape_fails_before_compute(mlx_artifacts, tmp_path):
+    def edit(copy, data):
+        hidden = data["stages"][1]["inputs"][0]
+        value = next(v for v in data["values"] if v["name"] == hidden)
+        value["shape"] = [value["shape"][0], value["shape"][1] + 1, *value["shape"][2:]]
+    target = CountingTarget()
+    with pytest.raises(ManifestError, match=r"embed.forward: output 0 \(embedding\) of embed_forward-.*mlxfn is "
+                                            r"float32\[2, 24, 64\], the manifest says float32\[2, 25, 64\]"):
+        driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), target)
+    assert target.calls == 0
+
+
+def test_mlx_artifact_of_another_stage_fails_before_compute(mlx_artifacts, tmp_path):
+    def edit(copy, data):  # block0's backward file replaced by the block forward's
+        forward, backward = data["stages"][1]["artifact"], data["stages"][-1]["artifact"]
+        shutil.copy(copy / forward, copy / backward)
+    target = CountingTarget()
+    with pytest.raises(ManifestError, match=r"block0.backward: block_backward-.*mlxfn has \d+ inputs, the "
+                                            r"manifest lists \d+; .*different compiles"):
+        driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), target)
+    assert target.calls == 0
+
+
+def test_mlx_missing_artifact_fails_before_compute(mlx_artifacts, tmp_path):
+    def edit(copy, data):
+        (copy / data["stages"][1]["artifact"]).unlink()
+    with pytest.raises(ManifestError, match="block0.forward: artifact .*block_forward-.*mlxfn is missing"):
+        driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), CountingTarget())
+
+
+def test_mlx_refuses_a_vocab_sliced_plan(tmp_path):
+    model = lora_model("tiny-qwen2")
+    batch = random_batch(model.config.vocab_size, seq=16)
+    plan = mebp_compiler.compile(model, batch, "mebp", vocab_slices=2)
+    with pytest.raises(ValueError, match="mlx target does not support plans compiled with vocab_slices=2"):
+        write_mlx(partition(plan.graph), tmp_path, weights=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_compiles_and_runs_an_mlx_directory(tmp_path, capsys):
+    from mebp_compiler.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",
+                 "--target", "mlx", "-o", str(out)]) == 0
+    manifest = driver.load_manifest(out)
+    assert manifest.target == "mlx" and all(s.artifact.endswith(".mlxfn") for s in manifest.stages)
+    assert main(["run", str(out), "--steps", "2", "--no-progress", "--out", str(tmp_path / "lora.safetensors")]) == 0
+    assert "manifest predicts" in capsys.readouterr().err
+    assert (tmp_path / "lora.safetensors").is_file()
+
+
+#: NOT the project's 1e-5: through SmolLM2's 30 blocks MLX's CPU kernels (mlx 0.32.4) drift
+#: to 1.1e-4 of the largest gradient on this seq-16 batch (measured, mebp and optimal alike),
+#: although every stage alone equals its torch stage within 1e-5 of its scale
+#: (test_smollm2_block_stage_matches_torch). Cause not pinned down (float64 exp/sigmoid/
+#: softmax did not remove it); the ONNX driver meets 1e-5 on the same step.
+MLX_SMOLLM2_TOL = 2e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, policy, tmp_path):
+    batch, mebp = smollm2_mebp
+    plan = compile_policy(smollm2, batch, policy, mebp)
+    part = partition(plan.graph, model="smollm2-135m")
+    facts = write_mlx(part, tmp_path, weights=False)
+    weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
+    result = driver.Driver.open(tmp_path, MLX, weights=weights).step(numpy_batch(batch))
+    assert_matches_autograd(as_step_result(result), autograd_reference(smollm2, batch), tol=MLX_SMOLLM2_TOL)
+    assert_held_as_predicted(part, plan, result)
+    assert result.flash_bytes_written > 0
+    assert len(part.manifest.stages) == 63 and len(facts) <= 12  # the 30 blocks share their files
+    assert max(f["stages"] for f in facts.values()) >= 15
