@@ -15,7 +15,13 @@ from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from mebp_compiler.train import make_optimizer
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
-from tests.test_partition import as_step_result, assert_held_as_predicted, compile_policy, compiled_tiny
+from tests.test_partition import (
+    CountingTarget,
+    as_step_result,
+    assert_held_as_predicted,
+    compile_policy,
+    compiled_tiny,
+)
 
 ONNX = load_target("onnx")
 
@@ -92,26 +98,10 @@ def broken_copy(artifacts, tmp_path, edit):
     return copy
 
 
-class CountingTarget:
-    """The ONNX target, counting the stage calls: a refused directory must run none."""
-
-    def __init__(self):
-        self.calls = 0
-        self.describe_stage = ONNX.describe_stage
-
-    def load_stage(self, path):
-        fn = ONNX.load_stage(path)
-
-        def run(inputs):
-            self.calls += 1
-            return fn(inputs)
-        return run
-
-
 def test_a_missing_artifact(artifacts, tmp_path):
     def edit(copy, data):
         (copy / data["stages"][1]["artifact"]).unlink()
-    target = CountingTarget()
+    target = CountingTarget(ONNX)
     with pytest.raises(ManifestError, match="block0.forward: artifact .*block_forward-.*onnx is missing"):
         driver.Driver.open(broken_copy(artifacts, tmp_path, edit), target)
     assert target.calls == 0
@@ -144,7 +134,7 @@ def test_an_artifact_with_other_outputs(artifacts, tmp_path):
 
 def test_weights_of_another_shape(artifacts, tmp_path):
     directory, batch = artifacts
-    target = CountingTarget()
+    target = CountingTarget(ONNX)
     weights = dict(driver.load_weights(directory, driver.load_manifest(directory)))
     name = next(k for k in weights if "q_proj.base_layer" in k)
     weights[name] = np.zeros((3, 3), dtype=np.float32)
@@ -155,7 +145,7 @@ def test_weights_of_another_shape(artifacts, tmp_path):
 
 def test_a_batch_of_another_shape(artifacts):
     directory, batch = artifacts
-    target = CountingTarget()
+    target = CountingTarget(ONNX)
     run = driver.Driver.open(directory, target)
     short = {k: v[:, :10].numpy() for k, v in batch.items()}
     with pytest.raises(ManifestError, match=r"batch input 'input_ids' is int64\[2, 10\].*compile again"):

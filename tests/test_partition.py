@@ -192,3 +192,20 @@ def test_plans_the_partition_does_not_carry_are_refused(option):
     plan = mebp_compiler.compile(model, batch, "mebp", **{option: True})
     with pytest.raises(PartitionError, match=f"compiled with {option}=True .*compile without {option}"):
         partition(plan.graph)
+
+
+class CountingTarget:
+    """A target module's stages, counting their calls: a refused directory must run none."""
+
+    def __init__(self, target):
+        self.calls = 0
+        self.target = target
+        self.describe_stage = target.describe_stage
+
+    def load_stage(self, path):
+        run_stage = self.target.load_stage(path)
+
+        def run(inputs):
+            self.calls += 1
+            return run_stage(inputs)
+        return run

@@ -19,7 +19,13 @@ from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
-from tests.test_partition import as_step_result, assert_held_as_predicted, compile_policy, compiled_tiny
+from tests.test_partition import (
+    CountingTarget,
+    as_step_result,
+    assert_held_as_predicted,
+    compile_policy,
+    compiled_tiny,
+)
 
 pytest.importorskip("mlx.core", reason="the MLX target needs the 'mlx' extra")
 from mebp_compiler.targets import mlx as mlx_target  # noqa: E402
@@ -135,22 +141,6 @@ def mlx_artifacts(tmp_path_factory):
     return directory, batch
 
 
-class CountingTarget:
-    """The MLX target, counting the stage calls: a refused directory must run none."""
-
-    def __init__(self):
-        self.calls = 0
-        self.describe_stage = MLX.describe_stage
-
-    def load_stage(self, path):
-        fn = MLX.load_stage(path)
-
-        def run(inputs):
-            self.calls += 1
-            return fn(inputs)
-        return run
-
-
 def edited_copy(mlx_artifacts, tmp_path, edit):
     directory, _ = mlx_artifacts
     copy = tmp_path / "copy"
@@ -175,7 +165,7 @@ def test_mlx_manifest_of_another_shape_fails_before_compute(mlx_artifacts, tmp_p
         hidden = data["stages"][1]["inputs"][0]
         value = next(v for v in data["values"] if v["name"] == hidden)
         value["shape"] = [value["shape"][0], value["shape"][1] + 1, *value["shape"][2:]]
-    target = CountingTarget()
+    target = CountingTarget(MLX)
     with pytest.raises(ManifestError, match=r"embed.forward: output 0 \(embedding\) of embed_forward-.*mlxfn is "
                                             r"float32\[2, 24, 64\], the manifest says float32\[2, 25, 64\]"):
         driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), target)
@@ -186,7 +176,7 @@ def test_mlx_artifact_of_another_stage_fails_before_compute(mlx_artifacts, tmp_p
     def edit(copy, data):  # block0's backward file replaced by the block forward's
         forward, backward = data["stages"][1]["artifact"], data["stages"][-1]["artifact"]
         shutil.copy(copy / forward, copy / backward)
-    target = CountingTarget()
+    target = CountingTarget(MLX)
     with pytest.raises(ManifestError, match=r"block0.backward: block_backward-.*mlxfn has \d+ inputs, the "
                                             r"manifest lists \d+; .*different compiles"):
         driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), target)
@@ -197,7 +187,7 @@ def test_mlx_missing_artifact_fails_before_compute(mlx_artifacts, tmp_path):
     def edit(copy, data):
         (copy / data["stages"][1]["artifact"]).unlink()
     with pytest.raises(ManifestError, match="block0.forward: artifact .*block_forward-.*mlxfn is missing"):
-        driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), CountingTarget())
+        driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), CountingTarget(MLX))
 
 
 def test_mlx_refuses_a_vocab_sliced_plan(tmp_path):
