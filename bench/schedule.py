@@ -56,6 +56,8 @@ def main() -> int:
     parser.add_argument("--head-chunks", type=int, default=0, help="LM head + loss in this many chunks (both plans)")
     parser.add_argument("--vocab-slices", type=int, default=0,
                         help="LM head + loss streamed over this many vocabulary slices (both plans)")
+    parser.add_argument("--mlp-chunks", type=int, default=0,
+                        help="every block's MLP on this many sequence chunks (both plans)")
     parser.add_argument("--fuse-update", action="store_true", help="LoRA updates fused into the step (both plans)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
@@ -67,7 +69,7 @@ def main() -> int:
     model = models.add_lora(models.load(args.model, device="meta"))
     ids = torch.zeros((1, args.seq_len), dtype=torch.int64, device="meta")
     graph = capture(model, {"input_ids": ids, "labels": ids}, head_chunks=args.head_chunks,
-                    vocab_slices=args.vocab_slices)
+                    vocab_slices=args.vocab_slices, mlp_chunks=args.mlp_chunks)
     if args.fuse_update:
         graph = fuse_lora_update(graph)
     capture_s = time.perf_counter() - start
@@ -107,6 +109,7 @@ def main() -> int:
     result = {
         "model": args.model, "seq_len": args.seq_len, "device": args.device, "time_limit_s": args.time_limit,
         "offload": offload, "head_chunks": args.head_chunks, "vocab_slices": args.vocab_slices,
+        "mlp_chunks": args.mlp_chunks,
         "fuse_update": args.fuse_update,
         "nodes": len(graph.nodes()), "schedule_wall_s": schedule_s, "least_feasible_bytes": least,
         "none": none, "mebp": mebp, "optimal_at_mebp_peak": at_mebp_peak, "optimal_at_mebp_time": best,
@@ -118,7 +121,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"schedule-{args.model}-seq{args.seq_len}" + ("" if offload else "-no-offload")
             + (f"-head{args.head_chunks}" if args.head_chunks else "")
-            + (f"-slices{args.vocab_slices}" if args.vocab_slices else "") + ("-fused" if args.fuse_update else ""))
+            + (f"-slices{args.vocab_slices}" if args.vocab_slices else "")
+            + (f"-mlp{args.mlp_chunks}" if args.mlp_chunks else "") + ("-fused" if args.fuse_update else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     rows = [("none", none), ("mebp", mebp), ("optimal @ mebp's peak", at_mebp_peak),
             ("optimal @ mebp's extra time", best)]
@@ -126,6 +130,7 @@ def main() -> int:
              + ("" if offload else ", no offload")
              + (f", LM head in {args.head_chunks} chunks" if args.head_chunks else "")
              + (f", head over {args.vocab_slices} vocabulary slices" if args.vocab_slices else "")
+             + (f", MLPs in {args.mlp_chunks} sequence chunks" if args.mlp_chunks else "")
              + (", fused LoRA updates" if args.fuse_update else ""), "",
              "| plan | peak, all | peak, computed tensors | extra time over the plain step | solver gap |",
              "|---|---:|---:|---:|---:|"]

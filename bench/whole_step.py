@@ -95,7 +95,8 @@ def run_plan(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}  # two tensors, as a data loader gives
     options = dict(int4=True, group_size=args.group_size, vocab_slices=args.vocab_slices, fuse_update=True,
-                   offload_dir=tempfile.mkdtemp(prefix="mebp-bench-"))
+                   offload_dir=tempfile.mkdtemp(prefix="mebp-bench-"),
+                   gguf_file=models.smollm2_gguf_path() if args.gguf_blocks else None)
     reserved = optimizer_state_bytes(model, "adamw")
     start = time.perf_counter()
     budget = None
@@ -217,11 +218,17 @@ def mib(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / MIB:.1f}"
 
 
+def weights_label(args: argparse.Namespace) -> str:
+    if args.gguf_blocks:
+        return "the GGUF file's own blocks (Q4_1 weights, Q8_0 embedding)"
+    return f"INT4 group {args.group_size}"
+
+
 def build_table(records: list[dict], args: argparse.Namespace) -> str:
     roles = ("frozen", "lora", "gradient", "activation", "dequantized")
     lines = [
-        f"{args.model}, seq {args.seq_len}, batch 1, LoRA r={args.lora_r} (all 7 projections), INT4 group "
-        f"{args.group_size}, head in {args.vocab_slices} vocabulary slices, fused AdamW updates (MiB):",
+        f"{args.model}, seq {args.seq_len}, batch 1, LoRA r={args.lora_r} (all 7 projections), "
+        f"{weights_label(args)}, head in {args.vocab_slices} vocabulary slices, fused AdamW updates (MiB):",
         "",
         "| plan | predicted | held | + AdamW state = total | " + " | ".join(f"{r} at peak" for r in roles)
         + " | mapped INT4 | RSS anon over base | RSS file peak | base (anon) |",
@@ -267,7 +274,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
     print(table + f"\n\nCommand: `{command_line}`")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"whole-step-{args.model}-seq{args.seq_len}-r{args.lora_r}"
+    stem = f"whole-step-{args.model}-seq{args.seq_len}-r{args.lora_r}" + ("-gguf" if args.gguf_blocks else "")
     (out / f"{stem}.md").write_text(table + f"\n\nCommand: `{command_line}`\n")
     (out / f"{stem}.json").write_text(json.dumps({"command": command_line, "records": records,
                                                   "failures": failures}, indent=2))
@@ -282,6 +289,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (batch is 1)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank, alpha = 2r (default 8, MeSP's)")
     parser.add_argument("--group-size", type=int, default=64, help="INT4 group size (default 64, MeSP's)")
+    parser.add_argument("--gguf-blocks", action="store_true",
+                        help="smollm2-135m only: keep its GGUF file's Q4_1/Q8_0 blocks instead of INT4")
     parser.add_argument("--vocab-slices", type=int, default=64, help="LM head + loss vocabulary slices (default 64)")
     parser.add_argument("--budgets", default="least", help="comma-separated budgets for optimal plans ('least' or sizes)")
     parser.add_argument("--device", default="iphone15promax", help="device profile for the optimal plans")
@@ -294,7 +303,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--plan", choices=("mebp", "optimal"), help=argparse.SUPPRESS)
     parser.add_argument("--budget", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.gguf_blocks and (args.model != "smollm2-135m" or args.predict):
+        parser.error("--gguf-blocks needs --model smollm2-135m (the one model loaded from a GGUF file), "
+                     "without --predict")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ forward op that created the autograd node (matched by autograd sequence number).
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
 from mebp_compiler.models import decoder_layers
-from mebp_compiler.sliced_loss import sliced_linear_cross_entropy
+from mebp_compiler.sliced_loss import slice_bounds, sliced_linear_cross_entropy
 
 #: Largest tensor allowed as a constant inside the graph; anything bigger is a weight
 #: that was baked in and could not be streamed.
@@ -56,6 +57,7 @@ def capture(
     backward: bool = True,
     head_chunks: int = 0,
     vocab_slices: int = 0,
+    mlp_chunks: int = 0,
 ) -> TrainingGraph:
     """Trace one training step of `model` on a batch shaped like `example_batch`.
 
@@ -78,7 +80,15 @@ def capture(
     its logits and cross-entropy `s` vocabulary slices at a time, forward and backward
     (`sliced_loss`): no `[tokens x vocab]` tensor exists at all, and each slice of the frozen
     head weight is read only for its own matmul.
+
+    With `mlp_chunks=m > 1` every block's MLP runs on `m` chunks of the sequence, one
+    after the other (`chunked_mlps`): the MLP acts on each token alone, so the result is
+    the same, but its `[seq x intermediate]` products and their gradients exist one
+    `[seq/m x intermediate]` chunk at a time - in most models the largest tensors of a
+    block's backward.
     """
+    if mlp_chunks < 0 or mlp_chunks > example_batch["input_ids"].shape[-1]:
+        raise CaptureError(f"mlp_chunks must be between 0 and the sequence length, got {mlp_chunks}")
     if vocab_slices < 0:
         raise CaptureError(f"vocab_slices must be 0 (off) or a positive number of slices, got {vocab_slices}")
     if head_chunks < 0 or head_chunks > example_batch["input_ids"].shape[-1]:
@@ -125,7 +135,7 @@ def capture(
 
     tracer_state = _ModuleAnnotator(model, decoder_layers(model))
     annotate_backward = tracer_state.annotate_backward
-    with tracer_state.installed(), fx_traceback.preserve_node_meta():
+    with tracer_state.installed(), chunked_mlps(decoder_layers(model), mlp_chunks), fx_traceback.preserve_node_meta():
         gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
     if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
         gm.graph.eliminate_dead_code()
@@ -142,8 +152,31 @@ def capture(
         outputs=outputs,
         num_blocks=len(decoder_layers(model)),
         batch_shape=tuple(input_ids.shape),
-        meta={"head_chunks": head_chunks, "vocab_slices": vocab_slices},
+        meta={"head_chunks": head_chunks, "vocab_slices": vocab_slices, "mlp_chunks": mlp_chunks},
     )
+
+
+@contextlib.contextmanager
+def chunked_mlps(layers: torch.nn.ModuleList, chunks: int):
+    """While active, each layer's `mlp` maps its input [batch, seq, hidden] in `chunks`
+    sequence chunks and concatenates the outputs (nothing changes for `chunks` <= 1).
+
+    The chunked forward is set on the module instances, so module hooks (the capture's
+    annotations) still see every call; it is removed on exit.
+    """
+    mlps = [layer.mlp for layer in layers] if chunks > 1 else []
+
+    def chunked(mlp: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        bounds = slice_bounds(hidden.shape[1], chunks)
+        return torch.cat([type(mlp).forward(mlp, hidden[:, start:end]) for start, end in bounds], dim=1)
+
+    for mlp in mlps:
+        mlp.forward = functools.partial(chunked, mlp)
+    try:
+        yield
+    finally:
+        for mlp in mlps:
+            del mlp.forward
 
 
 def chunked_lm_loss(

@@ -85,10 +85,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="stream the LM head and loss over S vocabulary slices, forward and backward, "
                         "so no [tokens x vocab] logits exist; with --int4 each head slice is "
                         "decompressed on its own (default: 0, off)")
+    p.add_argument("--mlp-chunks", type=int, default=0, metavar="M",
+                   help="run every block's MLP on M sequence chunks, so its [seq x intermediate] "
+                        "products and their gradients exist a chunk at a time (default: 0, off)")
     p.add_argument("--int4", action="store_true",
                    help="store frozen weights as symmetric INT4 (scale per --group-size inputs), "
                         "dequantized just before each use")
     p.add_argument("--group-size", type=int, default=64, help="INT4 group size (default: %(default)s)")
+    p.add_argument("--gguf-blocks", action="store_true",
+                   help="with smollm2-135m: keep its GGUF file's own quantized blocks (Q4_1 weights, a "
+                        "Q8_0 embedding) byte for byte instead of re-quantizing them; implies --int4")
     p.add_argument("--fuse-update", action="store_true",
                    help="apply each LoRA parameter's optimizer update inside the step as soon as its "
                         "gradient is final, instead of holding every gradient to the end (same parameters)")
@@ -188,7 +194,7 @@ def _write_target(plan, model, args, out: Path) -> None:
     from mebp_compiler.targets import load_target
     from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 
-    if args.int4:
+    if args.int4 or args.gguf_blocks:
         raise ValueError("--int4 is not supported with --target yet: the partition and its weights file do "
                          "not carry INT4 weights; compile without --int4")
     target = load_target(args.target)
@@ -479,7 +485,20 @@ def _compile(model, example, args):
                                  budget=args.budget if policy == "optimal" else None,
                                  optimizer=getattr(args, "optimizer", "adamw"),
                                  head_chunks=_head_chunks(args), vocab_slices=args.vocab_slices,
-                                 int4=args.int4, group_size=args.group_size, fuse_update=args.fuse_update)
+                                 mlp_chunks=args.mlp_chunks,
+                                 int4=args.int4 or args.gguf_blocks, group_size=args.group_size,
+                                 gguf_file=_gguf_file(args), fuse_update=args.fuse_update)
+
+
+def _gguf_file(args) -> Path | None:
+    from mebp_compiler import models
+
+    if not args.gguf_blocks:
+        return None
+    if args.model != "smollm2-135m":
+        raise ValueError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and only "
+                         f"smollm2-135m is ({args.model} has random weights); drop --gguf-blocks or use --int4")
+    return models.smollm2_gguf_path()
 
 
 def _say(message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,9 +147,11 @@ def compile(
     optimizer: str = "adamw",
     head_chunks: int | Literal["auto"] = 0,
     vocab_slices: int = 0,
+    mlp_chunks: int = 0,
     int4: bool = False,
     group_size: int = DEFAULT_GROUP_SIZE,
     weights_file: str | None = None,
+    gguf_file: str | os.PathLike | None = None,
     fuse_update: bool = False,
 ) -> Plan:
     """Compile one training step of a LoRA causal LM under a scheduling `policy`.
@@ -167,6 +170,8 @@ def compile(
     whose step fits the budget. `vocab_slices` > 0 streams the head and loss over that many
     vocabulary slices, forward and backward, so no `[tokens x vocab]` logits exist (see
     `capture`); with INT4 weights each slice of the head is decompressed on its own.
+    `mlp_chunks` > 1 runs every block's MLP on that many sequence chunks, so its
+    `[seq x intermediate]` products exist a chunk at a time (see `capture`).
 
     With `int4=True` the frozen 2-D weights become symmetric INT4 with a scale per
     `group_size` inputs, dequantized just before each use (`passes.quantize`); the step
@@ -175,7 +180,10 @@ def compile(
     it they go to an unlinked temporary file in `offload_dir`. Either way the step reads
     them memory-mapped from the file (role MAPPED: reported, not counted as held); a
     corrupt or mismatched file raises WeightFileError before any step runs. On the meta
-    device (planning only) they are planned as memory-mapped.
+    device (planning only) they are planned as memory-mapped. With `gguf_file`, the GGUF
+    file the model was loaded from (`models.smollm2_gguf_path()`), the weights it stores as
+    Q4_1 or Q8_0 keep those blocks byte for byte instead of being quantized again
+    (`passes.gguf_blocks`); the step is then exact to autograd on the model as loaded.
 
     With `fuse_update=True` the step applies each LoRA parameter's optimizer update as
     soon as its gradient is final and drops the gradient (`passes.fuse_update`), instead
@@ -187,12 +195,15 @@ def compile(
         raise ValueError(f"checkpoints must be 'ram' or 'disk', got {checkpoints!r}")
     if (policy == "optimal") != (budget is not None):
         raise ValueError("policy 'optimal' needs a budget (e.g. budget='300MB'), and only it takes one")
+    if gguf_file is not None and not int4:
+        raise ValueError("gguf_file keeps a GGUF file's quantized blocks: use it with int4=True")
     if head_chunks == "auto" and policy != "optimal":
         raise ValueError("head_chunks='auto' is chosen from the budget: use it with policy 'optimal'")
     weights = None
 
     def trace(chunks: int) -> TrainingGraph:
-        graph = quantized(capture(model, example_batch, head_chunks=chunks, vocab_slices=vocab_slices))
+        graph = quantized(capture(model, example_batch, head_chunks=chunks, vocab_slices=vocab_slices,
+                                    mlp_chunks=mlp_chunks))
         return fuse_lora_update(graph) if fuse_update else graph
 
     def quantized(graph: TrainingGraph) -> TrainingGraph:
@@ -200,7 +211,7 @@ def compile(
         if not int4:
             return graph
         if weights is None:
-            fresh = quantize_model_weights(model, graph, group_size)
+            fresh = quantize_model_weights(model, graph, group_size, gguf_file)
             if weights_file is not None and not Path(weights_file).exists():
                 fresh.save(weights_file)
             if weights_file is not None:

@@ -290,7 +290,8 @@ def _refuse_unsupported_options(graph: TrainingGraph, nodes: list[fx.Node]) -> N
         raise PartitionError("the plan was compiled with fuse_update=True (--fuse-update): its LoRA updates are "
                              "ops inside the step, but a partitioned step returns the gradients and the driver "
                              "applies the update; compile without fuse_update to write artifacts")
-    int4_ops = (quantize.dequantize_int4, quantize.embedding_int4, quantize.dequantize_int4_rows)
+    int4_ops = (quantize.dequantize_int4, quantize.embedding_int4, quantize.dequantize_int4_rows,
+                quantize.dequantize_gguf, quantize.embedding_gguf, quantize.dequantize_gguf_rows)
     if any(n.target in int4_ops for n in nodes):
         raise PartitionError("the plan was compiled with int4=True (--int4): the partition, the weights file and "
                              "the ONNX exporter do not carry INT4 weights yet; compile without int4 to write "

@@ -13,6 +13,11 @@ the weights in use are held in float, the rest stays at 4 bits. An embedding loo
 decompresses only the rows it gathers (`embedding_int4`), and a slice of rows (a
 vocabulary slice of the LM head, see `mebp_compiler.sliced_loss`) only those rows
 (`dequantize_int4_rows`).
+
+A model loaded from a GGUF file can keep that file's own blocks instead (SmolLM2's Q4_1,
+its embedding's Q8_0; `passes.gguf_blocks`): `quantize_model_weights(..., gguf_file=...)`
+copies them as they are and quantizes only the weights the file stores in another format.
+The rewrite treats both encodings alike (`QuantizedWeights.encoding`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +35,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
+from mebp_compiler.passes.gguf_blocks import (
+    BLOCK_BYTES,
+    decoded_shape,
+    dequantize_gguf,
+    dequantize_gguf_rows,
+    embedding_gguf,
+    read_gguf_blocks,
+)
 
 DEFAULT_GROUP_SIZE = 64
 
@@ -86,8 +100,27 @@ def _row_slice(node: fx.Node) -> tuple[fx.Node, int, int] | None:
 
 
 @dataclass(frozen=True)
+class WeightEncoding:
+    """How one quantized weight is stored and decoded.
+
+    `tensor_names` are its entries in `QuantizedWeights.tensors`, the graph inputs its ops
+    read first; `constants` follow them in every op's arguments (the GGUF block format).
+    """
+
+    tensor_names: tuple[str, ...]
+    dequantize: Callable[..., torch.Tensor]  # (*tensors, *constants) -> weight
+    dequantize_rows: Callable[..., torch.Tensor]  # (*tensors, *constants, start, end) -> rows
+    embedding: Callable[..., torch.Tensor]  # (*tensors, *constants, indices) -> looked-up rows
+    constants: tuple = ()
+
+
+@dataclass(frozen=True)
 class QuantizedWeights:
-    """INT4 weights as graph inputs, by input source name (`<weight>.qweight`, `<weight>.scales`).
+    """Quantized weights as graph inputs, by input source name.
+
+    A weight is either symmetric INT4 (`<weight>.qweight`, `<weight>.scales`) or the
+    blocks of a GGUF file (`<weight>.q4_1` or `<weight>.q8_0`, see `passes.gguf_blocks`);
+    `group_size` is the INT4 group size (GGUF blocks always hold 32 features).
 
     `mapped` weights were read back from their file by `load`: their tensors are views of
     the memory-mapped file (clean, file-backed pages), not memory the process allocated.
@@ -100,6 +133,22 @@ class QuantizedWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def sources(self) -> list[str]:
+        """The weights held, by source name."""
+        return sorted({name.rsplit(".", 1)[0] for name in self.tensors})
+
+    def encoding(self, source: str) -> WeightEncoding | None:
+        """How the weight `source` is stored, or None when it is not quantized."""
+        if f"{source}.qweight" in self.tensors:
+            return WeightEncoding((f"{source}.qweight", f"{source}.scales"),
+                                  dequantize_int4, dequantize_int4_rows, embedding_int4)
+        for kind in BLOCK_BYTES:
+            if f"{source}.{kind}" in self.tensors:
+                return WeightEncoding((f"{source}.{kind}",), dequantize_gguf, dequantize_gguf_rows,
+                                      embedding_gguf, (kind,))
+        return None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors file (atomically: a temporary file renamed over the target)."""
@@ -119,13 +168,17 @@ class QuantizedWeights:
         try:
             with safe_open(str(path), framework="pt") as weight_file:
                 tensors = {name: weight_file.get_tensor(name) for name in weight_file.keys()}
+                group_size = int((weight_file.metadata() or {}).get("group_size", 0))
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightFileError(f"cannot read INT4 weights from {path}: {exc}; quantize the model again") from exc
-        group_sizes = {t.shape[1] * 2 // s.shape[1] for n, t in tensors.items() if n.endswith(".qweight")
-                       for s in [tensors.get(n.removesuffix(".qweight") + ".scales")] if s is not None}
-        if len(group_sizes) != 1 or len(tensors) % 2:
-            raise WeightFileError(f"{path} does not hold matching INT4 weights and scales; quantize again")
-        return cls(tensors, group_sizes.pop(), mapped=True)
+        int4 = {n.rsplit(".", 1)[0] for n in tensors if n.rsplit(".", 1)[-1] in ("qweight", "scales")}
+        blocks = [(n, t) for n, t in tensors.items() if n.rsplit(".", 1)[-1] in BLOCK_BYTES]
+        group_sizes = {tensors[f"{w}.qweight"].shape[1] * 2 // tensors[f"{w}.scales"].shape[1] for w in int4
+                       if f"{w}.qweight" in tensors and f"{w}.scales" in tensors}
+        if (not group_size or group_sizes - {group_size} or 2 * len(int4) + len(blocks) != len(tensors)
+                or any(t.shape[1] % BLOCK_BYTES[n.rsplit(".", 1)[-1]] for n, t in blocks)):
+            raise WeightFileError(f"{path} does not hold matching quantized weights; quantize again")
+        return cls(tensors, group_size, mapped=True)
 
     def mapped_copy(self, directory: str | os.PathLike | None = None) -> QuantizedWeights:
         """These weights written to a file in `directory` (default: the system's temporary one) and mapped back.
@@ -146,15 +199,38 @@ def quantizable(weight: torch.Tensor, group_size: int) -> bool:
     return weight.dim() == 2 and weight.is_floating_point() and weight.shape[1] % group_size == 0
 
 
-def quantize_model_weights(model: torch.nn.Module, graph: TrainingGraph,
-                           group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeights:
-    """INT4 copies of every quantizable frozen weight the graph takes as input."""
+def quantize_model_weights(model: torch.nn.Module, graph: TrainingGraph, group_size: int = DEFAULT_GROUP_SIZE,
+                           gguf_file: str | os.PathLike | None = None) -> QuantizedWeights:
+    """Quantized copies of every quantizable frozen weight the graph takes as input.
+
+    With `gguf_file` (the file `model` was loaded from) the weights it stores as Q4_1 or
+    Q8_0 blocks keep those blocks; the others, and all without it, become symmetric INT4.
+
+    Raises:
+        WeightFileError: `gguf_file` cannot be read, or holds weights of other shapes
+            than the model's (another model's file).
+    """
     params = dict(model.named_parameters())
+    frozen = [spec.source for spec in graph.inputs if spec.role == Role.FROZEN and spec.source in params
+              and params[spec.source].dim() == 2 and params[spec.source].is_floating_point()]
+    blocks = {}
+    if gguf_file is not None:
+        try:
+            blocks = read_gguf_blocks(gguf_file, model.config, frozen)
+        except ValueError as exc:
+            raise WeightFileError(f"{exc}; pass the GGUF file the model was loaded from") from exc
     tensors = {}
-    for spec in graph.inputs:
-        weight = params.get(spec.source)
-        if spec.role == Role.FROZEN and weight is not None and quantizable(weight, group_size):
-            tensors[f"{spec.source}.qweight"], tensors[f"{spec.source}.scales"] = quantize_int4(weight, group_size)
+    for source in frozen:
+        if source not in blocks and not quantizable(params[source], group_size):
+            continue
+        if source in blocks:
+            kind, data = blocks[source]
+            if decoded_shape(kind, data) != tuple(params[source].shape):
+                raise WeightFileError(f"{gguf_file} stores {source} as {decoded_shape(kind, data)}, the model has "
+                                      f"{tuple(params[source].shape)}; pass the GGUF file the model was loaded from")
+            tensors[f"{source}.{kind}"] = data
+        else:
+            tensors[f"{source}.qweight"], tensors[f"{source}.scales"] = quantize_int4(params[source], group_size)
     return QuantizedWeights(tensors, group_size)
 
 
@@ -168,16 +244,15 @@ def release_float_weights(model: torch.nn.Module, weights: QuantizedWeights) -> 
     """
     params = dict(model.named_parameters())
     released = 0
-    for name in weights.tensors:
-        if name.endswith(".qweight"):
-            param = params[name.removesuffix(".qweight")]
-            released += param.numel() * param.element_size()
-            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    for source in weights.sources:
+        param = params[source]
+        released += param.numel() * param.element_size()
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     return released
 
 
 def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGraph:
-    """Replace each quantized weight input by its INT4 inputs and a dequantize node before every use.
+    """Replace each quantized weight input by its quantized inputs and a dequantize node before every use.
 
     The INT4 inputs have role MAPPED when `weights` are memory-mapped from their file (not
     held), else FROZEN. A backward use of a weight reads the forward's decompressed copy,
@@ -189,24 +264,27 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
     remap: dict[fx.Node, fx.Node] = {}
     info: dict[str, TensorInfo] = {}
     inputs: list[InputSpec] = []
-    quantized: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    quantized: dict[fx.Node, tuple[fx.Node, ...]] = {}  # weight -> (*its quantized inputs, *constants)
+    encodings: dict[fx.Node, WeightEncoding] = {}
     forward_dequant: dict[fx.Node, fx.Node] = {}  # weight -> its forward decompression
     for node in graph.module.graph.nodes:
         if node.op != "placeholder":
             continue
         spec = next(s for s in graph.inputs if s.name == node.name)
-        if f"{spec.source}.qweight" in weights.tensors:
-            pair = []
-            for suffix in ("qweight", "scales"):
-                tensor = weights.tensors[f"{spec.source}.{suffix}"]
-                placeholder = new_graph.placeholder(f"{node.name}_{suffix}")
+        encoding = weights.encoding(spec.source)
+        if encoding is not None:
+            parts = []
+            for tensor_name in encoding.tensor_names:
+                tensor = weights.tensors[tensor_name]
+                placeholder = new_graph.placeholder(f"{node.name}_{tensor_name.rsplit('.', 1)[-1]}")
                 placeholder.meta["val"] = tensor
-                inputs.append(InputSpec(placeholder.name, input_role, f"{spec.source}.{suffix}"))
+                inputs.append(InputSpec(placeholder.name, input_role, tensor_name))
                 info[placeholder.name] = TensorInfo(input_role, Phase.INPUT, tuple(tensor.shape),
                                                     str(tensor.dtype).removeprefix("torch."),
                                                     (tensor.numel() * tensor.element_size(),), (None,))
-                pair.append(placeholder)
-            quantized[node] = tuple(pair)
+                parts.append(placeholder)
+            quantized[node] = (*parts, *encoding.constants)
+            encodings[node] = encoding
         else:
             remap[node] = new_graph.node_copy(node)
             inputs.append(dataclasses.replace(spec, name=remap[node].name))
@@ -223,7 +301,7 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
         # and a quantized weight is frozen: the lookup's value is a plain row gather.
         weight = node.args[0] if node.target == torch.ops.aten.embedding.default else None
         if weight in quantized:
-            remap[node] = new_graph.create_node("call_function", embedding_int4,
+            remap[node] = new_graph.create_node("call_function", encodings[weight].embedding,
                                                 (*quantized[weight], remap[node.args[1]]), name=node.name)
             remap[node].meta = dict(node.meta)
             info[remap[node].name] = ti
@@ -232,7 +310,7 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
         row_slice = _row_slice(node)
         if row_slice is not None and row_slice[0] in quantized:
             weight, start, end = row_slice
-            remap[node] = new_graph.create_node("call_function", dequantize_int4_rows,
+            remap[node] = new_graph.create_node("call_function", encodings[weight].dequantize_rows,
                                                 (*quantized[weight], start, end), name=node.name)
             remap[node].meta = dict(node.meta)
             rows = node.meta["val"]
@@ -246,8 +324,7 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
                 return remap[a]
             if ti.phase == Phase.BACKWARD and a in forward_dequant:
                 return forward_dequant[a]
-            packed, scales = quantized[a]
-            dequant = new_graph.create_node("call_function", dequantize_int4, (packed, scales),
+            dequant = new_graph.create_node("call_function", encodings[a].dequantize, quantized[a],
                                             name=f"dequant_{a.name}")
             dequant.meta["val"] = a.meta["val"]
             weight_info = graph.info[a.name]

@@ -36,10 +36,10 @@ def dequantized_copy(model, plan):
     twin = copy.deepcopy(model)
     params = dict(twin.named_parameters())
     with torch.no_grad():
-        for name, tensor in plan.weights.tensors.items():
-            if name.endswith(".qweight"):
-                source = name.removesuffix(".qweight")
-                params[source].copy_(dequantize_int4(tensor, plan.weights.tensors[f"{source}.scales"]))
+        for source in plan.weights.sources:
+            encoding = plan.weights.encoding(source)
+            tensors = [plan.weights.tensors[name] for name in encoding.tensor_names]
+            params[source].copy_(encoding.dequantize(*tensors, *encoding.constants))
     return twin
 
 

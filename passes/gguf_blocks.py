@@ -1,0 +1,111 @@
+"""A GGUF file's own quantized blocks as step inputs: SmolLM2's Q4_1 weights kept byte for byte.
+
+llama.cpp's GGUF files store a 2-D weight as rows of blocks of 32 consecutive input
+features (ggml's block formats; the arithmetic below follows gguf-py's `quants.py`):
+
+    Q4_1  20 bytes: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes q in 0..15
+          (low nibbles hold features 0..15 of the block, high nibbles 16..31); w = d * q + m
+    Q8_0  34 bytes: fp16 scale d, 32 signed 8-bit codes q; w = d * q
+
+Re-quantizing such a file to the symmetric INT4 of `passes.quantize` would round weights
+that were already rounded once. `read_gguf_blocks` instead copies each weight's blocks
+as they are (the query and key projections of a Llama file only get their rows put back
+in Hugging Face order, see `_unpermute_rows`), and the ops below decode a weight just
+before an op reads it, as `passes.quantize` does for its INT4. They decode in fp32 with
+gguf-py's order of operations, so a decoded weight equals, bit for bit, the float weight
+transformers loads from the same file: a step over the blocks is exact to autograd on
+the model as loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import torch
+
+#: Features per block and bytes per block of the GGUF formats kept as they are.
+BLOCK_SIZE = 32
+BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+_GGML_TYPES = {gguf.GGMLQuantizationType.Q4_1: "q4_1", gguf.GGMLQuantizationType.Q8_0: "q8_0"}
+
+
+def dequantize_gguf(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """Graph op: the fp32 weight [rows, n_blocks * 32] of uint8 blocks [rows, n_blocks * BLOCK_BYTES[kind]]."""
+    rows = blocks.shape[0]
+    cells = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
+    scale = cells[..., 0:2].contiguous().view(torch.float16).to(torch.float32)
+    if kind == "q8_0":
+        weight = cells[..., 2:].contiguous().view(torch.int8).to(torch.float32)
+        return weight.mul_(scale).reshape(rows, -1)
+    minimum = cells[..., 2:4].contiguous().view(torch.float16).to(torch.float32)
+    codes = cells[..., 4:]
+    weight = torch.cat((codes & 0x0F, codes >> 4), dim=-1).to(torch.float32)
+    return weight.mul_(scale).add_(minimum).reshape(rows, -1)
+
+
+def dequantize_gguf_rows(blocks: torch.Tensor, kind: str, start: int, end: int) -> torch.Tensor:
+    """Graph op: rows [start, end) of `dequantize_gguf(blocks, kind)`, decoding only those rows."""
+    return dequantize_gguf(blocks[start:end], kind)
+
+
+def embedding_gguf(blocks: torch.Tensor, kind: str, indices: torch.Tensor) -> torch.Tensor:
+    """Graph op: `embedding(dequantize_gguf(blocks, kind), indices)`, decoding only the rows looked up."""
+    rows = dequantize_gguf(blocks.index_select(0, indices.reshape(-1)), kind)
+    return rows.reshape(*indices.shape, rows.shape[-1])
+
+
+def _unpermute_rows(blocks: np.ndarray, heads: int) -> np.ndarray:
+    """Undo the row order llama.cpp's converter gives a Llama query or key projection.
+
+    The converter interleaves the two rotary halves of each head's rows (its `permute`,
+    in convert_hf_to_gguf.py); transformers' GGUF loader reverses that on the float
+    weight. Rows are whole blocks, so the same reordering applies to the block bytes.
+    """
+    rows = blocks.shape[0]
+    per_half = rows // heads // 2
+    return blocks.reshape(heads, per_half, 2, -1).swapaxes(1, 2).reshape(rows, -1)
+
+
+def _hf_name(source: str) -> str:
+    """A parameter name without PEFT's wrapping: `model.layers.0.self_attn.q_proj.weight`."""
+    return source.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def read_gguf_blocks(path: str | os.PathLike, config, sources: list[str]) -> dict[str, tuple[str, torch.Tensor]]:
+    """The blocks of each weight in `sources` that `path` stores as Q4_1 or Q8_0: {source: (kind, blocks)}.
+
+    `sources` are parameter names of the model built from `config` (PEFT-wrapped or not);
+    weights stored in another format are left out, for the caller to quantize itself.
+    The blocks are copied out of the file (uint8, [rows, n_blocks * BLOCK_BYTES[kind]]).
+
+    Raises:
+        ValueError: the file cannot be read as GGUF.
+    """
+    try:
+        reader = gguf.GGUFReader(os.fspath(path))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read GGUF blocks from {path}: {exc}") from exc
+    architecture = reader.fields["general.architecture"].contents()
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    blocks = {}
+    for source in sources:
+        gguf_name = names.get_name(_hf_name(source), try_suffixes=(".weight",))
+        tensor = tensors.get(gguf_name)
+        if tensor is None or tensor.tensor_type not in _GGML_TYPES:
+            continue
+        kind = _GGML_TYPES[tensor.tensor_type]
+        data = np.asarray(tensor.data)
+        if architecture == "llama" and gguf_name.split(".")[-2] in heads:
+            data = _unpermute_rows(data, heads[gguf_name.split(".")[-2]])
+        blocks[source] = (kind, torch.from_numpy(np.ascontiguousarray(data).copy()))
+    return blocks
+
+
+def decoded_shape(kind: str, blocks: torch.Tensor) -> tuple[int, int]:
+    """(rows, features) of the weight `blocks` decode to."""
+    return blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[kind] * BLOCK_SIZE

@@ -1,0 +1,145 @@
+"""A GGUF file's own Q4_1 / Q8_0 blocks as the step's frozen weights, kept byte for byte."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import mebp_compiler
+from mebp_compiler import models
+from mebp_compiler.passes.gguf_blocks import dequantize_gguf, dequantize_gguf_rows, embedding_gguf
+from mebp_compiler.passes.quantize import WeightFileError, dequantize_int4
+from tests.conftest import assert_matches_autograd, autograd_reference, lora_model, random_batch
+from tests.test_quantize import dequantized_copy, file_mapping_of
+
+Q4_1, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+
+
+def write_llama_cpp_file(path, model) -> None:
+    """`model`'s 2-D weights as llama.cpp's converter writes them: Q4_1 blocks, a Q8_0
+    embedding, and the query and key rows in its rotary order (its `permute`)."""
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for source, weight in model.named_parameters():
+        if weight.dim() != 2:
+            continue
+        name = names.get_name(source, try_suffixes=(".weight",))
+        data = weight.detach().numpy()
+        role = name.split(".")[-2]
+        if role in heads:
+            data = data.reshape(heads[role], 2, data.shape[0] // heads[role] // 2, -1).swapaxes(1, 2)
+            data = data.reshape(weight.shape)
+        kind = Q8_0 if name == "token_embd.weight" else Q4_1
+        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(("ggml_type", "kind"), [(Q4_1, "q4_1"), (Q8_0, "q8_0")])
+def test_block_decoding_equals_gguf_py_bit_for_bit(ggml_type, kind):
+    weight = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32) * np.linspace(0.1, 3, 96)
+    blocks = gguf.quants.quantize(weight.astype(np.float32), ggml_type)
+    reference = torch.from_numpy(gguf.quants.dequantize(blocks, ggml_type))
+    decoded = dequantize_gguf(torch.from_numpy(blocks), kind)
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, reference)
+    assert torch.equal(dequantize_gguf_rows(torch.from_numpy(blocks), kind, 2, 5), reference[2:5])
+    indices = torch.tensor([[5, 0], [3, 3]])
+    assert torch.equal(embedding_gguf(torch.from_numpy(blocks), kind, indices), reference[indices])
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    write_llama_cpp_file(path, models.load("tiny-llama"))
+    return path
+
+
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_step_over_gguf_blocks_equals_autograd_on_the_decoded_model(tiny_gguf, policy):
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    budget = {"budget": "64MB", "time_limit_s": 10} if policy == "optimal" else {}
+    plan = mebp_compiler.compile(model, batch, policy, int4=True, gguf_file=tiny_gguf, vocab_slices=4, **budget)
+    kinds = {name.rsplit(".", 1)[-1] for name in plan.weights.tensors}
+    assert kinds == {"q4_1", "q8_0"}  # every frozen weight kept as the file's blocks, none re-quantized
+    assert all("mebp-int4-" in (file_mapping_of(t) or "") for t in plan.weights.tensors.values())
+
+    decoded = dequantized_copy(model, plan)
+    for (name, original), (_, restored) in zip(model.named_parameters(), decoded.named_parameters()):
+        if original.dim() == 2 and not original.requires_grad:  # rows in Hugging Face order again
+            assert (restored - original).norm() < 0.1 * original.norm(), name
+    result = plan.step(batch)
+    assert_matches_autograd(result, autograd_reference(decoded, batch))
+    assert result.held_peak_bytes == plan.predicted_peak_bytes
+
+
+def test_a_gguf_file_of_another_model_or_not_gguf_at_all_fails_before_training(tiny_gguf, tmp_path):
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    other = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(str(other), "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(np.ones((32, 64), np.float32), Q4_1),
+                      raw_dtype=Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(WeightFileError, match="the model has"):
+        mebp_compiler.compile(model, batch, "mebp", int4=True, gguf_file=other)
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny_gguf.read_bytes()[:100])
+    with pytest.raises(WeightFileError, match="broken.gguf"):
+        mebp_compiler.compile(model, batch, "mebp", int4=True, gguf_file=broken)
+    with pytest.raises(ValueError, match="int4=True"):
+        mebp_compiler.compile(model, batch, "mebp", gguf_file=tiny_gguf)
+
+
+def test_weights_missing_from_the_gguf_file_are_quantized_to_int4(tmp_path):
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    partial = tmp_path / "partial.gguf"
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    up = dict(model.named_parameters())["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"]
+    writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(up.detach().numpy(), Q4_1), raw_dtype=Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    plan = mebp_compiler.compile(model, batch, "mebp", int4=True, group_size=32, gguf_file=partial)
+    assert list(name for name in plan.weights.tensors if name.endswith(".q4_1")) == [
+        "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight.q4_1"]
+    assert any(n.target is dequantize_int4 for n in plan.graph.nodes())
+    assert_matches_autograd(plan.step(batch), autograd_reference(dequantized_copy(model, plan), batch))
+
+
+def test_cli_refuses_gguf_blocks_for_a_model_without_a_gguf_file(tmp_path, capsys):
+    from mebp_compiler.cli import main
+
+    assert main(["train", "--model", "tiny-llama", "--steps", "1", "--seq-len", "16", "--gguf-blocks",
+                 "--out", str(tmp_path), "--no-progress"]) != 0
+    assert "only smollm2-135m" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_step_over_its_own_q4_1_blocks_equals_autograd_on_the_model_as_loaded(smollm2):
+    """No re-quantization: the blocks decode to exactly the weights transformers loaded."""
+    batch = random_batch(smollm2.config.vocab_size, batch=1, seq=32, seed=7)
+    plan = mebp_compiler.compile(smollm2, batch, "mebp", int4=True, gguf_file=models.smollm2_gguf_path(),
+                                 vocab_slices=8)
+    kinds = [name.rsplit(".", 1)[-1] for name in plan.weights.tensors]
+    assert kinds.count("q4_1") == 210 and kinds.count("q8_0") == 1 and len(kinds) == 211
+    params = dict(smollm2.named_parameters())
+    for source in plan.weights.sources:
+        encoding = plan.weights.encoding(source)
+        decoded = encoding.dequantize(*(plan.weights.tensors[n] for n in encoding.tensor_names), *encoding.constants)
+        assert torch.equal(decoded, params[source]), source
+    result = plan.step(batch)
+    assert_matches_autograd(result, autograd_reference(smollm2, batch))
+    assert result.held_peak_bytes == plan.predicted_peak_bytes
+
