@@ -100,6 +100,9 @@ def main() -> int:
         except BudgetInfeasible:
             print(f"    budget {format_bytes(budget)}: infeasible", file=sys.stderr)
             continue
+        except RuntimeError as exc:  # neither a timed nor a least-memory solution within the limit
+            print(f"    budget {format_bytes(budget)}: no solution within the time limit ({exc})", file=sys.stderr)
+            continue
         point = evaluate(graph, schedule, device, budget)
         print(f"    budget {format_bytes(budget)}: extra {point['extra_s']:.4f} s, computed peak "
               f"{format_bytes(point['peak_activation_bytes'])}", file=sys.stderr)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -135,7 +135,8 @@ def capture(
 
     tracer_state = _ModuleAnnotator(model, decoder_layers(model))
     annotate_backward = tracer_state.annotate_backward
-    with tracer_state.installed(), chunked_mlps(decoder_layers(model), mlp_chunks), fx_traceback.preserve_node_meta():
+    with (tracer_state.installed(), chunked_mlps(decoder_layers(model), mlp_chunks, tracer_state.part),
+          fx_traceback.preserve_node_meta()):
         gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
     if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
         gm.graph.eliminate_dead_code()
@@ -157,9 +158,11 @@ def capture(
 
 
 @contextlib.contextmanager
-def chunked_mlps(layers: torch.nn.ModuleList, chunks: int):
+def chunked_mlps(layers: torch.nn.ModuleList, chunks: int,
+                 part: Callable[[int], contextlib.AbstractContextManager] = lambda k: contextlib.nullcontext()):
     """While active, each layer's `mlp` maps its input [batch, seq, hidden] in `chunks`
     sequence chunks and concatenates the outputs (nothing changes for `chunks` <= 1).
+    Chunk k runs inside `part(k)` (the capture tags its ops, forward and backward, with it).
 
     The chunked forward is set on the module instances, so module hooks (the capture's
     annotations) still see every call; it is removed on exit.
@@ -167,8 +170,11 @@ def chunked_mlps(layers: torch.nn.ModuleList, chunks: int):
     mlps = [layer.mlp for layer in layers] if chunks > 1 else []
 
     def chunked(mlp: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        bounds = slice_bounds(hidden.shape[1], chunks)
-        return torch.cat([type(mlp).forward(mlp, hidden[:, start:end]) for start, end in bounds], dim=1)
+        outputs = []
+        for k, (start, end) in enumerate(slice_bounds(hidden.shape[1], chunks)):
+            with part(k):
+                outputs.append(type(mlp).forward(mlp, hidden[:, start:end]))
+        return torch.cat(outputs, dim=1)
 
     for mlp in mlps:
         mlp.forward = functools.partial(chunked, mlp)
@@ -245,8 +251,8 @@ def _describe(value: Any) -> str:
 class _ModuleAnnotator:
     """Hooks that tag every traced op with its module name and transformer block.
 
-    Forward: a pre-hook on every module enters `fx_traceback.annotate({"module", "block"})`
-    and the forward hook leaves it. Each module call also records which autograd sequence
+    Forward: a pre-hook on every module enters `fx_traceback.annotate({"module", "block",
+    "part"})` and the forward hook leaves it (`part` is set by `part`, else None). Each module call also records which autograd sequence
     numbers were created inside it. Backward: a pre-hook on every autograd node of the loss
     enters the annotation of the module that created that node.
     """
@@ -257,6 +263,7 @@ class _ModuleAnnotator:
         self.block_of_layer = {id(layer): i for i, layer in enumerate(layers)}
         self.origin_of_seq: dict[int, dict[str, Any]] = {}
         self._open: list[tuple[contextlib.AbstractContextManager, int, dict[str, Any]]] = []
+        self._part: int | None = None
         self._handles: list[Any] = []
 
     @contextlib.contextmanager
@@ -268,7 +275,7 @@ class _ModuleAnnotator:
             def pre_hook(mod, args, name=name, block=block):
                 if block is not None:
                     block_stack.append(block)
-                tag = {"module": name, "block": block_stack[-1]}
+                tag = {"module": name, "block": block_stack[-1], "part": self._part}
                 ctx = fx_traceback.annotate(tag)
                 ctx.__enter__()
                 self._open.append((ctx, torch.autograd._get_sequence_nr(), tag))
@@ -291,6 +298,17 @@ class _ModuleAnnotator:
             self._handles.clear()
             while self._open:
                 self._open.pop()[0].__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def part(self, index: int):
+        """Tag the ops traced inside the `with` block, and the modules called there, as part
+        `index` of the innermost module being called (forward and backward)."""
+        outer, self._part = self._part, index
+        try:
+            with self.region({**(self._open[-1][2] if self._open else {}), "part": index}):
+                yield
+        finally:
+            self._part = outer
 
     @contextlib.contextmanager
     def region(self, tag: dict[str, Any]):
@@ -333,13 +351,13 @@ def _tensor_infos(gm: fx.GraphModule, specs: list[InputSpec]) -> dict[str, Tenso
     loss_node = output_node.args[0][0]
     info: dict[str, TensorInfo] = {}
     phase = Phase.FORWARD
-    current_block = None  # block of the latest backward op that had one
+    current_block, current_part = None, None  # of the latest backward op that had a block
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
         custom = node.meta.get("custom", {})
         module = custom.get("module", "")
-        block = custom.get("block")
+        block, part = custom.get("block"), custom.get("part")
         if node.op == "placeholder":
             info[node.name] = make_info(node, role_of_input[node.name], Phase.INPUT)
             continue
@@ -351,13 +369,14 @@ def _tensor_infos(gm: fx.GraphModule, specs: list[InputSpec]) -> dict[str, Tenso
         if phase == Phase.BACKWARD:
             # Ops the autograd engine inserts itself (gradient accumulation) belong to no
             # module; they run inside the current block's backward, so they join it.
-            block = current_block if block is None else block
-            current_block = block
+            if block is None:
+                block, part = current_block, current_part
+            current_block, current_part = block, part
         if node is loss_node:
             role = Role.LOSS
         else:
             role = Role.ACTIVATION if phase == Phase.FORWARD else Role.GRADIENT
-        info[node.name] = make_info(node, role, phase, block=block, module=module)
+        info[node.name] = make_info(node, role, phase, block=block, part=part, module=module)
         if node is loss_node:
             phase = Phase.BACKWARD
     return info
@@ -401,6 +420,7 @@ def make_info(
     phase: Phase,
     *,
     block: int | None = None,
+    part: int | None = None,
     module: str = "",
 ) -> TensorInfo:
     """TensorInfo of `node` from its fake-tensor value (`node.meta['val']`)."""
@@ -421,6 +441,7 @@ def make_info(
         output_alias=alias,
         flops=_flops(node, val) if node.op == "call_function" and None in alias else 0,
         block=block,
+        part=part,
         module=module,
     )
 

@@ -51,7 +51,9 @@ class TensorInfo:
     `node.all_input_nodes` of the input whose storage it shares (views). A `getitem`
     node shares the storage of the element it selects. `flops` is an estimate of the
     floating-point operations of the op (matmuls exactly, element-wise ops as one per
-    output element).
+    output element). `part` numbers the sequence chunk of a chunked MLP an op belongs to
+    (None elsewhere): the backward of one block runs in segments of equal (block, part)
+    (`segment`), so a schedule brings back one chunk's activations at a time.
     """
 
     role: Role
@@ -64,6 +66,12 @@ class TensorInfo:
     block: int | None = None
     module: str = ""
     recompute_of: str | None = None
+    part: int | None = None
+
+    @property
+    def segment(self) -> tuple[int | None, int | None]:
+        """The backward segment of a backward op: its block, and its part within the block."""
+        return self.block, self.part
 
     @property
     def alloc_bytes(self) -> int:

@@ -100,7 +100,7 @@ def fuse_lora_update(graph: TrainingGraph) -> TrainingGraph:
                 role=Role.GRADIENT, phase=Phase.BACKWARD, shape=None, dtype=None,
                 output_nbytes=(0,), output_alias=(None,),
                 flops=UPDATE_FLOPS_PER_ELEMENT * grad.meta["val"].numel(),
-                block=grad_info.block, module=grad_info.module,
+                block=grad_info.block, part=grad_info.part, module=grad_info.module,
             )
     module = fx.GraphModule(graph.module, new_graph)
     return graph.replace(module=module, info=info, outputs=["loss"], meta={**graph.meta, "fused_update": True})

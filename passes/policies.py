@@ -74,7 +74,7 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
 
     The forward runs as traced; an offloaded tensor is written right after it is
     produced. The backward runs as traced, in segments (runs of ops of one transformer
-    block, or of none). Before a segment's first op comes its restore phase: every
+    block, or of none, and of one MLP chunk within it: `TensorInfo.segment`). Before a segment's first op comes its restore phase: every
     recomputed or offloaded forward tensor whose first backward use lies in the segment
     is brought back, in forward order - reloaded if offloaded, else recomputed together
     with the inputs it lacks (MeBP's "recompute the block just before its backward").
@@ -95,7 +95,7 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
     backward = [n for n in nodes if info[n.name].phase == Phase.BACKWARD]
     run_of, runs = {}, 0
     for i, node in enumerate(backward):
-        if i == 0 or info[node.name].block != info[backward[i - 1].name].block:
+        if i == 0 or info[node.name].segment != info[backward[i - 1].name].segment:
             runs += 1
         run_of[node.name] = runs
     restore: dict[int, list[fx.Node]] = defaultdict(list)

@@ -329,7 +329,7 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
             dequant.meta["val"] = a.meta["val"]
             weight_info = graph.info[a.name]
             info[dequant.name] = dataclasses.replace(
-                weight_info, role=Role.DEQUANTIZED, phase=ti.phase, block=ti.block, module=ti.module,
+                weight_info, role=Role.DEQUANTIZED, phase=ti.phase, block=ti.block, part=ti.part, module=ti.module,
                 flops=3 * a.meta["val"].numel(),
             )
             if ti.phase == Phase.FORWARD:

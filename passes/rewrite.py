@@ -81,7 +81,7 @@ def rewrite(graph: TrainingGraph, schedule: Schedule) -> TrainingGraph:
             new.meta["val"] = None
             new_info[new.name] = TensorInfo(
                 role=Role.OFFLOADED, phase=ti.phase, shape=None, dtype=None,
-                output_nbytes=(), output_alias=(), block=ti.block, module=ti.module,
+                output_nbytes=(), output_alias=(), block=ti.block, part=ti.part, module=ti.module,
             )
             handles[node.name] = new
             continue

@@ -51,7 +51,7 @@ def training_dag(graph: TrainingGraph, device: DeviceProfile) -> nx.DiGraph:
                      "just_in_time": ti.role == Role.DEQUANTIZED}
             attrs["compute_s"] = 0.0 if ti.phase == Phase.INPUT else op_seconds(node, ti, device)
             if where.phase == Phase.BACKWARD:
-                attrs["segment"] = where.block
+                attrs["segment"] = where.segment
             else:
                 attrs["block"] = where.block
             dag.add_node(name, **attrs)
