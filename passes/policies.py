@@ -18,12 +18,12 @@ from typing import Literal
 import torch.fx as fx
 
 from mebp_compiler.device import DeviceProfile
-from mebp_compiler.ir import Phase, Role, TrainingGraph
+from mebp_compiler.ir import Phase, Role, TrainingGraph, format_bytes
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.passes.schedule.from_graph import training_dag
 from mebp_compiler.passes.schedule.problem import SchedulingProblem, build_problem
-from mebp_compiler.passes.schedule.solver import BudgetInfeasible, least_budget, solve
+from mebp_compiler.passes.schedule.solver import BudgetInfeasible, SolverTimeout, least_budget, solve
 from mebp_compiler.schedule import Decision, Schedule, Step, StepKind
 
 
@@ -248,6 +248,13 @@ def least_feasible_budget(
     offload: bool = True,
     problem: SchedulingProblem | None = None,
 ) -> int:
-    """The least budget (bytes, whole step) for which `optimal_schedule` returns a schedule."""
+    """The least budget (bytes, whole step) for which `optimal_schedule` returns a schedule.
+
+    Raises SolverTimeout (a RuntimeError) when the solver cannot prove it within the limit.
+    """
     problem = problem or scheduling_problem(graph, device)
-    return least_budget(problem, device, time_limit_s=time_limit_s, offload=offload).model_peak_bytes
+    least = least_budget(problem, device, time_limit_s=time_limit_s, offload=offload)
+    if least.status != "OPTIMAL":
+        raise SolverTimeout(f"the least budget is not proven in {time_limit_s:g} s (the best found holds "
+                            f"{format_bytes(least.model_peak_bytes)}); raise time_limit_s (--time-limit)")
+    return least.model_peak_bytes

@@ -28,6 +28,10 @@ from mebp_compiler.passes.schedule.problem import SchedulingProblem
 NANOS = 1_000_000_000  # the objective is integer nanoseconds
 
 
+class SolverTimeout(RuntimeError):
+    """The solver proved nothing useful within its time limit; more time may help."""
+
+
 class BudgetInfeasible(ValueError):
     """No schedule fits the budget; `least_budget_bytes` is the least one that does."""
 
@@ -96,6 +100,10 @@ def solve(
             return dataclasses.replace(least, objective_s=_time_of(problem, device, least.decisions),
                                        bound_s=costs.constant / NANOS, status="FEASIBLE (least-memory fallback)",
                                        solve_s=time.perf_counter() - start)
+        if least.status != "OPTIMAL":
+            raise SolverTimeout(f"no schedule under {format_bytes(budget_bytes)} found in {time_limit_s:g} s, and "
+                                f"the least-memory solve only reached {format_bytes(least.model_peak_bytes)} "
+                                "unproven; raise time_limit_s (--time-limit) or the budget")
         raise BudgetInfeasible(budget_bytes, least.model_peak_bytes, _dominant(problem, least.decisions), least)
     decisions = _read(solver, var)
     return Solution(
@@ -113,19 +121,27 @@ def least_budget(
     problem: SchedulingProblem, device: DeviceProfile, *, time_limit_s: float = 20.0,
     workers: int = 2, offload: bool = True,
 ) -> Solution:
-    """The decisions with the least modelled peak (time is ignored)."""
+    """The decisions with the least modelled peak (time is ignored).
+
+    Status OPTIMAL: no decisions have a lower peak. FEASIBLE: the time limit ran out first,
+    so the peak is only an upper bound of the least. Raises SolverTimeout when not even
+    the keep-everything hint was confirmed in time.
+    """
     model, var, costs = _build(problem, device, offload)
     upper = sum(problem.size.values()) + max((c.fixed_bytes for c in problem.checkpoints), default=0)
     peak_var = model.NewIntVar(0, int(upper), "peak")
     for expr in _add_memory(model, problem, var):
         model.Add(expr <= peak_var)
     model.Minimize(peak_var)
-    _add_hint(model, var, {v: Decision.KEEP for v in problem.saved})  # always feasible
+    keep_all = {v: Decision.KEEP for v in problem.saved}  # always feasible
+    _add_hint(model, var, keep_all)
+    model.AddHint(peak_var, model_peak(problem, keep_all))  # a complete hint: found at once on big graphs
     solver = _solver(time_limit_s, workers)
     start = time.perf_counter()
     status = solver.Solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise RuntimeError(f"the least-memory model has no solution ({solver.StatusName(status)})")
+        raise SolverTimeout(f"the least-memory model found no solution in {time_limit_s:g} s "
+                            f"({solver.StatusName(status)}); raise time_limit_s (--time-limit)")
     decisions = _read(solver, var)
     return Solution(decisions, 0.0, 0.0, model_peak(problem, decisions), solver.StatusName(status),
                     time.perf_counter() - start)
