@@ -194,16 +194,16 @@ def _write_target(plan, model, args, out: Path) -> None:
     from mebp_compiler.targets import load_target
     from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 
-    if args.int4 or args.gguf_blocks:
-        raise ValueError("--int4 is not supported with --target yet: the partition and its weights file do "
-                         "not carry INT4 weights; compile without --int4")
+    if args.gguf_blocks:
+        raise ValueError("--gguf-blocks is not supported with --target: the GGUF blocks' fp16 scales are read "
+                         "by reinterpreting bytes, which ONNX cannot express; use --int4 instead")
     target = load_target(args.target)
     _say("partitioning into stages ...")
     part = partition(plan.graph, model=args.model, target=args.target)
     manifest = part.manifest
     _say(f"{len(manifest.stages)} stages, {len(manifest.unique_artifacts())} distinct; exporting to {args.target} ...")
     start = time.perf_counter()
-    facts = write_artifacts(part, target, out, weights=step_weights(model, part))
+    facts = write_artifacts(part, target, out, weights=step_weights(model, part, plan.weights))
     total = sum(f["bytes"] for f in facts.values())
     _say(f"wrote {len(facts)} {args.target} artifacts ({format_bytes(total)}) in {time.perf_counter() - start:.1f} s, "
          f"{out / 'manifest.json'} and {out / 'weights.safetensors'}; staged peak "

@@ -52,6 +52,12 @@ class PartitionError(ValueError):
     """The graph cannot be cut into stages; the message says which tensor and why."""
 
 
+#: Value kinds that are step inputs (read from the weights file or the batch), and those of
+#: them not held in RAM (INT4 weights memory-mapped from the weights file, see ir.UNHELD_ROLES).
+STEP_INPUT_KINDS = ("frozen", "lora", "batch", "mapped")
+UNHELD_KINDS = ("mapped",)
+
+
 class ManifestError(ValueError):
     """A manifest that is malformed, of another version, or does not match its artifacts."""
 
@@ -152,7 +158,7 @@ class Manifest:
 
     def check(self) -> None:
         """Raise ManifestError if a stage reads a value that is neither an input nor produced earlier."""
-        available = {n for n, v in self.values.items() if v.kind in ("frozen", "lora", "batch") or v.reload_of}
+        available = {n for n, v in self.values.items() if v.kind in STEP_INPUT_KINDS or v.reload_of}
         for stage in self.stages:
             unknown = [n for n in stage.inputs + stage.outputs if n not in self.values]
             if unknown:
@@ -247,10 +253,10 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
     drop_after = {v: stages[-1] for v, stages in readers.items()}
     for value in producer.keys() & values.keys():
         drop_after.setdefault(value, producer[value])
-    for value in [*result_names, *(v for v, s in values.items() if s.kind in ("frozen", "lora", "batch"))]:
+    for value in [*result_names, *(v for v, s in values.items() if s.kind in STEP_INPUT_KINDS)]:
         drop_after.pop(value, None)
     stages = []
-    held = sum(v.nbytes for v in values.values() if v.kind in ("frozen", "lora", "batch"))
+    held = sum(v.nbytes for v in values.values() if v.kind in STEP_INPUT_KINDS and v.kind not in UNHELD_KINDS)
     step_peak = 0
     for stage_name in order:
         builder = builders[stage_name]
@@ -263,7 +269,7 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
         spec = StageSpec(
             name=stage_name, kind=kind, block=block, signature=signature,
             artifact=f"{kind}-{signature[:12]}", inputs=builder.inputs, outputs=builder.outputs,
-            reads_frozen=[values[v].source for v in builder.inputs if values[v].kind == "frozen"],
+            reads_frozen=[values[v].source for v in builder.inputs if values[v].kind in ("frozen", "mapped")],
             free_after=free, offload_after=[v for v in builder.outputs if v in offloaded],
             held_before_bytes=held, internal_peak_bytes=internal,
         )
@@ -290,12 +296,11 @@ def _refuse_unsupported_options(graph: TrainingGraph, nodes: list[fx.Node]) -> N
         raise PartitionError("the plan was compiled with fuse_update=True (--fuse-update): its LoRA updates are "
                              "ops inside the step, but a partitioned step returns the gradients and the driver "
                              "applies the update; compile without fuse_update to write artifacts")
-    int4_ops = (quantize.dequantize_int4, quantize.embedding_int4, quantize.dequantize_int4_rows,
-                quantize.dequantize_gguf, quantize.embedding_gguf, quantize.dequantize_gguf_rows)
-    if any(n.target in int4_ops for n in nodes):
-        raise PartitionError("the plan was compiled with int4=True (--int4): the partition, the weights file and "
-                             "the ONNX exporter do not carry INT4 weights yet; compile without int4 to write "
-                             "artifacts")
+    gguf_ops = (quantize.dequantize_gguf, quantize.embedding_gguf, quantize.dequantize_gguf_rows)
+    if any(n.target in gguf_ops for n in nodes):
+        raise PartitionError("the plan keeps a GGUF file's own blocks (gguf_file=, --gguf-blocks): their fp16 "
+                             "scales are read by reinterpreting bytes, which ONNX cannot express; compile with "
+                             "int4=True but without gguf_file to write artifacts")
 
 
 def _stage_keys(graph: TrainingGraph, nodes: list[fx.Node]) -> dict[str, tuple[str, int | None]]:

@@ -64,14 +64,15 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) ->
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Graph op: the float weight [rows, cols] of `quantize_int4`'s output.
 
-    Works in int8 until the one float allocation, scaled in place, so the op's scratch
-    memory is about a quarter of its output rather than a second float copy.
+    A 4-bit two's-complement code c (0..15) is the integer (c + 8) % 16 - 8. The codes
+    stay in uint8 until the one float allocation, shifted and scaled in place, so the op's
+    scratch memory is about a quarter of its output rather than a second float copy. Plain
+    integer arithmetic only: ONNX has no bit reinterpretation (`view(dtype)`), and its
+    exporter mistypes shifts of uint8.
     """
-    signed = packed.view(torch.int8)
-    low = torch.bitwise_right_shift(torch.bitwise_left_shift(signed, 4), 4)  # arithmetic: sign-extends
-    high = torch.bitwise_right_shift(signed, 4)
+    codes = torch.stack((packed % 16, packed // 16), dim=-1)  # low nibble first
     rows, groups = scales.shape
-    weight = torch.stack((low, high), dim=-1).reshape(rows, -1).to(scales.dtype)
+    weight = ((codes + 8) % 16).reshape(rows, -1).to(scales.dtype).sub_(8)
     weight.view(rows, groups, -1).mul_(scales[..., None])
     return weight
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.partition import Partition
+from mebp_compiler.passes.quantize import QuantizedWeights
 from mebp_compiler.targets.driver import WEIGHTS_FILE, run_stages, save_weights, torch_stage_fn
 
 
@@ -54,12 +55,16 @@ def write_artifacts(partition: Partition, target: ModuleType, directory: str | P
     return facts
 
 
-def step_weights(model: torch.nn.Module, partition: Partition) -> dict[str, torch.Tensor]:
-    """The model's frozen weights and LoRA parameters the manifest's stages read, by source name."""
+def step_weights(model: torch.nn.Module, partition: Partition,
+                 quantized: QuantizedWeights | None = None) -> dict[str, torch.Tensor]:
+    """The frozen weights and LoRA parameters the manifest's stages read, by source name:
+    the model's, and for a plan compiled with INT4 weights its quantized ones (`plan.weights`)."""
     state = dict(model.named_parameters())
     state.update(model.named_buffers())
+    if quantized is not None:
+        state.update(quantized.tensors)
     return {v.source: state[v.source] for v in partition.manifest.values.values()
-            if v.kind in ("frozen", "lora") and not v.reload_of}
+            if v.kind in ("frozen", "lora", "mapped") and not v.reload_of}
 
 
 def recorded_stage_inputs(partition: Partition, arrays: Mapping[str, np.ndarray]) -> dict[str, list[np.ndarray]]:

@@ -24,13 +24,19 @@ import torch
 import torch.fx as fx
 
 from mebp_compiler.offload import OffloadStore
-from mebp_compiler.passes.partition import MANIFEST_FILE, Manifest, ManifestError, Partition
+from mebp_compiler.passes.partition import (
+    MANIFEST_FILE,
+    STEP_INPUT_KINDS,
+    UNHELD_KINDS,
+    Manifest,
+    ManifestError,
+    Partition,
+)
 from mebp_compiler.train import make_optimizer
 
 StageFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 #: (input (shape, dtype) list, output (shape, dtype) list) of a stage artifact.
 StageSignature = tuple[list[tuple[list[int], str]], list[tuple[list[int], str]]]
-STEP_INPUT_KINDS = ("frozen", "lora", "batch")
 
 
 @dataclass
@@ -126,7 +132,7 @@ def run_stages(manifest: Manifest, stage_fns: Mapping[str, StageFn], arrays: Map
     values = manifest.values
     env: dict[str, np.ndarray] = {name: arrays[v.source] for name, v in values.items()
                                   if v.kind in STEP_INPUT_KINDS and not v.reload_of}
-    held = sum(a.nbytes for a in env.values())
+    held = sum(a.nbytes for name, a in env.items() if values[name].kind not in UNHELD_KINDS)
     handles = {}
     held_before, held_during = [], []
     staged_peak = 0
@@ -200,7 +206,7 @@ class Driver:
         if weights is None:
             weights = load_weights(directory, manifest)
         arrays = dict(weights)
-        check_step_inputs(manifest, arrays, kinds=("frozen", "lora"))
+        check_step_inputs(manifest, arrays, kinds=("frozen", "lora", "mapped"))
         return cls(manifest, fns, arrays, OffloadStore(offload_dir))
 
     def step(self, batch: Mapping[str, np.ndarray]) -> DriverResult:

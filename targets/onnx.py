@@ -29,7 +29,8 @@ OPSET = 18
 SUFFIX = ".onnx"
 NAME = "onnx"
 
-_ONNX_DTYPES = {1: "float32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 6: "int32", 16: "bfloat16"}
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 6: "int32",
+                16: "bfloat16"}
 
 
 def decompose(stage: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.GraphModule:

@@ -32,6 +32,10 @@ from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_refere
 #: The staged peak (bytes the driver holds when a stage starts + the stage's own op-by-op
 #: peak) may exceed the plan's op-by-op peak: a stage's inputs stay held until it returns.
 STAGED_PEAK_TOLERANCE = 0.05
+#: With INT4 weights a stage also decompresses weights while its inputs are still held
+#: (e.g. the tied head, decompressed in the head's backward while the log-softmax it was
+#: called with stays held); on the tiny configs that is 5.7% of the whole step.
+INT4_STAGED_PEAK_TOLERANCE = 0.10
 
 
 def compile_policy(model, batch, policy: str, mebp=None):
@@ -60,8 +64,8 @@ def compiled_tiny(name: str, policy: str):
     return model, batch, compile_policy(model, batch, policy, mebp)
 
 
-def step_arrays(model, part, batch) -> dict[str, np.ndarray]:
-    arrays = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
+def step_arrays(model, part, batch, quantized=None) -> dict[str, np.ndarray]:
+    arrays = {k: v.detach().numpy() for k, v in step_weights(model, part, quantized).items()}
     arrays.update({k: v.numpy() for k, v in batch.items()})
     return arrays
 
@@ -71,14 +75,15 @@ def as_step_result(result: driver.DriverResult):
                                  grads={k: torch.from_numpy(np.asarray(v)) for k, v in result.grads.items()})
 
 
-def assert_held_as_predicted(part, plan, result: driver.DriverResult) -> None:
+def assert_held_as_predicted(part, plan, result: driver.DriverResult,
+                             tolerance: float = STAGED_PEAK_TOLERANCE) -> None:
     """Measured held bytes equal the manifest's per stage; the staged peak is the plan's within tolerance."""
     manifest = part.manifest
     assert result.held_before_bytes == [s.held_before_bytes for s in manifest.stages]
     assert result.staged_peak_bytes == manifest.predicted_peak_bytes
     assert manifest.plan_peak_bytes == plan.predicted_peak_bytes
     ratio = result.staged_peak_bytes / plan.predicted_peak_bytes
-    assert 1 <= ratio <= 1 + STAGED_PEAK_TOLERANCE, f"staged peak {ratio:.4f} x the plan's"
+    assert 1 <= ratio <= 1 + tolerance, f"staged peak {ratio:.4f} x the plan's"
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -185,13 +190,32 @@ def test_vocab_sliced_head_stages_match_autograd():
     assert_held_as_predicted(part, plan, result)
 
 
-@pytest.mark.parametrize("option", ["int4", "fuse_update"])
-def test_plans_the_partition_does_not_carry_are_refused(option):
+def test_plans_the_partition_does_not_carry_are_refused(tmp_path):
+    from tests.test_gguf_blocks import write_llama_cpp_file
+
     model = lora_model("tiny-llama")
     batch = random_batch(model.config.vocab_size, seq=16)
-    plan = mebp_compiler.compile(model, batch, "mebp", **{option: True})
-    with pytest.raises(PartitionError, match=f"compiled with {option}=True .*compile without {option}"):
+    plan = mebp_compiler.compile(model, batch, "mebp", fuse_update=True)
+    with pytest.raises(PartitionError, match="compiled with fuse_update=True .*compile without fuse_update"):
         partition(plan.graph)
+    write_llama_cpp_file(tmp_path / "tiny.gguf", models.load("tiny-llama"))
+    plan = mebp_compiler.compile(model, batch, "mebp", int4=True, gguf_file=tmp_path / "tiny.gguf")
+    with pytest.raises(PartitionError, match="GGUF file's own blocks.*without gguf_file"):
+        partition(plan.graph)
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_int4(policy: str):
+    """(model, batch, plan) of tiny-llama with INT4 weights (memory-mapped) under `policy`:
+    mebp with disk checkpoints, or optimal with offload at mebp's budget. Do not mutate."""
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    mebp = mebp_compiler.compile(model, batch, "mebp", checkpoints="disk", int4=True, group_size=32)
+    if policy == "mebp":
+        return model, batch, mebp
+    budget = mebp.predicted_peak_bytes + optimizer_state_bytes(model, "adamw")
+    return model, batch, mebp_compiler.compile(model, batch, "optimal", budget=budget, int4=True, group_size=32,
+                                               time_limit_s=5)
 
 
 class CountingTarget:
