@@ -21,8 +21,9 @@ chunks left by tracing and solving, and glibc serves even large tensors from tho
 before it maps new memory, so a freed temporary's pages stay resident and the step's
 allocations keep touching fresh ones (measured on SmolLM2-135M, seq 128: the process RSS
 rose 35-60 MiB above the bytes the step held). With `trim_heap` (default) both graphs
-call `malloc_trim(0)` where one transformer layer's ops end and the next one's begin, so
-freed pages go back to the OS once per layer and the RSS follows the bytes the plan holds.
+call `malloc_trim(0)` when they start and where one transformer layer's ops end and the
+next one's begin, so freed pages go back to the OS once per layer and the RSS follows the
+bytes the plan holds.
 
 What the budget covers, per graph: every tensor the graph computes (forward activations,
 the tensors kept for the backward, backward temporaries, gradients and the graph's
@@ -93,8 +94,9 @@ class BackendOptions:
     the scheduler trades off (default `cpu-local`). `offload_dir`: where offloaded tensors
     go (default: a temporary directory). `time_limit_s`: CP-SAT's limit per graph.
     `offload`: allow offloading at all (default True). `trim_heap`: return freed heap
-    pages to the OS at every transformer-layer boundary of both graphs (default True; see
-    the module docstring; a no-op where the C library has no `malloc_trim`).
+    pages to the OS at the start of both graphs and at every transformer-layer boundary
+    (default True; see the module docstring; a no-op where the C library has no
+    `malloc_trim`).
     """
 
     memory_budget_bytes: int
@@ -328,12 +330,13 @@ def release_freed_memory() -> None:
 
 
 def insert_heap_trims(gm: fx.GraphModule, stack_key: str) -> int:
-    """Call `release_freed_memory` before the first op of each transformer layer after the first.
+    """Call `release_freed_memory` before the graph's first op and where each layer's ops begin.
 
     A node's layer comes from `node.meta[stack_key]` (forward: `nn_module_stack`, backward:
     `fwd_nn_module_stack`), or its `nn_module_stack` for forward ops recomputed in the
-    backward; nodes outside any layer do not start a new one. Edits `gm` in place and
-    returns how many calls it placed.
+    backward; nodes outside any layer do not start a new one. The call at the start returns
+    what the Python code between graphs freed (one graph per layer after graph breaks).
+    Edits `gm` in place and returns how many calls it placed.
     """
     placed = 0
     current = None
@@ -341,12 +344,11 @@ def insert_heap_trims(gm: fx.GraphModule, stack_key: str) -> int:
         if node.op != "call_function":
             continue
         layer = _layer(node.meta.get(stack_key) or node.meta.get("nn_module_stack"))
-        if layer is None or layer == current:
+        if placed and (layer is None or layer == current):
             continue
-        if current is not None:
-            with gm.graph.inserting_before(node):
-                gm.graph.call_function(release_freed_memory, ())
-            placed += 1
+        with gm.graph.inserting_before(node):
+            gm.graph.call_function(release_freed_memory, ())
+        placed += 1
         current = layer
     if placed:
         gm.recompile()

@@ -198,7 +198,7 @@ def test_graph_breaks_share_the_budget():
 
 
 def test_heap_is_trimmed_between_layers(monkeypatch):
-    """Both graphs return freed heap pages once per layer boundary; results stay exact."""
+    """Both graphs return freed heap pages at their start and per layer boundary; results stay exact."""
     model = lora_model("tiny-llama")
     layers = len(models.decoder_layers(model))
     batch = random_batch(model.config.vocab_size)
@@ -209,13 +209,13 @@ def test_heap_is_trimmed_between_layers(monkeypatch):
     result = compiled_step(torch.compile(model, backend=backend), model, batch)
     assert_matches_autograd(result, reference)
     (plan,) = backend.graphs
-    assert plan.heap_trims == (layers - 1, layers - 1)
-    assert calls == [0] * (2 * (layers - 1)), "one malloc_trim(0) per layer boundary, forward and backward"
+    assert plan.heap_trims == (layers + 1, layers + 1)  # at the start (embedding, loss) and per layer
+    assert calls == [0] * (2 * (layers + 1)), "one malloc_trim(0) per heap_trims entry, forward and backward"
     torch._dynamo.reset()
     untrimmed = MebpBackend(memory_budget="1GB", trim_heap=False)
     compiled_step(torch.compile(model, backend=untrimmed), model, batch)
     assert untrimmed.graphs[0].heap_trims == (0, 0)
-    assert len(calls) == 2 * (layers - 1)
+    assert len(calls) == 2 * (layers + 1)
 
 
 @pytest.mark.skipif(backend_module._MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
