@@ -19,8 +19,9 @@ scheduler's memory model describes.
 Freed is not yet returned: after torch.compile, glibc's heap holds hundreds of MiB of free
 chunks left by tracing and solving, and glibc serves even large tensors from those chunks
 before it maps new memory, so a freed temporary's pages stay resident and the step's
-allocations keep touching fresh ones (measured on SmolLM2-135M, seq 128: the process RSS
-rose 35-60 MiB above the bytes the step held). With `trim_heap` (default) both graphs
+allocations keep touching fresh ones (measured on SmolLM2-135M, seq 128, budget 200 MB:
+RSS over base 203-232 MiB in five runs, against 174 MiB of tensors the torch profiler
+counts and a 190.7 MiB budget; 168-169 MiB trimmed). With `trim_heap` (default) both graphs
 call `malloc_trim(0)` when they start and where one transformer layer's ops end and the
 next one's begin, so freed pages go back to the OS once per layer and the RSS follows the
 bytes the plan holds.
