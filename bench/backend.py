@@ -37,7 +37,9 @@ methods:
                  partitioner saves about R x the activation bytes it would save unconstrained
                  (a ratio, not a bound); graphs run as plain fx code, like ours
   mebp-SIZE      torch.compile(model, backend="mebp", options={"memory_budget": SIZE}); the
-                 scheduler's device profile is cpu-local, or DEVICE for mebp-SIZE@DEVICE
+                 scheduler's device profile is cpu-local, or DEVICE for mebp-SIZE@DEVICE;
+                 mebp-SIZE-untrimmed also sets trim_heap=False (no malloc_trim between
+                 layers), to show what the heap keeps without it
 
 columns (MiB = 2^20 bytes):
   saved for bw   unique storages handed from the forward to the backward, counted in the
@@ -57,8 +59,8 @@ columns (MiB = 2^20 bytes):
   compile s      the warm-up step (trace, partition, scheduling, first step)
 
 Checks (non-zero exit): every method's loss equals eager's (1e-4) and its LoRA-gradient
-norm too (1e-3 relative); for mebp the saved-for-backward bytes (offloaded excluded) and the
-scheduler's model peak are within the budget.
+norm too (1e-3 relative); for mebp the saved-for-backward bytes (offloaded excluded), the
+scheduler's model peak and the RSS over base are within the budget.
 """
 
 LOSS_TOLERANCE = 1e-4
@@ -94,8 +96,11 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
     elif method.startswith("mebp-"):
         from mebp_compiler.backend import backend_for
 
-        budget, _, device = method[5:].partition("@")
-        options = {"memory_budget": budget, "time_limit_s": args.time_limit_s, "device": device or "cpu-local"}
+        spec = method[5:]
+        untrimmed = spec.endswith("-untrimmed")
+        budget, _, device = spec.removesuffix("-untrimmed").partition("@")
+        options = {"memory_budget": budget, "time_limit_s": args.time_limit_s, "device": device or "cpu-local",
+                   "trim_heap": not untrimmed}
         forward = torch.compile(model, backend="mebp", options=options)
         backend = backend_for(options)
 
@@ -156,11 +161,15 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
         rec["graphs"] = [{"budget_bytes": g.budget_bytes, "model_peak_bytes": g.model_peak_bytes,
                           "kept_bytes": g.kept_bytes, "last_saved_bytes": g.last_saved_bytes,
                           "offloaded_bytes": g.last_offloaded_bytes, "decisions": g.counts(),
-                          "solver_status": g.solver_status, "solve_s": g.solve_s} for g in backend.graphs]
+                          "solver_status": g.solver_status, "solve_s": g.solve_s,
+                          "heap_trims": g.heap_trims} for g in backend.graphs]
         rec["saved_bytes"] = sum(g.last_saved_bytes for g in backend.graphs)
         rec["offloaded_bytes"] = sum(g.last_offloaded_bytes for g in backend.graphs)
         if rec["saved_bytes"] > rec["budget_bytes"]:
             rec["failures"].append(f"{method}: saved {rec['saved_bytes']} bytes > budget {rec['budget_bytes']}")
+        if rec["rss_over_base_bytes"] > rec["budget_bytes"]:
+            rec["failures"].append(f"{method}: RSS over base {rec['rss_over_base_bytes']} bytes > budget "
+                                   f"{rec['budget_bytes']}")
         for g in rec["graphs"]:
             if g["model_peak_bytes"] > g["budget_bytes"]:
                 rec["failures"].append(f"{method}: model peak {g['model_peak_bytes']} > share {g['budget_bytes']}")
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--amb", default="0.5,0.1", help="activation_memory_budget ratios, comma-separated")
     parser.add_argument("--budgets", default="340MB,200MB,130MB",
-                        help="mebp budgets, comma-separated; SIZE@DEVICE schedules for another device profile")
+                        help="mebp budgets, comma-separated; SIZE@DEVICE schedules for another device profile, "
+                             "SIZE-untrimmed runs without trim_heap")
     parser.add_argument("--time-limit-s", type=float, default=20.0, help="CP-SAT limit per graph")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per method")

@@ -13,7 +13,8 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
 from mebp_compiler import models
-from mebp_compiler.backend import BackendError, MebpBackend, backend_for
+from mebp_compiler import backend as backend_module
+from mebp_compiler.backend import BackendError, MebpBackend, backend_for, release_freed_memory
 from mebp_compiler.passes.schedule.solver import BudgetInfeasible
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 
@@ -194,6 +195,57 @@ def test_graph_breaks_share_the_budget():
     assert peak <= budget, f"measured allocator peak {peak} exceeds the budget {budget}"
     second = compiled_step(compiled, model, batch)  # a second step reuses the compiled graphs
     assert_matches_autograd(second, reference)
+
+
+def test_heap_is_trimmed_between_layers(monkeypatch):
+    """Both graphs return freed heap pages at their start and per layer boundary; results stay exact."""
+    model = lora_model("tiny-llama")
+    layers = len(models.decoder_layers(model))
+    batch = random_batch(model.config.vocab_size)
+    reference = autograd_reference(model, batch)
+    calls = []
+    monkeypatch.setattr(backend_module, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    backend = MebpBackend(memory_budget="1GB")
+    result = compiled_step(torch.compile(model, backend=backend), model, batch)
+    assert_matches_autograd(result, reference)
+    (plan,) = backend.graphs
+    assert plan.heap_trims == (layers + 1, layers + 1)  # at the start (embedding, loss) and per layer
+    assert calls == [0] * (2 * (layers + 1)), "one malloc_trim(0) per heap_trims entry, forward and backward"
+    torch._dynamo.reset()
+    untrimmed = MebpBackend(memory_budget="1GB", trim_heap=False)
+    compiled_step(torch.compile(model, backend=untrimmed), model, batch)
+    assert untrimmed.graphs[0].heap_trims == (0, 0)
+    assert len(calls) == 2 * (layers + 1)
+
+
+@pytest.mark.skipif(backend_module._MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
+def test_release_freed_memory_returns_free_heap_pages():
+    """Freed small chunks stay resident until release_freed_memory hands their pages back."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def rss_anon() -> int:
+        return _bench.read_status()["RssAnon"]
+
+    chunk, count = 16 * 1024, 4096  # 64 MiB in chunks below any mmap threshold glibc uses
+    chunks = [libc.malloc(chunk) for _ in range(count)]
+    pins = [libc.malloc(64) for _ in range(count)]  # keep the freed chunks apart from the heap top
+    for address in chunks:
+        ctypes.memset(address, 1, chunk)
+    touched = rss_anon()
+    for address in chunks:
+        libc.free(address)
+    freed = rss_anon()
+    release_freed_memory()
+    released = rss_anon()
+    for address in pins:
+        libc.free(address)
+    assert freed > touched - 8 * 2**20, "glibc keeps freed chunks resident"
+    assert released < freed - 32 * 2**20, f"release_freed_memory returned only {freed - released} bytes"
 
 
 def test_infeasible_budget_names_the_least_feasible_one():
