@@ -71,8 +71,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     exporter mistypes shifts of uint8.
     """
     codes = torch.stack((packed % 16, packed // 16), dim=-1)  # low nibble first
+    codes.add_(8).remainder_(16)
     rows, groups = scales.shape
-    weight = ((codes + 8) % 16).reshape(rows, -1).to(scales.dtype).sub_(8)
+    weight = codes.reshape(rows, -1).to(scales.dtype).sub_(8)
     weight.view(rows, groups, -1).mul_(scales[..., None])
     return weight
 

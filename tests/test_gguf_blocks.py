@@ -17,13 +17,24 @@ from tests.test_quantize import dequantized_copy, file_mapping_of
 Q4_1, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
 
 
+def write_gguf(path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]) -> None:
+    """A Llama GGUF file of float `tensors` quantized by gguf-py, by GGUF tensor name."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, (data, kind) in tensors.items():
+        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_llama_cpp_file(path, model) -> None:
     """`model`'s 2-D weights as llama.cpp's converter writes them: Q4_1 blocks, a Q8_0
     embedding, and the query and key rows in its rotary order (its `permute`)."""
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    writer = gguf.GGUFWriter(str(path), "llama")
+    tensors = {}
     for source, weight in model.named_parameters():
         if weight.dim() != 2:
             continue
@@ -33,12 +44,8 @@ def write_llama_cpp_file(path, model) -> None:
         if role in heads:
             data = data.reshape(heads[role], 2, data.shape[0] // heads[role] // 2, -1).swapaxes(1, 2)
             data = data.reshape(weight.shape)
-        kind = Q8_0 if name == "token_embd.weight" else Q4_1
-        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        tensors[name] = (data, Q8_0 if name == "token_embd.weight" else Q4_1)
+    write_gguf(path, tensors)
 
 
 @pytest.mark.parametrize(("ggml_type", "kind"), [(Q4_1, "q4_1"), (Q8_0, "q8_0")])
@@ -83,13 +90,7 @@ def test_a_gguf_file_of_another_model_or_not_gguf_at_all_fails_before_training(t
     model = lora_model("tiny-llama")
     batch = random_batch(model.config.vocab_size)
     other = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(str(other), "llama")
-    writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(np.ones((32, 64), np.float32), Q4_1),
-                      raw_dtype=Q4_1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(other, {"blk.0.ffn_up.weight": (np.ones((32, 64), np.float32), Q4_1)})
     with pytest.raises(WeightFileError, match="the model has"):
         mebp_compiler.compile(model, batch, "mebp", int4=True, gguf_file=other)
     broken = tmp_path / "broken.gguf"
@@ -104,13 +105,8 @@ def test_weights_missing_from_the_gguf_file_are_quantized_to_int4(tmp_path):
     model = lora_model("tiny-llama")
     batch = random_batch(model.config.vocab_size)
     partial = tmp_path / "partial.gguf"
-    writer = gguf.GGUFWriter(str(partial), "llama")
     up = dict(model.named_parameters())["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"]
-    writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(up.detach().numpy(), Q4_1), raw_dtype=Q4_1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(partial, {"blk.0.ffn_up.weight": (up.detach().numpy(), Q4_1)})
     plan = mebp_compiler.compile(model, batch, "mebp", int4=True, group_size=32, gguf_file=partial)
     assert list(name for name in plan.weights.tensors if name.endswith(".q4_1")) == [
         "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight.q4_1"]

@@ -16,15 +16,12 @@ from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from mebp_compiler.train import make_optimizer
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 from tests.test_partition import (
-    INT4_STAGED_PEAK_TOLERANCE,
     CountingTarget,
     as_step_result,
     assert_held_as_predicted,
     compile_policy,
-    compiled_int4,
     compiled_tiny,
 )
-from tests.test_quantize import dequantized_copy
 
 ONNX = load_target("onnx")
 
@@ -58,20 +55,6 @@ def test_onnx_driver_matches_autograd(name, policy, tmp_path):
         model_proto = onnx.load(str(path))
         onnx.checker.check_model(model_proto)
         assert {o.domain: o.version for o in model_proto.opset_import}[""] == ONNX.OPSET
-
-
-@pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_onnx_driver_with_int4_weights_matches_autograd_on_the_dequantized_model(policy, tmp_path):
-    model, batch, plan = compiled_int4(policy)
-    part = partition(plan.graph, model="test")
-    write_artifacts(part, ONNX, tmp_path / "artifacts", weights=step_weights(model, part, plan.weights),
-                    progress=False)
-    run = driver.Driver.open(tmp_path / "artifacts", ONNX, offload_dir=str(tmp_path / "flash"))
-    assert any(name.endswith(".qweight") and a.dtype == np.uint8 for name, a in run.arrays.items())
-    result = run.step(numpy_batch(batch))
-    assert_matches_autograd(as_step_result(result), autograd_reference(dequantized_copy(model, plan), batch))
-    assert_held_as_predicted(part, plan, result, INT4_STAGED_PEAK_TOLERANCE)  # mapped INT4 inputs: not held
-    assert any(v.kind == "mapped" for v in part.manifest.values.values())
 
 
 def test_train_step_applies_adamw_like_torch(artifacts):

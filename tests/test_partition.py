@@ -204,6 +204,28 @@ def test_plans_the_partition_does_not_carry_are_refused(tmp_path):
         partition(plan.graph)
 
 
+@pytest.mark.parametrize("target_name", ["onnx", "mlx"])
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_target_driver_with_int4_weights_matches_autograd_on_the_dequantized_model(target_name, policy, tmp_path):
+    from mebp_compiler.targets import load_target
+    from mebp_compiler.targets.artifacts import write_artifacts
+    from tests.test_quantize import dequantized_copy
+
+    if target_name == "mlx":
+        pytest.importorskip("mlx.core", reason="the MLX target needs the 'mlx' extra")
+    target = load_target(target_name)
+    model, batch, plan = compiled_int4(policy)
+    part = partition(plan.graph, model="test")
+    assert any(v.kind == "mapped" for v in part.manifest.values.values())
+    write_artifacts(part, target, tmp_path / "artifacts", weights=step_weights(model, part, plan.weights),
+                    progress=False)
+    run = driver.Driver.open(tmp_path / "artifacts", target, offload_dir=str(tmp_path / "flash"))
+    assert any(name.endswith(".qweight") and a.dtype == np.uint8 for name, a in run.arrays.items())
+    result = run.step({k: v.numpy() for k, v in batch.items()})
+    assert_matches_autograd(as_step_result(result), autograd_reference(dequantized_copy(model, plan), batch))
+    assert_held_as_predicted(part, plan, result, INT4_STAGED_PEAK_TOLERANCE)  # mapped INT4 inputs: not held
+
+
 @functools.lru_cache(maxsize=4)
 def compiled_int4(policy: str):
     """(model, batch, plan) of tiny-llama with INT4 weights (memory-mapped) under `policy`:

@@ -21,15 +21,12 @@ from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
 from tests.test_partition import (
-    INT4_STAGED_PEAK_TOLERANCE,
     CountingTarget,
     as_step_result,
     assert_held_as_predicted,
     compile_policy,
-    compiled_int4,
     compiled_tiny,
 )
-from tests.test_quantize import dequantized_copy
 
 pytest.importorskip("mlx.core", reason="the MLX target needs the 'mlx' extra")
 from mebp_compiler.targets import mlx as mlx_target  # noqa: E402
@@ -153,18 +150,6 @@ def test_mlx_driver_matches_autograd(name, policy, tmp_path):
     if policy == "mebp":  # the two blocks' forwards run one file (optimal may schedule blocks differently)
         forward = {s.artifact for s in part.manifest.stages if s.kind == "block_forward"}
         assert len(forward) == 1 and facts[forward.pop()]["stages"] == 2
-
-
-@pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_mlx_driver_with_int4_weights_matches_autograd_on_the_dequantized_model(policy, tmp_path):
-    model, batch, plan = compiled_int4(policy)
-    part = partition(plan.graph, model="test")
-    write_artifacts(part, MLX, tmp_path / "artifacts", weights=step_weights(model, part, plan.weights),
-                    progress=False)
-    run = driver.Driver.open(tmp_path / "artifacts", MLX, offload_dir=str(tmp_path / "flash"))
-    result = run.step(numpy_batch(batch))
-    assert_matches_autograd(as_step_result(result), autograd_reference(dequantized_copy(model, plan), batch))
-    assert_held_as_predicted(part, plan, result, INT4_STAGED_PEAK_TOLERANCE)
 
 
 @pytest.fixture(scope="module")
