@@ -114,6 +114,7 @@ def run_plan(args: argparse.Namespace) -> dict:
                                      time_limit_s=args.time_limit, **options)
     compile_s = time.perf_counter() - start
     released = release_float_weights(model, plan.weights)
+    plan.runtime.trim_heap = args.trim_heap
     optimizer = make_optimizer(plan.lora_parameters().values(), "adamw", 1e-4)
 
     gc.collect()
@@ -274,7 +275,8 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
     print(table + f"\n\nCommand: `{command_line}`")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"whole-step-{args.model}-seq{args.seq_len}-r{args.lora_r}" + ("-gguf" if args.gguf_blocks else "")
+    stem = (f"whole-step-{args.model}-seq{args.seq_len}-r{args.lora_r}" + ("-gguf" if args.gguf_blocks else "")
+            + ("-trimmed" if args.trim_heap else ""))
     (out / f"{stem}.md").write_text(table + f"\n\nCommand: `{command_line}`\n")
     (out / f"{stem}.json").write_text(json.dumps({"command": command_line, "records": records,
                                                   "failures": failures}, indent=2))
@@ -289,6 +291,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (batch is 1)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank, alpha = 2r (default 8, MeSP's)")
     parser.add_argument("--group-size", type=int, default=64, help="INT4 group size (default 64, MeSP's)")
+    parser.add_argument("--trim-heap", action="store_true",
+                        help="return freed heap pages to the OS at each segment (Runtime.trim_heap)")
     parser.add_argument("--gguf-blocks", action="store_true",
                         help="smollm2-135m only: keep its GGUF file's Q4_1/Q8_0 blocks instead of INT4")
     parser.add_argument("--vocab-slices", type=int, default=64, help="LM head + loss vocabulary slices (default 64)")

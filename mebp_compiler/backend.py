@@ -47,7 +47,6 @@ while an earlier one runs its backward (returned logits, LoRA gradients).
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import re
@@ -69,6 +68,7 @@ from torch._functorch.partitioners import (
 
 from mebp_compiler.capture import make_info
 from mebp_compiler.device import DeviceProfile, parse_size
+from mebp_compiler.heap import release_freed_memory
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, format_bytes
 from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.schedule.from_graph import training_dag
@@ -311,23 +311,6 @@ class _Offloader:
         mapped = self.store.read(handle)
         os.unlink(handle.path)
         return mapped
-
-
-def _find_malloc_trim():
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-@fx.node.has_side_effect  # no outputs: dead-code elimination must keep it
-def release_freed_memory() -> None:
-    """Graph op: return the C heap's free pages to the OS (glibc `malloc_trim(0)`; else a no-op)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def insert_heap_trims(gm: fx.GraphModule, stack_key: str) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from mebp_compiler.heap import release_freed_memory
 from mebp_compiler.ir import UNHELD_ROLES, Role, TrainingGraph
 from mebp_compiler.offload import OffloadStore, using_store
 from mebp_compiler.passes.fuse_update import Updater, using_updater
@@ -79,15 +80,23 @@ def _storages(value: Any):
 
 
 class Runtime:
-    """Executes one TrainingGraph; build once, run every step."""
+    """Executes one TrainingGraph; build once, run every step.
 
-    def __init__(self, graph: TrainingGraph, offload_dir: str | None = None) -> None:
+    With `trim_heap` the C heap's freed pages go back to the OS before each op that starts
+    a new segment (its block, or its part of a block, changes; `heap.release_freed_memory`):
+    the process's RSS then follows the held bytes more closely, for some step time.
+    """
+
+    def __init__(self, graph: TrainingGraph, offload_dir: str | None = None, trim_heap: bool = False) -> None:
         self.graph = graph
         self.store = OffloadStore(offload_dir)
+        self.trim_heap = trim_heap
         nodes = list(graph.module.graph.nodes)
         self._placeholders = [n for n in nodes if n.op == "placeholder"]
         self._constants = [n for n in nodes if n.op == "get_attr"]
         self._steps = [n for n in nodes if n.op == "call_function"]
+        segments = [graph.info[n.name].segment for n in self._steps]
+        self._segment_starts = {k for k in range(len(segments)) if k == 0 or segments[k] != segments[k - 1]}
         self._output = graph.module.graph.output_node()
         position = {n: k for k, n in enumerate(self._steps)}
         self._drop_after: list[list[fx.Node]] = [[] for _ in self._steps]
@@ -118,6 +127,8 @@ class Runtime:
         lookup = env.__getitem__
         with torch.no_grad(), using_store(self.store), using_updater(updater):
             for k, node in enumerate(self._steps):
+                if self.trim_heap and k in self._segment_starts:
+                    release_freed_memory()
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lookup)
                 value = node.target(*args, **kwargs)
                 env[node] = value

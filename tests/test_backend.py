@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
-from mebp_compiler import models
-from mebp_compiler import backend as backend_module
-from mebp_compiler.backend import BackendError, MebpBackend, backend_for, release_freed_memory
+from mebp_compiler import heap, models
+from mebp_compiler.backend import BackendError, MebpBackend, backend_for
+from mebp_compiler.heap import release_freed_memory
 from mebp_compiler.passes.schedule.solver import BudgetInfeasible
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 
@@ -204,7 +204,7 @@ def test_heap_is_trimmed_between_layers(monkeypatch):
     batch = random_batch(model.config.vocab_size)
     reference = autograd_reference(model, batch)
     calls = []
-    monkeypatch.setattr(backend_module, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: calls.append(pad))
     backend = MebpBackend(memory_budget="1GB")
     result = compiled_step(torch.compile(model, backend=backend), model, batch)
     assert_matches_autograd(result, reference)
@@ -218,7 +218,7 @@ def test_heap_is_trimmed_between_layers(monkeypatch):
     assert len(calls) == 2 * (layers + 1)
 
 
-@pytest.mark.skipif(backend_module._MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
+@pytest.mark.skipif(heap._MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
 def test_release_freed_memory_returns_free_heap_pages():
     """Freed small chunks stay resident until release_freed_memory hands their pages back."""
     import ctypes

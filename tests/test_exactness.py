@@ -202,3 +202,22 @@ def test_chunked_mlps_lower_the_least_budget():
         least[chunks] = least_feasible_budget(graph, device, time_limit_s=30)
     product = 64 * config.intermediate_size * 4
     assert least[4] <= least[0] - 2 * product  # bytes of at least two whole MLP products saved
+
+
+def test_runtime_trims_the_heap_once_per_segment(monkeypatch):
+    from mebp_compiler import heap
+
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", mlp_chunks=2)
+    calls = []
+    monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    plan.runtime.trim_heap = True
+    result = plan.step(batch)
+    assert_matches_autograd(result, autograd_reference(model, batch))
+    segments = [plan.graph.info[n.name].segment for n in plan.graph.nodes() if n.op == "call_function"]
+    starts = 1 + sum(a != b for a, b in zip(segments, segments[1:]))
+    assert len(calls) == starts and starts >= 4 * plan.graph.num_blocks  # each block: forward, backward, parts
+    plan.runtime.trim_heap = False
+    plan.step(batch)
+    assert len(calls) == starts
