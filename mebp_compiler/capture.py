@@ -158,8 +158,7 @@ def capture(
 
 
 @contextlib.contextmanager
-def chunked_mlps(layers: torch.nn.ModuleList, chunks: int,
-                 part: Callable[[int], contextlib.AbstractContextManager] = lambda k: contextlib.nullcontext()):
+def chunked_mlps(layers: torch.nn.ModuleList, chunks: int, part: Callable[[int], contextlib.AbstractContextManager]):
     """While active, each layer's `mlp` maps its input [batch, seq, hidden] in `chunks`
     sequence chunks and concatenates the outputs (nothing changes for `chunks` <= 1).
     Chunk k runs inside `part(k)` (the capture tags its ops, forward and backward, with it).
@@ -252,8 +251,8 @@ class _ModuleAnnotator:
     """Hooks that tag every traced op with its module name and transformer block.
 
     Forward: a pre-hook on every module enters `fx_traceback.annotate({"module", "block",
-    "part"})` and the forward hook leaves it (`part` is set by `part`, else None). Each module call also records which autograd sequence
-    numbers were created inside it. Backward: a pre-hook on every autograd node of the loss
+    "part"})` and the forward hook leaves it (`part` is set by `part`, else None). Each
+    module call also records which autograd sequence numbers were created inside it. Backward: a pre-hook on every autograd node of the loss
     enters the annotation of the module that created that node.
     """
 

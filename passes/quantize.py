@@ -223,15 +223,13 @@ def quantize_model_weights(model: torch.nn.Module, graph: TrainingGraph, group_s
             raise WeightFileError(f"{exc}; pass the GGUF file the model was loaded from") from exc
     tensors = {}
     for source in frozen:
-        if source not in blocks and not quantizable(params[source], group_size):
-            continue
         if source in blocks:
             kind, data = blocks[source]
             if decoded_shape(kind, data) != tuple(params[source].shape):
                 raise WeightFileError(f"{gguf_file} stores {source} as {decoded_shape(kind, data)}, the model has "
                                       f"{tuple(params[source].shape)}; pass the GGUF file the model was loaded from")
             tensors[f"{source}.{kind}"] = data
-        else:
+        elif quantizable(params[source], group_size):
             tensors[f"{source}.qweight"], tensors[f"{source}.scales"] = quantize_int4(params[source], group_size)
     return QuantizedWeights(tensors, group_size)
 
