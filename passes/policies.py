@@ -35,6 +35,13 @@ def none_schedule(graph: TrainingGraph) -> Schedule:
 
 def mebp_schedule(graph: TrainingGraph, checkpoints: Literal["ram", "disk"] = "ram") -> Schedule:
     """MeBP's block checkpointing: keep block boundaries, recompute each block in the backward."""
+    decisions = mebp_decisions(graph, checkpoints)
+    return Schedule(f"mebp-{checkpoints}" if checkpoints == "disk" else "mebp", decisions,
+                    sequence_from_decisions(graph, decisions))
+
+
+def mebp_decisions(graph: TrainingGraph, checkpoints: Literal["ram", "disk"] = "ram") -> dict[str, Decision]:
+    """The per-tensor decisions of `mebp_schedule` (block boundaries kept or offloaded, the rest recomputed)."""
     boundary = set(block_boundaries(graph))
     checkpoint = Decision.OFFLOAD if checkpoints == "disk" else Decision.KEEP
     decisions: dict[str, Decision] = {}
@@ -45,8 +52,7 @@ def mebp_schedule(graph: TrainingGraph, checkpoints: Literal["ram", "disk"] = "r
             decisions[name] = Decision.RECOMPUTE
     for name in boundary:
         decisions[name] = checkpoint if graph.info[name].block is not None else Decision.KEEP
-    return Schedule(f"mebp-{checkpoints}" if checkpoints == "disk" else "mebp", decisions,
-                    sequence_from_decisions(graph, decisions))
+    return decisions
 
 
 def block_boundaries(graph: TrainingGraph) -> list[str]:
@@ -253,7 +259,7 @@ def least_feasible_budget(
     Raises SolverTimeout (a RuntimeError) when the solver cannot prove it within the limit.
     """
     problem = problem or scheduling_problem(graph, device)
-    least = least_budget(problem, device, time_limit_s=time_limit_s, offload=offload)
+    least = least_budget(problem, device, time_limit_s=time_limit_s, offload=offload, start=mebp_decisions(graph))
     if least.status != "OPTIMAL":
         raise SolverTimeout(f"the least budget is not proven in {time_limit_s:g} s (the best found holds "
                             f"{format_bytes(least.model_peak_bytes)}); raise time_limit_s (--time-limit)")

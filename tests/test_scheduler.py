@@ -77,6 +77,17 @@ def test_solver_refuses_an_infeasible_budget_naming_the_least():
     assert solve(problem, least, DEVICE).model_peak_bytes <= least
 
 
+def test_the_least_budget_does_not_depend_on_the_start_point(captured):
+    from mebp_compiler.passes.policies import mebp_decisions, scheduling_problem
+
+    _, _, graph, _ = captured
+    problem = scheduling_problem(graph, DEVICE)
+    plain = least_budget(problem, DEVICE, time_limit_s=10)
+    from_mebp = least_budget(problem, DEVICE, time_limit_s=10, start=mebp_decisions(graph))
+    assert plain.status == from_mebp.status == "OPTIMAL"
+    assert from_mebp.model_peak_bytes == plain.model_peak_bytes
+
+
 def test_a_dag_out_of_order_is_refused():
     dag = transformer_like_dag()
     reordered = type(dag)()

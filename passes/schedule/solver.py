@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
@@ -119,9 +120,13 @@ def solve(
 
 def least_budget(
     problem: SchedulingProblem, device: DeviceProfile, *, time_limit_s: float = 20.0,
-    workers: int = 2, offload: bool = True,
+    workers: int = 2, offload: bool = True, start: Mapping[str, Decision] | None = None,
 ) -> Solution:
     """The decisions with the least modelled peak (time is ignored).
+
+    `start` (e.g. MeBP's decisions) is a low-memory point to start the search from; a
+    saved tensor it leaves out is kept, and tensors it names that the problem does not
+    decide are ignored.
 
     Status OPTIMAL: no decisions have a lower peak. FEASIBLE: the time limit ran out first,
     so the peak is only an upper bound of the least. Raises SolverTimeout when not even
@@ -133,9 +138,10 @@ def least_budget(
     for expr in _add_memory(model, problem, var):
         model.Add(expr <= peak_var)
     model.Minimize(peak_var)
-    keep_all = {v: Decision.KEEP for v in problem.saved}  # always feasible
-    _add_hint(model, var, keep_all)
-    model.AddHint(peak_var, model_peak(problem, keep_all))  # a complete hint: found at once on big graphs
+    hint = {v: Decision.KEEP for v in problem.saved}  # always feasible
+    hint.update({v: d for v, d in (start or {}).items() if v in var})
+    _add_hint(model, var, hint)
+    model.AddHint(peak_var, model_peak(problem, hint))  # a complete hint: found at once on big graphs
     solver = _solver(time_limit_s, workers)
     start = time.perf_counter()
     status = solver.Solve(model)
