@@ -17,4 +17,4 @@ demo: setup
 	$(VENV)/bin/mebp train
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest

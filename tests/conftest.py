@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+
 import pytest
 import torch
 
@@ -11,6 +14,28 @@ from mebp_compiler import models
 torch.set_num_threads(1)
 
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
+
+#: Environment variables that choose CPU kernels or threads: a failure report says where it ran.
+KERNEL_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
+                   "ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def pytest_report_header(config) -> list[str]:
+    settings = ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_SETTINGS if k in os.environ) or "none set"
+    return [f"cpu: {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores); torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s), kernels {torch.backends.cpu.get_cpu_capability()}; "
+            f"kernel settings: {settings}"]
 
 
 def lora_model(name: str, seed: int = 0, **lora) -> torch.nn.Module:
@@ -76,3 +101,19 @@ def smollm2_mebp(smollm2):
 
     batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
     return batch, compile_policy(smollm2, batch, "mebp")
+
+
+@pytest.fixture(scope="session")
+def smollm2_float64_reference(smollm2, smollm2_mebp):
+    """Loss and LoRA gradients of float64 autograd on SmolLM2's weights and the `smollm2_mebp`
+    batch: the step without float32 rounding.
+
+    A float32 target (ONNX, MLX) is held to the project's tolerance against this, not
+    against torch's float32 step: the two float32 errors would add, and torch's depends on
+    the CPU's kernels (MKL, oneDNN). The margin to the tolerance is measured over seeds and
+    kernel settings by bench/fp32_error.py (docs/tolerances.md).
+    """
+    import copy
+
+    batch, _ = smollm2_mebp
+    return autograd_reference(copy.deepcopy(smollm2).double(), batch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -128,24 +127,31 @@ def test_offloaded_tensors_go_to_files_and_gradients_stay_exact(tmp_path):
     assert list(offload_dir.iterdir()) == [], "offload files are unlinked once mapped"
 
 
-def test_adamw_steps_match_eager():
-    eager_model = lora_model("tiny-gemma3")
-    model = copy.deepcopy(eager_model)
+def test_adamw_steps_read_the_updated_parameters():
+    """Three AdamW steps through the compiled model: each step's gradients equal eager
+    autograd's on the parameters as the previous updates left them, so the compiled graphs
+    read the parameters in place, not a stale copy.
+
+    Parameters after several steps are not compared with a separate eager run's: AdamW
+    divides by the root of the second moment, so rounding-level gradient differences move
+    a parameter by up to the learning rate, and no tolerance follows from the arithmetic.
+    """
+    model = lora_model("tiny-gemma3")
+    start = {n: p.detach().clone() for n, p in lora_params(model).items()}
     batches = [random_batch(model.config.vocab_size, seed=s) for s in range(3)]
     budget = int(least_budget(model, batches[0]) * 1.1)
     compiled = torch.compile(model, backend=MebpBackend(memory_budget=budget))
-    for net, forward in ((eager_model, eager_model), (model, compiled)):
-        optimizer = torch.optim.AdamW(lora_params(net).values(), lr=1e-2)
-        for batch in batches:
-            optimizer.zero_grad()
-            forward(**batch).loss.backward()
-            optimizer.step()
-    for (name, p), q in zip(lora_params(eager_model).items(), lora_params(model).values()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=f"{name} differs after 3 AdamW steps")
-    assert any(not torch.equal(p, q) for p, q in zip(lora_params(eager_model).values(),
-                                                     lora_params(lora_model("tiny-gemma3")).values()))
+    optimizer = torch.optim.AdamW(lora_params(model).values(), lr=1e-2)
+    for batch in batches:
+        reference = autograd_reference(model, batch)  # eager, on the same parameters
+        step = compiled_step(compiled, model, batch)
+        assert_matches_autograd(step, reference)
+        for name, p in lora_params(model).items():
+            p.grad = step.grads[name]
+        optimizer.step()
+    assert all(not torch.equal(p, start[n]) for n, p in lora_params(model).items())
     with torch.no_grad():  # evaluation compiles an inference graph: nothing to plan, same loss
-        torch.testing.assert_close(compiled(**batches[0]).loss, eager_model(**batches[0]).loss)
+        torch.testing.assert_close(compiled(**batches[0]).loss, model(**batches[0]).loss)
 
 
 def test_graph_breaks_share_the_budget():

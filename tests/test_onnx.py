@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partition
 from mebp_compiler.targets import driver, load_target
@@ -58,24 +59,30 @@ def test_onnx_driver_matches_autograd(name, policy, tmp_path):
 
 
 def test_train_step_applies_adamw_like_torch(artifacts):
+    """Each step's gradients equal autograd's on the parameters the step ran on, and the
+    driver's update equals torch's AdamW stepped on those same gradients, bit for bit.
+
+    The two are checked apart: AdamW divides by the root of the second moment, so where a
+    gradient is near zero a float32-rounding difference in it moves a parameter by up to
+    the learning rate. Parameters after steps on autograd's (slightly different) gradients
+    have no tolerance that follows from the arithmetic; fed the same gradients, the update
+    is the same computation and must agree exactly.
+    """
     directory, batch = artifacts
     model = lora_model("tiny-llama")  # the model the artifacts were compiled from
     run = driver.Driver.open(directory, ONNX)
     run.use_optimizer("adamw", lr=1e-2)
     before = {n: a.copy() for n, a in run.lora_arrays().items()}
-    for _ in range(2):
-        run.train_step(numpy_batch(batch))
-    # The same two AdamW steps in torch on autograd's gradients.
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(lora.values(), "adamw", 1e-2)
     for _ in range(2):
-        _, grads = autograd_reference(model, batch)
+        result = run.train_step(numpy_batch(batch))
+        assert_matches_autograd(as_step_result(result), autograd_reference(model, batch))
         for n, p in lora.items():
-            p.grad = grads[n]
+            p.grad = torch.from_numpy(result.grads[n])
         optimizer.step()
-    after = run.lora_arrays()
-    worst = max(np.abs(after[n] - p.detach().numpy()).max() for n, p in lora.items())
-    assert worst < 1e-5, worst
+        after = run.lora_arrays()
+        assert all(np.array_equal(after[n], p.detach().numpy()) for n, p in lora.items())
     assert all(not np.array_equal(after[n], before[n]) for n in lora)
 
 
@@ -176,13 +183,13 @@ def test_cli_compiles_and_runs_an_onnx_directory(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_smollm2_onnx_driver_matches_autograd(smollm2, smollm2_mebp, policy, tmp_path):
+def test_smollm2_onnx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_float64_reference, policy, tmp_path):
     batch, mebp = smollm2_mebp
     plan, part, facts = export(smollm2, batch, policy, tmp_path, weights=False, mebp=mebp)
     weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
     run = driver.Driver.open(tmp_path, ONNX, weights=weights)
     result = run.step(numpy_batch(batch))
-    assert_matches_autograd(as_step_result(result), autograd_reference(smollm2, batch))
+    assert_matches_autograd(as_step_result(result), smollm2_float64_reference)
     assert_held_as_predicted(part, plan, result)
     assert result.flash_bytes_written > 0
     # 63 stages, a handful of files: the 30 blocks share their artifacts.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from types import SimpleNamespace
@@ -231,35 +230,18 @@ def test_cli_compiles_and_runs_an_mlx_directory(tmp_path, capsys):
     assert (tmp_path / "lora.safetensors").is_file()
 
 
-@pytest.fixture(scope="module")
-def smollm2_float64_grads(smollm2, smollm2_mebp):
-    """LoRA gradients of float64 autograd on SmolLM2's weights and the test batch: the step
-    without float32 rounding, to tell a target's own error from torch's."""
-    batch, _ = smollm2_mebp
-    return autograd_reference(copy.deepcopy(smollm2).double(), batch)[1]
-
-
-def grad_error(grads, reference) -> float:
-    """Max abs difference over all gradients / the largest reference gradient."""
-    scale = max(g.abs().max().item() for g in reference.values())
-    return max((grads[n].double() - g.double()).abs().max().item() for n, g in reference.items()) / scale
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_float64_grads, policy, tmp_path):
+def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_float64_reference, policy, tmp_path):
     batch, mebp = smollm2_mebp
     plan = compile_policy(smollm2, batch, policy, mebp)
     part = partition(plan.graph, model="smollm2-135m")
     facts = write_mlx(part, tmp_path, weights=False)
     weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
     result = driver.Driver.open(tmp_path, MLX, weights=weights).step(numpy_batch(batch))
-    reference = autograd_reference(smollm2, batch)
-    assert_matches_autograd(as_step_result(result), reference)
-    # What is left of the difference is float32 rounding of the size torch's own has (MLX's
-    # unblocked matmul over the vocabulary made it 20-35x torch's: targets/mlx.py MATMUL_BLOCK).
-    mlx_error = grad_error(as_step_result(result).grads, smollm2_float64_grads)
-    assert mlx_error <= 2 * grad_error(reference[1], smollm2_float64_grads)
+    # MLX's unblocked matmul over the vocabulary erred 1.1e-4 of the largest gradient here
+    # (targets/mlx.py MATMUL_BLOCK); blocked, what is left is float32 rounding.
+    assert_matches_autograd(as_step_result(result), smollm2_float64_reference)
     assert_held_as_predicted(part, plan, result)
     assert result.flash_bytes_written > 0
     assert len(part.manifest.stages) == 63 and len(facts) <= 12  # the 30 blocks share their files
