@@ -162,9 +162,10 @@ def _run_compile(args) -> int:
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.passes.cost import step_cost
     from mebp_compiler.device import DeviceProfile
+    from mebp_compiler.rundir import COMPILE_ENTRIES, RunDirectory
 
     out = Path(args.out or f"runs/compile-{args.model}")
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunDirectory(out, COMPILE_ENTRIES)  # locked until the end; the old files stay until the new ones are whole
     device = "cpu" if args.target else "meta"  # scheduling alone needs shapes, not weights
     model = _load_lora_model(args, device=device)
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device=device)
@@ -172,19 +173,20 @@ def _run_compile(args) -> int:
     start = time.perf_counter()
     plan = _compile(model, {"input_ids": ids, "labels": ids}, args)
     cost = step_cost(plan.captured, plan.schedule, DeviceProfile.load(args.device))
-    plan.schedule.save(out / "schedule.json")
-    atomic_write_json(out / "memory.json", {
-        "predicted_peak_bytes": plan.predicted_peak_bytes,
-        "predicted_peak_activation_bytes": plan.predicted_peak_activation_bytes,
-        "predicted_step_s": cost.total_s, "extra_s": cost.extra_s, "budget": args.budget,
-        "device": args.device, "stats": plan.schedule.stats,
-    })
     print(plan.profile.report())
     _say(f"scheduled in {time.perf_counter() - start:.1f} s: predicted peak {format_bytes(plan.predicted_peak_bytes)}, "
          f"predicted step {cost.total_s:.3f} s on {args.device} ({cost.extra_s:.3f} s of recompute and I/O)")
-    _say(f"wrote {out / 'schedule.json'} and {out / 'memory.json'}")
-    if args.target:
-        _write_target(plan, model, args, out)
+    with run.replace() as staging:
+        plan.schedule.save(staging / "schedule.json")
+        atomic_write_json(staging / "memory.json", {
+            "predicted_peak_bytes": plan.predicted_peak_bytes,
+            "predicted_peak_activation_bytes": plan.predicted_peak_activation_bytes,
+            "predicted_step_s": cost.total_s, "extra_s": cost.extra_s, "budget": args.budget,
+            "device": args.device, "stats": plan.schedule.stats,
+        })
+        if args.target:
+            _write_target(plan, model, args, staging)
+    _say(f"wrote {out}/ (schedule.json, memory.json{', manifest.json, weights and artifacts' if args.target else ''})")
     return 0
 
 
@@ -206,7 +208,7 @@ def _write_target(plan, model, args, out: Path) -> None:
     facts = write_artifacts(part, target, out, weights=step_weights(model, part, plan.weights))
     total = sum(f["bytes"] for f in facts.values())
     _say(f"wrote {len(facts)} {args.target} artifacts ({format_bytes(total)}) in {time.perf_counter() - start:.1f} s, "
-         f"{out / 'manifest.json'} and {out / 'weights.safetensors'}; staged peak "
+         f"manifest.json and weights.safetensors; staged peak "
          f"{format_bytes(manifest.predicted_peak_bytes)} (op-by-op plan {format_bytes(manifest.plan_peak_bytes)})")
     verify = getattr(target, "verify_artifacts", None)
     if verify is not None:  # a target that cannot run here is checked here as far as it can be
@@ -218,7 +220,7 @@ def _write_target(plan, model, args, out: Path) -> None:
         report = verify(part, out, arrays)
         worst = max(a["worst_relative_error"] for a in report["artifacts"].values())
         _say(f"all {len(report['artifacts'])} checks passed (worst error {worst:.2g} x max(1, output scale), "
-             f"tolerance {report['tolerance']:g}); wrote {out / target.CHECK_REPORT}")
+             f"tolerance {report['tolerance']:g}); wrote {target.CHECK_REPORT}")
 
 
 def _add_run(sub) -> None:
@@ -244,14 +246,16 @@ def _add_run(sub) -> None:
 
 
 def _run_artifacts(args) -> int:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
     from tqdm.auto import tqdm
 
     from mebp_compiler import data, models
     from mebp_compiler.ir import format_bytes
+    from mebp_compiler.rundir import RunFile
     from mebp_compiler.targets import load_target
     from mebp_compiler.targets.driver import Driver, load_manifest
 
+    out = RunFile(args.out) if args.out else None  # locked until the end; replaced atomically
     manifest = load_manifest(args.directory)
     _say(f"checking {args.directory} ({manifest.target}, {len(manifest.stages)} stages) ...")
     driver = Driver.open(args.directory, load_target(manifest.target), offload_dir=args.offload_dir)
@@ -273,7 +277,7 @@ def _run_artifacts(args) -> int:
          f"with the stages' own tensors {format_bytes(max(peaks))} (manifest predicts "
          f"{format_bytes(manifest.predicted_peak_bytes)})")
     if args.out:
-        save_file({k: a.copy() for k, a in driver.lora_arrays().items()}, args.out)
+        out.write_bytes(save({k: a.copy() for k, a in driver.lora_arrays().items()}))
         _say(f"wrote {args.out}")
     return 0
 
@@ -393,10 +397,11 @@ def _run_train(args) -> int:
     from mebp_compiler import data, models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
+    from mebp_compiler.rundir import TRAIN_ENTRIES, RunDirectory
     from mebp_compiler.train import make_optimizer, plot_loss, save_adapter, train
 
     out = Path(args.out or f"runs/train-{args.model}")
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunDirectory(out, TRAIN_ENTRIES)  # locked until the end; the old run stays until the new one is whole
     _say(f"loading {args.model} ...")
     model = _load_lora_model(args)
     tokenizer = models.load_tokenizer(args.model) if args.model == "smollm2-135m" else data.ByteTokenizer()
@@ -428,17 +433,18 @@ def _run_train(args) -> int:
         optimizer = make_optimizer(plan.lora_parameters().values(), args.optimizer, lr)
         history = train(plan, batches, args.steps, optimizer, progress=not args.no_progress)
 
-    adapter = save_adapter(model, out / "adapter")
     method = "MeZO" if mezo else f"policy {_policy(args)}"
-    plot = plot_loss(history, out / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, {method}")
-    atomic_write_json(out / "history.json", {"args": _jsonable(vars(args)), **history.to_json(),
-                                              "predicted_peak_bytes": plan.predicted_peak_bytes})
+    with run.replace() as staging:
+        save_adapter(model, staging / "adapter")
+        plot_loss(history, staging / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, {method}")
+        atomic_write_json(staging / "history.json", {"args": _jsonable(vars(args)), **history.to_json(),
+                                                      "predicted_peak_bytes": plan.predicted_peak_bytes})
     k = max(1, len(history.loss) // 5)
     first, last = sum(history.loss[:k]) / k, sum(history.loss[-k:]) / k
     _say(f"loss {first:.3f} -> {last:.3f} (mean of first and last {k} steps); "
          f"held peak {format_bytes(max(history.held_peak_bytes))}, predicted "
          f"{format_bytes(plan.predicted_peak_bytes)}")
-    _say(f"wrote {adapter}/, {plot}, {out / 'history.json'}")
+    _say(f"wrote {out / 'adapter'}/, {out / 'loss.png'}, {out / 'history.json'}")
     return 0
 
 

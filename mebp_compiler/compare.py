@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 import mebp_compiler
 from mebp_compiler import data
 from mebp_compiler.device import parse_size
-from mebp_compiler.files import atomic_write_json, atomic_write_text
+from mebp_compiler.checksums import SEAL_KEY, seal_json, unseal_json
+from mebp_compiler.files import atomic_write, atomic_write_json, atomic_write_text
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.mezo import compile_mezo, mezo_step
 from mebp_compiler.plan import optimizer_state_bytes
@@ -499,12 +500,10 @@ def plot_study(study: Study, path: str | os.PathLike) -> Path:
     fig.suptitle(f"{study.model}, LoRA: backprop vs. MeZO (seq {s.seq_len}, batch {s.batch_size}; "
                  f"MeZO budget: {s.mezo_budget})", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    finally:
+        plt.close(fig)
 
 
 def write_study(study: Study, out: str | os.PathLike) -> dict[str, Path]:
@@ -513,7 +512,7 @@ def write_study(study: Study, out: str | os.PathLike) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     return {
         "png": plot_study(study, out / "curves.png"),
-        "json": atomic_write_json(out / "study.json", _finite(study.to_json())),
+        "json": atomic_write_json(out / "study.json", seal_json(_finite(study.to_json()))),
         "table": atomic_write_text(out / "table.md", markdown_table(study)),
     }
 
@@ -521,14 +520,21 @@ def write_study(study: Study, out: str | os.PathLike) -> dict[str, Path]:
 def redraw(out: str | os.PathLike) -> dict[str, Path]:
     """Read `out/study.json` and write its PNG and table again (no training).
 
-    Raises FileNotFoundError if there is no study.json, ValueError if it is not one.
+    Raises FileNotFoundError if there is no study.json, ValueError if it is not one or does
+    not match its checksum (a study written before checksums were sealed in is read as it is).
     """
     path = Path(out) / "study.json"
     if not path.is_file():
         raise FileNotFoundError(f"no study to redraw: {path} does not exist (run mebp compare --out {out} first)")
     try:
-        study = Study.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        record = json.loads(path.read_text())
+        if SEAL_KEY in record:
+            record = unseal_json(record)
+            if record is None:
+                raise ValueError(f"{path} does not match its SHA-256 checksum (its bytes changed after it was "
+                                 "written); run mebp compare again")
+        study = Study.from_json(record)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is not a study written by mebp compare ({exc})") from None
     return write_study(study, out)
 

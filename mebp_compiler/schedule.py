@@ -12,9 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mebp_compiler.checksums import seal_json, unseal_json
 from mebp_compiler.files import atomic_write_json
 
-SCHEDULE_FORMAT_VERSION = 1
+#: Version of the JSON layout; 2 added the seal (`sha256`, see `checksums.seal_json`) of saved files.
+SCHEDULE_FORMAT_VERSION = 2
 
 
 class ScheduleError(ValueError):
@@ -89,12 +91,20 @@ class Schedule:
             raise ScheduleError(f"corrupt schedule: {exc!r}; compile the plan again") from exc
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, self.to_json())
+        """Write the schedule as JSON, atomically, sealed with the SHA-256 of its content."""
+        atomic_write_json(path, seal_json(self.to_json()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Schedule:
+        """Read a file `save` wrote; ScheduleError if it is not valid JSON, of another version, or changed since."""
         try:
             data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ScheduleError(f"{path} is not valid JSON ({exc}); compile the plan again") from exc
+        if isinstance(data, dict) and data.get("format_version") == SCHEDULE_FORMAT_VERSION:
+            unsealed = unseal_json(data)
+            if unsealed is None:
+                raise ScheduleError(f"{path} does not match its SHA-256 checksum (its bytes changed after it was "
+                                    "written); compile the plan again")
+            data = unsealed
         return cls.from_json(data)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from mebp_compiler import rundir
+from mebp_compiler.files import atomic_write, write_error
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.plan import OPTIMIZER_STATE_TENSORS, Plan
 
@@ -88,25 +89,18 @@ def train(
 def save_adapter(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     """Save the LoRA adapter (peft format, safetensors) atomically to `directory`.
 
-    The adapter is written to a temporary sibling directory and swapped in with a rename,
-    so an interrupted save never leaves a half-written adapter in place of a good one.
+    The adapter is written to a staging sibling and swapped in whole (`rundir.replaced`):
+    an interrupted save leaves the old adapter or the new one, never a mix or none.
+
+    Raises:
+        WriteError: the disk is full or the directory is not writable; the old adapter stays.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with rundir.replaced(directory) as staging:
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+        except (OSError, SafetensorError) as exc:
+            raise write_error(staging, exc) from exc
     return directory
 
 
@@ -132,8 +126,8 @@ def plot_loss(history: TrainHistory, path: str | os.PathLike, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
 

@@ -39,12 +39,14 @@ import torch
 import torch.fx as fx
 
 from mebp_compiler import offload
+from mebp_compiler.checksums import seal_json
 from mebp_compiler.files import atomic_write_json
 from mebp_compiler.ir import Phase, Role, TensorInfo, TrainingGraph
 from mebp_compiler.passes.liveness import liveness
 
-#: Version of the manifest's JSON layout; a driver refuses any other.
-MANIFEST_FORMAT_VERSION = 1
+#: Version of the manifest's JSON layout; a driver refuses any other. Version 2 added the
+#: files' SHA-256 (`files`) and the manifest's own (`sha256`, see `checksums.seal_json`).
+MANIFEST_FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 
 
@@ -115,7 +117,9 @@ class Manifest:
     `loss` and `grads` (LoRA parameter name -> value name) are the step's results.
     `predicted_peak_bytes` = max over stages of held_before_bytes + internal_peak_bytes;
     `plan_peak_bytes` is the rewritten graph's liveness peak (op-by-op), for comparison.
-    `optimizer` says how the LoRA update is applied (by the driver).
+    `optimizer` says how the LoRA update is applied (by the driver). `files` maps each file
+    of the directory the stages read (artifacts, the weights file) to its SHA-256, checked
+    before any compute.
     """
 
     format_version: int
@@ -131,6 +135,7 @@ class Manifest:
     plan_peak_bytes: int
     optimizer: dict = field(default_factory=lambda: {"applied_by": "driver"})
     weights_file: str = ""
+    files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -154,7 +159,8 @@ class Manifest:
         return manifest
 
     def save(self, directory: str | Path) -> Path:
-        return atomic_write_json(Path(directory) / MANIFEST_FILE, self.to_json())
+        """Write manifest.json atomically, sealed with the SHA-256 of its content."""
+        return atomic_write_json(Path(directory) / MANIFEST_FILE, seal_json(self.to_json()))
 
     def check(self) -> None:
         """Raise ManifestError if a stage reads a value that is neither an input nor produced earlier."""

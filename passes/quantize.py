@@ -34,6 +34,8 @@ import torch.fx as fx
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mebp_compiler.checksums import check_safetensors, placeholder_metadata, seal_safetensors
+from mebp_compiler.files import atomic_write
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
 from mebp_compiler.passes.gguf_blocks import (
     BLOCK_BYTES,
@@ -153,26 +155,37 @@ class QuantizedWeights:
         return None
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file (atomically: a temporary file renamed over the target)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(self.tensors, str(tmp), metadata={"format": "mebp-int4", "group_size": str(self.group_size)})
-        os.replace(tmp, path)
-        return path
+        """Write one safetensors file, atomically, sealed with the SHA-256 of its bytes (`checksums`).
+
+        Sealing reads the file once more after writing it."""
+        metadata = {"format": "mebp-int4", "group_size": str(self.group_size), **placeholder_metadata()}
+
+        def write(tmp: Path) -> None:
+            save_file(self.tensors, str(tmp), metadata=metadata)
+            seal_safetensors(tmp)
+
+        return atomic_write(path, write)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> QuantizedWeights:
+    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> QuantizedWeights:
         """Memory-map the file; a corrupt or truncated one raises WeightFileError before any compute.
 
         safetensors maps the file and hands out tensors over the mapping, so the weights
-        stay on flash until an op reads them, as MeBP's memory-mapped weights do.
+        stay on flash until an op reads them, as MeBP's memory-mapped weights do. With
+        `verify` the whole file is also read once, sequentially (through the page cache, not
+        the mapping, so its pages do not count in the process's RSS), and its SHA-256 checked
+        against the one `save` sealed it with: 0.4-1 s for a 265 MiB file (Qwen2.5-0.5B at
+        INT4) on the 2-core development machine, quiet to loaded.
         """
         try:
             with safe_open(str(path), framework="pt") as weight_file:
                 tensors = {name: weight_file.get_tensor(name) for name in weight_file.keys()}
                 group_size = int((weight_file.metadata() or {}).get("group_size", 0))
+            problem = check_safetensors(path) if verify else None
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightFileError(f"cannot read INT4 weights from {path}: {exc}; quantize the model again") from exc
+        if problem is not None:
+            raise WeightFileError(f"INT4 weights file {path}: {problem}; delete it and compile again")
         int4 = {n.rsplit(".", 1)[0] for n in tensors if n.rsplit(".", 1)[-1] in ("qweight", "scales")}
         blocks = [(n, t) for n, t in tensors.items() if n.rsplit(".", 1)[-1] in BLOCK_BYTES]
         group_sizes = {tensors[f"{w}.qweight"].shape[1] * 2 // tensors[f"{w}.scales"].shape[1] for w in int4
@@ -186,13 +199,16 @@ class QuantizedWeights:
         """These weights written to a file in `directory` (default: the system's temporary one) and mapped back.
 
         The file is unlinked at once: the mapping keeps its pages readable, and nothing is
-        left on disk when the process ends.
+        left on disk when the process ends. It is not verified: this process wrote it a moment
+        ago and no other process can open it once it is unlinked.
         """
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix="mebp-int4-", suffix=".safetensors", dir=directory)
         os.close(handle)
         try:
             self.save(name)
-            return self.load(name)
+            return self.load(name, verify=False)
         finally:
             os.unlink(name)
 

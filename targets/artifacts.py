@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mebp_compiler.checksums import sha256_path
 from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.partition import Partition
 from mebp_compiler.passes.quantize import QuantizedWeights
@@ -20,8 +21,9 @@ from mebp_compiler.targets.driver import WEIGHTS_FILE, run_stages, save_weights,
 
 def write_artifacts(partition: Partition, target: ModuleType, directory: str | Path, *,
                     weights: Mapping[str, torch.Tensor] | None = None, progress: bool = True) -> dict:
-    """Export every distinct stage once with `target`, then write the manifest (last, so a
-    directory with a manifest is complete) and, if given, the weights (source name -> tensor).
+    """Export every distinct stage once with `target`, then write, if given, the weights
+    (source name -> tensor) and the manifest with every file's SHA-256 (last, so a directory
+    with a manifest is complete).
 
     Returns export facts: seconds per artifact and its size in bytes.
     """
@@ -51,6 +53,8 @@ def write_artifacts(partition: Partition, target: ModuleType, directory: str | P
     if weights is not None:
         save_weights(directory, weights)
         manifest.weights_file = WEIGHTS_FILE
+    manifest.files = {name: sha256_path(directory / name)
+                      for name in (*written.values(), manifest.weights_file) if name}
     manifest.save(directory)
     return facts
 

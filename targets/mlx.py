@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 from collections.abc import Callable
 
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from mebp_compiler.files import atomic_write
 from mebp_compiler.passes import quantize
 from mebp_compiler.targets.fx_stage import (
     OpContext,
@@ -112,14 +112,12 @@ def export_stage(stage: fx.GraphModule, example_inputs: list[torch.Tensor], path
         "inputs": [[list(x.shape), _dtype_name(x.dtype)] for x in example_inputs],
         "outputs": [[list(s.shape), _dtype_name(s.dtype)] for s in output_signature(stage)],
     }
-    tmp = path.with_name(f".{path.stem}.tmp{SUFFIX}")
-    tmp.unlink(missing_ok=True)
-    try:
+
+    def write(tmp: pathlib.Path) -> None:
+        tmp.unlink(missing_ok=True)  # mx.export_function does not overwrite
         mx.export_function(str(tmp), fn, *args, metadata=json.dumps(signature))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(path, write)
 
 
 def stage_function(stage: fx.GraphModule) -> Callable[..., tuple[mx.array, ...]]:

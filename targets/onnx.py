@@ -14,7 +14,6 @@ stage of the same structure (every block of a model), the manifest binds the nam
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import torch
 import torch.fx as fx
 from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from mebp_compiler.files import atomic_write
 
 #: ONNX opset of every exported stage (ai.onnx domain); onnxruntime 1.32 runs it.
 OPSET = 18
@@ -44,20 +45,23 @@ def export_stage(stage: fx.GraphModule, example_inputs: list[torch.Tensor], path
     path = path.with_name(path.name + SUFFIX) if path.suffix != SUFFIX else path
     decomposed = decompose(stage, example_inputs)
     num_outputs = len(stage.graph.output_node().args[0])
-    tmp = path.with_name(f".{path.name}.tmp")
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                decomposed, tuple(example_inputs), str(tmp), dynamo=True, optimize=False, opset_version=OPSET,
+                input_names=[f"input_{k}" for k in range(len(example_inputs))],
+                output_names=[f"output_{k}" for k in range(num_outputs)], external_data=False, verbose=False,
+            )
+
     exporter_log.setLevel(logging.ERROR)  # it warns that torchvision's ops are not registered
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            decomposed, tuple(example_inputs), str(tmp), dynamo=True, optimize=False, opset_version=OPSET,
-            input_names=[f"input_{k}" for k in range(len(example_inputs))],
-            output_names=[f"output_{k}" for k in range(num_outputs)], external_data=False, verbose=False,
-        )
-    exporter_log.setLevel(level)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, write)
+    finally:
+        exporter_log.setLevel(level)
 
 
 def describe_stage(path: Path) -> tuple[list[tuple[list[int], str]], list[tuple[list[int], str]]]:

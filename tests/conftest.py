@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +80,27 @@ def assert_matches_autograd(result, reference, tol: float = 1e-5) -> None:
     worst = max((result.grads[n] - g).abs().max().item() for n, g in ref_grads.items())
     assert worst <= tol * scale, f"max grad diff {worst:.3g} > {tol} x {scale:.3g}"
     assert abs(result.loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
+
+
+@contextlib.contextmanager
+def flipped_byte(path: Path, offset: int):
+    """The file at `path` with one bit of the byte at `offset` flipped, restored afterwards."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x01]))
+    try:
+        yield path
+    finally:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(bytes([byte]))
+
+
+def safetensors_data_start(path: Path) -> int:
+    """Offset of the first tensor byte of a safetensors file (after its length prefix and JSON header)."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
 
 
 @pytest.fixture(scope="session")

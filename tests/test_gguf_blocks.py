@@ -11,7 +11,7 @@ import mebp_compiler
 from mebp_compiler import models
 from mebp_compiler.passes.gguf_blocks import dequantize_gguf, dequantize_gguf_rows, embedding_gguf
 from mebp_compiler.passes.quantize import WeightFileError, dequantize_int4
-from tests.conftest import assert_matches_autograd, autograd_reference, lora_model, random_batch
+from tests.conftest import assert_matches_autograd, autograd_reference, flipped_byte, lora_model, random_batch
 from tests.test_quantize import dequantized_copy, file_mapping_of
 
 Q4_1, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
@@ -99,6 +99,17 @@ def test_a_gguf_file_of_another_model_or_not_gguf_at_all_fails_before_training(t
         mebp_compiler.compile(model, batch, "mebp", int4=True, gguf_file=broken)
     with pytest.raises(ValueError, match="int4=True"):
         mebp_compiler.compile(model, batch, "mebp", gguf_file=tiny_gguf)
+
+
+def test_a_flipped_byte_in_a_weight_file_of_gguf_blocks_is_refused(tiny_gguf, tmp_path):
+    """The blocks go to the same sealed weight file as INT4 weights do."""
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    path = tmp_path / "blocks.safetensors"
+    mebp_compiler.compile(model, batch, "mebp", int4=True, gguf_file=tiny_gguf, weights_file=str(path))
+    with flipped_byte(path, path.stat().st_size - 100):
+        with pytest.raises(WeightFileError, match=f"{path}: it does not match its SHA-256"):
+            mebp_compiler.compile(model, batch, "mebp", int4=True, gguf_file=tiny_gguf, weights_file=str(path))
 
 
 def test_weights_missing_from_the_gguf_file_are_quantized_to_int4(tmp_path):

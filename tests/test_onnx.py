@@ -11,11 +11,19 @@ import onnx
 import pytest
 import torch
 
+from mebp_compiler.checksums import seal_json
 from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partition
 from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from mebp_compiler.train import make_optimizer
-from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
+from tests.conftest import (
+    TINY_MODELS,
+    assert_matches_autograd,
+    autograd_reference,
+    flipped_byte,
+    lora_model,
+    random_batch,
+)
 from tests.test_partition import (
     CountingTarget,
     as_step_result,
@@ -96,12 +104,13 @@ def artifacts(tmp_path_factory):
 
 
 def broken_copy(artifacts, tmp_path, edit):
+    """A copy whose manifest `edit` changed, sealed again: consistent in itself, but not with its files."""
     directory, batch = artifacts
     copy = tmp_path / "copy"
     shutil.copytree(directory, copy)
     data = json.loads((copy / MANIFEST_FILE).read_text())
     edit(copy, data)
-    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    (copy / MANIFEST_FILE).write_text(json.dumps(seal_json(data)))
     return copy
 
 
@@ -116,8 +125,8 @@ def test_a_missing_artifact(artifacts, tmp_path):
 
 def test_a_manifest_of_another_version(artifacts, tmp_path):
     def edit(copy, data):
-        data["format_version"] = 2
-    with pytest.raises(ManifestError, match="format version 2 is not 1"):
+        data["format_version"] = 1
+    with pytest.raises(ManifestError, match="format version 1 is not 2"):
         driver.Driver.open(broken_copy(artifacts, tmp_path, edit), ONNX)
 
 
@@ -160,6 +169,24 @@ def test_a_batch_of_another_shape(artifacts):
     assert target.calls == 0
     run.step(numpy_batch(batch))
     assert target.calls == len(run.manifest.stages)
+
+
+@pytest.mark.parametrize("file", ["artifact", "weights.safetensors", "manifest.json"])
+def test_a_flipped_byte_in_any_file_is_refused_before_any_compute(artifacts, tmp_path, file):
+    """A flipped byte in an artifact or the weights was run (losses of 4.7e23); every one is refused."""
+    directory, batch = artifacts
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    manifest = driver.load_manifest(copy)
+    path = copy / (manifest.stages[1].artifact if file == "artifact" else file)
+    size = path.stat().st_size
+    for offset in (0, 100, size // 2, size - 1):
+        target = CountingTarget(ONNX)
+        with flipped_byte(path, offset):
+            with pytest.raises(ManifestError, match=f"{path}.*compile the artifacts again"):
+                driver.Driver.open(copy, target)
+        assert target.calls == 0
+    driver.Driver.open(copy, ONNX).step(numpy_batch(batch))
 
 
 def test_a_directory_without_manifest(tmp_path):

@@ -17,7 +17,15 @@ from mebp_compiler.passes.quantize import (
     embedding_int4,
     quantize_int4,
 )
-from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
+from tests.conftest import (
+    TINY_MODELS,
+    assert_matches_autograd,
+    autograd_reference,
+    flipped_byte,
+    lora_model,
+    random_batch,
+    safetensors_data_start,
+)
 
 
 def test_int4_round_trip_is_within_half_a_step():
@@ -116,6 +124,25 @@ def test_a_truncated_weight_file_fails_before_training(tmp_path):
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(WeightFileError, match=str(path)):
         QuantizedWeights.load(path)
+
+
+def test_flipped_bytes_in_a_weight_file_are_refused_before_training(tmp_path):
+    """One flipped bit anywhere in the file - length prefix, header, tensor bytes - is refused
+    (a flipped tensor byte was trained on, with losses of 3e21), naming the file."""
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    path = tmp_path / "weights.safetensors"
+    mebp_compiler.compile(model, batch, "mebp", int4=True, weights_file=str(path))
+    data, size = safetensors_data_start(path), path.stat().st_size
+    with flipped_byte(path, (data + size) // 2):
+        with pytest.raises(WeightFileError, match=f"{path}: it does not match its SHA-256.*compile again"):
+            mebp_compiler.compile(model, batch, "mebp", int4=True, weights_file=str(path))
+    for offset in (0, 20, data - 2, data, size - 1):
+        with flipped_byte(path, offset):
+            with pytest.raises(WeightFileError, match=str(path)):
+                QuantizedWeights.load(path)
+    assert QuantizedWeights.load(path).nbytes == mebp_compiler.compile(
+        model, batch, "mebp", int4=True, weights_file=str(path)).weights.nbytes
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import mebp_compiler
 from mebp_compiler.capture import capture
+from mebp_compiler.checksums import seal_json, sha256_path
 from mebp_compiler.ir import Phase
 from mebp_compiler.passes import quantize
 from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partition
@@ -165,7 +166,7 @@ def edited_copy(mlx_artifacts, tmp_path, edit):
     shutil.copytree(directory, copy)
     data = json.loads((copy / MANIFEST_FILE).read_text())
     edit(copy, data)
-    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    (copy / MANIFEST_FILE).write_text(json.dumps(seal_json(data)))  # consistent in itself, not with its files
     return copy
 
 
@@ -191,9 +192,10 @@ def test_mlx_manifest_of_another_shape_fails_before_compute(mlx_artifacts, tmp_p
 
 
 def test_mlx_artifact_of_another_stage_fails_before_compute(mlx_artifacts, tmp_path):
-    def edit(copy, data):  # block0's backward file replaced by the block forward's
+    def edit(copy, data):  # block0's backward file replaced by the block forward's, its checksum too
         forward, backward = data["stages"][1]["artifact"], data["stages"][-1]["artifact"]
         shutil.copy(copy / forward, copy / backward)
+        data["files"][backward] = sha256_path(copy / backward)
     target = CountingTarget(MLX)
     with pytest.raises(ManifestError, match=r"block0.backward: block_backward-.*mlxfn has \d+ inputs, the "
                                             r"manifest lists \d+; .*different compiles"):
