@@ -2,6 +2,7 @@
 
 from mebp_compiler.device import DeviceProfile, parse_size
 from mebp_compiler.passes.schedule.solver import BudgetInfeasible
-from mebp_compiler.plan import POLICIES, BatchShapeError, Plan, compile
+from mebp_compiler.plan import POLICIES, BatchShapeError, InsufficientMemory, Plan, compile
 
-__all__ = ["POLICIES", "BatchShapeError", "BudgetInfeasible", "DeviceProfile", "Plan", "compile", "parse_size"]
+__all__ = ["POLICIES", "BatchShapeError", "BudgetInfeasible", "DeviceProfile", "InsufficientMemory", "Plan", "compile",
+           "parse_size"]

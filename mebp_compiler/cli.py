@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 import time
+import traceback
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -15,6 +18,7 @@ DEMO_STEPS = 60
 DEMO_SEQ_LEN = 128
 BACKPROP_LR = 2e-3
 MEZO_LR = 1e-4
+MEZO_EPS = 1e-3
 
 EPILOG = """\
 examples:
@@ -29,85 +33,318 @@ examples:
 """
 
 
+class UsageError(ValueError):
+    """A command line that cannot run as given (exit code 2, as argparse's own errors)."""
+
+
+class _ArgumentError(UsageError):
+    """An argument argparse cannot parse; `prog` is the (sub)command that reports it."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises its errors (`main` reports them as one line) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentError(self.prog, message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """Run one `mebp` command; return its exit code.
+
+    Every error is one line on stderr, `mebp COMMAND: error: ...`: exit code 2 for a
+    command line that cannot run as given (checked before anything is loaded or written),
+    1 for an error while running. An exception that is not one of those is a bug: its
+    traceback is shown with how to report it. `--debug` shows every error's traceback.
+    """
+    parser = _Parser(
         prog="mebp",
         description="Compile exact LoRA backpropagation under a memory plan and run it on CPU.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_train(sub)
-    _add_compile(sub)
-    _add_plan(sub)
-    _add_compare(sub)
-    _add_run(sub)
-    args = parser.parse_args(argv)
-    from mebp_compiler.targets import TargetUnavailableError
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    for add in (_add_train, _add_compile, _add_plan, _add_compare, _add_run):
+        add(sub, debug)
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        return args.run(args)
-    except (ValueError, OSError, TypeError, TargetUnavailableError) as exc:
-        print(f"mebp {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if not args.debug:
+                warnings.showwarning = _show_warning
+            args.check(args)
+            torch.set_num_threads(args.threads)
+            return args.run(args)
+    except Exception as exc:
+        if args.debug:
+            raise
+        return _report(args.command, exc)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"mebp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that say what is wrong with the input or the request: reported as one line."""
+    from mebp_compiler.passes.schedule.solver import SolverTimeout
+    from mebp_compiler.targets import TargetUnavailableError
+    from mebp_compiler.targets.fx_stage import UnsupportedStageOpError
+
+    # ValueError covers the project's own input errors (CaptureError, BudgetInfeasible, ManifestError, ...),
+    # OSError the files (OffloadError), MemoryError InsufficientMemory, FloatingPointError NonFiniteStep.
+    return (ValueError, OSError, MemoryError, FloatingPointError, SolverTimeout, TargetUnavailableError,
+            UnsupportedStageOpError)
+
+
+def _report(command: str, exc: Exception) -> int:
+    """Print `exc` as one line (or, for a bug, its traceback and how to report it); the exit code."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (UsageError, *_user_errors())):
+        print(f"mebp {command}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    traceback.print_exception(exc)
+    print(f"mebp {command}: error: this is a bug in mebp-compiler ({type(exc).__name__}: {message}), not a "
+          "problem with your input; please report it on the project's issue tracker with the command line "
+          "and the traceback above", file=sys.stderr)
+    return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, without the source location (--debug keeps Python's format)."""
+    print(f"[mebp] warning: {message}", file=sys.stderr, flush=True)
+
+
+def _count(minimum: int):
+    """argparse type: a whole number >= `minimum`."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+
+    return count
+
+
+_positive = _count(1)
+_non_negative = _count(0)
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    """argparse type: a memory size (300MB, 1.5GiB, bytes) of at least one byte, in bytes."""
+    from mebp_compiler.device import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return value
+
+
+def _head_chunks(text: str) -> int | str:
+    """argparse type: a number of chunks >= 0, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return _non_negative(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'auto', got {text!r}") from None
+
+
+def _model(name: str) -> str:
+    """argparse type: a known model name."""
+    from mebp_compiler import models
+
+    if name not in models.MODEL_NAMES:
+        raise argparse.ArgumentTypeError(str(models.UnknownModelError(name)))
+    return name
+
+
+def _device(name: str) -> str:
+    """argparse type: a device profile that loads (a shipped name or a JSON file); kept as given."""
+    from mebp_compiler.device import DeviceProfile
+
+    try:
+        DeviceProfile.load(name)
+    except (ValueError, OSError) as exc:
+        raise argparse.ArgumentTypeError(" ".join(str(exc).split())) from None
+    return name
+
+
+def _check_common(args) -> None:
+    """Check how the options of `_add_common` combine (each one's own range is its argparse type)."""
+    from mebp_compiler import models
+
+    policy = _policy(args)
+    if args.budget is not None and policy != "optimal":
+        raise UsageError(f"--budget caps the schedule of --policy optimal (the default when --budget is given), "
+                         f"not of --policy {policy}: drop --policy {policy} or --budget")
+    if policy == "optimal" and args.budget is None:
+        raise UsageError("--policy optimal schedules under a hard memory cap: give --budget SIZE, e.g. --budget 300MB")
+    if args.head_chunks == "auto" and policy != "optimal":
+        raise UsageError("--head-chunks auto takes the fewest chunks whose step fits --budget: give --budget, "
+                         "or a number of chunks")
+    for flag, chunks in (("--head-chunks", args.head_chunks), ("--mlp-chunks", args.mlp_chunks)):
+        if chunks != "auto" and chunks > args.seq_len:
+            raise UsageError(f"{flag} {chunks} is more than the {args.seq_len} tokens of --seq-len: "
+                             f"give at most {args.seq_len}")
+    vocab_size = models.config(args.model).vocab_size
+    if args.vocab_slices > vocab_size:
+        raise UsageError(f"--vocab-slices {args.vocab_slices} is more than the {vocab_size} tokens of "
+                         f"{args.model}'s vocabulary: give at most {vocab_size}")
+    if args.gguf_blocks and args.model != "smollm2-135m":
+        raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and only "
+                         f"smollm2-135m is ({args.model} has random weights); drop --gguf-blocks or use --int4")
+    if args.offload_dir is not None and Path(args.offload_dir).exists() and not Path(args.offload_dir).is_dir():
+        raise UsageError(f"--offload-dir {args.offload_dir} is a file, not a directory")
+
+
+def _check_out_dir(out: str | None) -> None:
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+
+
+def _check_train(args) -> None:
+    """Everything `mebp train` can check before it loads the data, the model, or touches --out."""
+    if args.method == "mezo":
+        backprop_only = {"--policy": args.policy is not None, "--budget": args.budget is not None,
+                         "--optimizer": args.optimizer is not None, "--checkpoints": args.checkpoints != "ram",
+                         "--head-chunks": args.head_chunks != 0, "--vocab-slices": args.vocab_slices != 0,
+                         "--mlp-chunks": args.mlp_chunks != 0, "--int4": args.int4,
+                         "--gguf-blocks": args.gguf_blocks, "--fuse-update": args.fuse_update}
+        given = [flag for flag, is_given in backprop_only.items() if is_given]
+        if given:
+            raise UsageError(f"--method mezo evaluates the model's plain forward and updates by SGD: "
+                             f"{', '.join(given)} apply to --method backprop only")
+    elif args.eps is not None:
+        raise UsageError("--eps is MeZO's perturbation scale: use it with --method mezo")
+    _check_common(args)
+    _check_out_dir(args.out)
+
+
+def _check_compile(args) -> None:
+    """Everything `mebp compile` can check before it loads the model or touches --out."""
+    _check_common(args)
+    _check_out_dir(args.out)
+    if args.target and args.fuse_update:
+        raise UsageError("--fuse-update makes the LoRA updates ops inside the step, but a staged step returns the "
+                         "gradients and the driver applies the update: drop --fuse-update with --target")
+    if args.target and args.gguf_blocks:
+        raise UsageError("--gguf-blocks is not supported with --target: the GGUF blocks' fp16 scales are read "
+                         "by reinterpreting bytes, which ONNX cannot express; use --int4 instead")
+
+
+def _check_plan(args) -> None:
+    """Everything `mebp plan` can check before it builds the model."""
+    _check_common(args)
+    if args.head_chunks == "auto" and args.policy != "optimal":
+        raise UsageError("mebp plan schedules policies none and mebp too, and only optimal chooses --head-chunks "
+                         "auto: give a number of chunks, or --policy optimal")
+
+
+def _check_run(args) -> None:
+    """Everything `mebp run` can check before it opens the artifact directory."""
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a directory: give the file to write the LoRA parameters to "
+                             "(safetensors)")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {out}: the directory {out.parent} does not exist")
+
+
+def _check_compare(args) -> None:
+    """Everything `mebp compare` can check before it loads the model."""
+    if args.redraw:
+        return
+    try:
+        _compare_settings(args).check()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     from mebp_compiler.models import MODEL_NAMES
 
-    p.add_argument("--model", default="smollm2-135m", metavar="NAME",
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME",
                    help=f"model to fine-tune (default: %(default)s); one of {', '.join(MODEL_NAMES)}")
-    p.add_argument("--seq-len", type=int, default=DEMO_SEQ_LEN, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive, default=DEMO_SEQ_LEN, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step (default: %(default)s)")
     p.add_argument("--policy", default=None, choices=("none", "mebp", "optimal"),
                    help="none: keep every activation (plain autograd's memory); mebp: keep block "
                         "inputs, recompute each block in the backward; optimal: the CP-SAT "
                         "scheduler's least-time keep/recompute/offload plan under --budget "
                         "(default: optimal with --budget, else mebp)")
-    p.add_argument("--budget", default=None, metavar="SIZE",
+    p.add_argument("--budget", type=_size, default=None, metavar="SIZE",
                    help="hard memory cap for the whole step (weights, LoRA parameters and gradients, "
-                        "activations, AdamW state), e.g. 300MB, 1GiB")
-    p.add_argument("--device", default="iphone15promax",
+                        "activations, AdamW state), e.g. 300MB, 1GiB; for --policy optimal only")
+    p.add_argument("--device", type=_device, default="iphone15promax",
                    help="device profile for the scheduler's cost model: iphone15promax, cpu-local or a JSON file")
     p.add_argument("--checkpoints", default="ram", choices=("ram", "disk"),
                    help="where mebp keeps block checkpoints: RAM, or memory-mapped files (default: %(default)s)")
     p.add_argument("--offload-dir", default=None, help="directory for memory-mapped checkpoints (default: a temporary one)")
-    p.add_argument("--head-chunks", default="0", metavar="K|auto",
+    p.add_argument("--head-chunks", type=_head_chunks, default=0, metavar="K|auto",
                    help="compute the LM head and loss in K sequence chunks so no [seq x vocab] tensor "
                         "is held whole; 'auto' (with --budget) takes the fewest that fit (default: 0, unchunked)")
-    p.add_argument("--vocab-slices", type=int, default=0, metavar="S",
+    p.add_argument("--vocab-slices", type=_non_negative, default=0, metavar="S",
                    help="stream the LM head and loss over S vocabulary slices, forward and backward, "
                         "so no [tokens x vocab] logits exist; with --int4 each head slice is "
                         "decompressed on its own (default: 0, off)")
-    p.add_argument("--mlp-chunks", type=int, default=0, metavar="M",
+    p.add_argument("--mlp-chunks", type=_non_negative, default=0, metavar="M",
                    help="run every block's MLP on M sequence chunks, so its [seq x intermediate] "
                         "products and their gradients exist a chunk at a time (default: 0, off)")
     p.add_argument("--int4", action="store_true",
                    help="store frozen weights as symmetric INT4 (scale per --group-size inputs), "
                         "dequantized just before each use")
-    p.add_argument("--group-size", type=int, default=64, help="INT4 group size (default: %(default)s)")
+    p.add_argument("--group-size", type=_positive, default=64, help="INT4 group size (default: %(default)s)")
     p.add_argument("--gguf-blocks", action="store_true",
                    help="with smollm2-135m: keep its GGUF file's own quantized blocks (Q4_1 weights, a "
                         "Q8_0 embedding) byte for byte instead of re-quantizing them; implies --int4")
     p.add_argument("--fuse-update", action="store_true",
                    help="apply each LoRA parameter's optimizer update inside the step as soon as its "
                         "gradient is final, instead of holding every gradient to the end (same parameters)")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=_positive, default=32, help="LoRA alpha (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1,
                    help="torch CPU threads (default: %(default)s; on a busy 2-core machine two threads "
                         "stall each other, see the README)")
 
 
-def _add_train(sub) -> None:
+def _add_train(sub, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "train", help="LoRA fine-tuning under a memory plan (default: a short SmolLM2-135M demo)",
+        "train", parents=[debug], help="LoRA fine-tuning under a memory plan (default: a short SmolLM2-135M demo)",
         description="LoRA fine-tuning of a causal LM on real text, every step compiled and run by "
                     "mebp's CPU runtime. Writes the adapter (peft, safetensors), the loss curve "
                     "(PNG) and the per-step history (JSON) to --out.",
@@ -115,30 +352,31 @@ def _add_train(sub) -> None:
     _add_common(p)
     p.add_argument("--data", default="pydoc",
                    help="'pydoc' (CPython's bundled documentation text), or a .txt / .jsonl file (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--steps", type=_positive, default=DEMO_STEPS, help="optimizer steps (default: %(default)s)")
     p.add_argument("--method", default="backprop", choices=("backprop", "mezo"),
                    help="backprop: exact gradients by the compiled plan (--policy); mezo: zeroth-order "
                         "MeZO (Malladi et al., 2023), two forward passes per step at +-eps along a "
                         "seeded random direction, SGD update; --policy, --budget and --optimizer do not "
                         "apply (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=_positive_float, default=None,
                    help=f"learning rate (default: {BACKPROP_LR} for backprop (AdamW); {MEZO_LR} for mezo, whose "
                         "SGD step along a random direction needs a far smaller one)")
-    p.add_argument("--eps", type=float, default=1e-3, help="MeZO perturbation scale (default: %(default)s)")
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: %(default)s)")
+    p.add_argument("--eps", type=_positive_float, default=None,
+                   help=f"MeZO perturbation scale (default: {MEZO_EPS})")
+    p.add_argument("--optimizer", default=None, choices=("adamw", "sgd"), help="(default: adamw)")
     p.add_argument("--seed", type=int, default=0, help="data order, random init and MeZO direction seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: runs/train-MODEL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=_run_train)
+    p.set_defaults(run=_run_train, check=_check_train)
 
 
-def _add_compile(sub) -> None:
+def _add_compile(sub, debug: argparse.ArgumentParser) -> None:
     from mebp_compiler.targets import TARGETS
 
     targets = "\n".join(textwrap.fill(text, 88, initial_indent=f"  {name:<8}", subsequent_indent=" " * 10)
                          for name, (_, text) in TARGETS.items())
     p = sub.add_parser(
-        "compile", help="schedule a training step under a memory budget and save the schedule",
+        "compile", parents=[debug], help="schedule a training step under a memory budget and save the schedule",
         description="Capture one training step, schedule it (by default: optimal under --budget) "
                     "and write the schedule (JSON) and its predicted memory to --out. With --target, "
                     "also cut the scheduled step into stages (embedding, each block's forward and "
@@ -154,7 +392,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--target", default=None, choices=tuple(TARGETS),
                    help="write per-stage training graphs for this runtime (see 'targets' below); "
                         "loads the real weights instead of planning on the meta device")
-    p.set_defaults(run=_run_compile)
+    p.set_defaults(run=_run_compile, check=_check_compile)
 
 
 def _run_compile(args) -> int:
@@ -162,17 +400,24 @@ def _run_compile(args) -> int:
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.passes.cost import step_cost
     from mebp_compiler.device import DeviceProfile
+    from mebp_compiler.passes.partition import partition
     from mebp_compiler.rundir import COMPILE_ENTRIES, RunDirectory
+    from mebp_compiler.targets import load_target
 
+    target = load_target(args.target) if args.target else None
     out = Path(args.out or f"runs/compile-{args.model}")
     run = RunDirectory(out, COMPILE_ENTRIES)  # locked until the end; the old files stay until the new ones are whole
-    device = "cpu" if args.target else "meta"  # scheduling alone needs shapes, not weights
+    device = "cpu" if target else "meta"  # scheduling alone needs shapes, not weights
     model = _load_lora_model(args, device=device)
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device=device)
     _say(f"capturing and scheduling (policy {_policy(args)}) ...")
     start = time.perf_counter()
     plan = _compile(model, {"input_ids": ids, "labels": ids}, args)
     cost = step_cost(plan.captured, plan.schedule, DeviceProfile.load(args.device))
+    part = None
+    if target:
+        _say("partitioning into stages ...")
+        part = partition(plan.graph, model=args.model, target=args.target)
     print(plan.profile.report())
     _say(f"scheduled in {time.perf_counter() - start:.1f} s: predicted peak {format_bytes(plan.predicted_peak_bytes)}, "
          f"predicted step {cost.total_s:.3f} s on {args.device} ({cost.extra_s:.3f} s of recompute and I/O)")
@@ -184,24 +429,16 @@ def _run_compile(args) -> int:
             "predicted_step_s": cost.total_s, "extra_s": cost.extra_s, "budget": args.budget,
             "device": args.device, "stats": plan.schedule.stats,
         })
-        if args.target:
-            _write_target(plan, model, args, staging)
-    _say(f"wrote {out}/ (schedule.json, memory.json{', manifest.json, weights and artifacts' if args.target else ''})")
+        if target:
+            _write_target(plan, part, model, args, target, staging)
+    _say(f"wrote {out}/ (schedule.json, memory.json{', manifest.json, weights and artifacts' if target else ''})")
     return 0
 
 
-def _write_target(plan, model, args, out: Path) -> None:
+def _write_target(plan, part, model, args, target, out: Path) -> None:
     from mebp_compiler.ir import format_bytes
-    from mebp_compiler.passes.partition import partition
-    from mebp_compiler.targets import load_target
     from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 
-    if args.gguf_blocks:
-        raise ValueError("--gguf-blocks is not supported with --target: the GGUF blocks' fp16 scales are read "
-                         "by reinterpreting bytes, which ONNX cannot express; use --int4 instead")
-    target = load_target(args.target)
-    _say("partitioning into stages ...")
-    part = partition(plan.graph, model=args.model, target=args.target)
     manifest = part.manifest
     _say(f"{len(manifest.stages)} stages, {len(manifest.unique_artifacts())} distinct; exporting to {args.target} ...")
     start = time.perf_counter()
@@ -223,9 +460,9 @@ def _write_target(plan, model, args, out: Path) -> None:
              f"tolerance {report['tolerance']:g}); wrote {target.CHECK_REPORT}")
 
 
-def _add_run(sub) -> None:
+def _add_run(sub, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "run", help="train with an artifact directory written by `mebp compile --target`",
+        "run", parents=[debug], help="train with an artifact directory written by `mebp compile --target`",
         description="Execute the stages of an ONNX or MLX artifact directory here (a CoreML one is checked, "
                     "then refused: Core ML predictions need macOS or iOS), as its manifest says (keep, "
                     "free, write to and read from memory-mapped files), for --steps steps on real "
@@ -233,16 +470,16 @@ def _add_run(sub) -> None:
                     "manifest before any compute.",
     )
     p.add_argument("directory", help="artifact directory (manifest.json, stage files, weights.safetensors)")
-    p.add_argument("--steps", type=int, default=10, help="training steps (default: %(default)s)")
+    p.add_argument("--steps", type=_positive, default=10, help="training steps (default: %(default)s)")
     p.add_argument("--data", default="pydoc", help="'pydoc' or a .txt / .jsonl file (default: %(default)s)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=BACKPROP_LR, help="learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=BACKPROP_LR, help="learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="data order seed (default: %(default)s)")
     p.add_argument("--offload-dir", default=None, help="directory for offloaded tensors (default: a temporary one)")
     p.add_argument("--out", default=None, help="write the trained LoRA parameters here (safetensors)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1, help="CPU threads (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=_run_artifacts)
+    p.set_defaults(run=_run_artifacts, check=_check_run)
 
 
 def _run_artifacts(args) -> int:
@@ -282,14 +519,15 @@ def _run_artifacts(args) -> int:
     return 0
 
 
-def _add_plan(sub) -> None:
+def _add_plan(sub, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "plan", help="predict the memory of a training step under each policy (no training)",
+        "plan", parents=[debug], help="predict the memory of a training step under each policy (no training)",
         description="Capture one training step (on the meta device: no weights are allocated), "
-                    "schedule it with each policy and print the predicted memory.",
+                    "schedule it with each policy - none and mebp, and optimal under --budget - or with "
+                    "--policy alone, and print the predicted memory.",
     )
     _add_common(p)
-    p.set_defaults(run=_run_plan)
+    p.set_defaults(run=_run_plan, check=_check_plan)
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -299,12 +537,13 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
-def _add_compare(sub) -> None:
+def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
     from mebp_compiler.compare import StudySettings
 
     d = StudySettings()
     p = sub.add_parser(
-        "compare", help="convergence study: exact backprop under memory plans vs. MeZO, same data and memory accounting",
+        "compare", parents=[debug],
+        help="convergence study: exact backprop under memory plans vs. MeZO, same data and memory accounting",
         description="Fine-tune the same LoRA adapter three ways on the same text - backprop under the mebp plan, "
                     "backprop under the scheduler's optimal plan at a budget (default: the mebp plan's peak plus "
                     "AdamW's state, i.e. the same memory at the least predicted time), and MeZO (Malladi et al., "
@@ -318,59 +557,64 @@ def _add_compare(sub) -> None:
     )
     from mebp_compiler.models import MODEL_NAMES
 
-    p.add_argument("--model", default="smollm2-135m", metavar="NAME", help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME", help=f"one of {', '.join(MODEL_NAMES)}")
     p.add_argument("--data", default="pydoc", help="'pydoc' (CPython's bundled documentation text) or a .txt/.jsonl file")
-    p.add_argument("--steps", type=int, default=d.steps, help="backprop steps (each backprop method)")
-    p.add_argument("--mezo-steps", type=int, default=None,
+    p.add_argument("--steps", type=_positive, default=d.steps, help="backprop steps (each backprop method)")
+    p.add_argument("--mezo-steps", type=_positive, default=None,
                    help="MeZO steps; by default MeZO gets the same training wall time as the mebp backprop run "
                         "(it steps until its summed step time reaches that run's)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (all methods)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (all methods)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
+    p.add_argument("--seq-len", type=_positive, default=d.seq_len, help="tokens per sequence (all methods)")
+    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help="sequences per step (all methods)")
+    p.add_argument("--eval-every", type=_positive, default=d.eval_every,
                    help="backprop steps between held-out evaluations, plus two early ones at 1/5 and 2/5 of it "
                         "(MeZO: at the same training times, or proportionally more steps with --mezo-steps)")
-    p.add_argument("--eval-blocks", type=int, default=d.eval_blocks, help="held-out blocks evaluated at each point")
+    p.add_argument("--eval-blocks", type=_positive, default=d.eval_blocks, help="held-out blocks evaluated at each point")
     p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction,
                    help="fraction of the token blocks held out (never trained on)")
-    p.add_argument("--lr", type=float, default=d.lr, help="backprop learning rate (AdamW)")
-    p.add_argument("--mezo-lr", type=float, default=d.mezo_lr, help="MeZO learning rate (SGD); of 1e-4, 1e-3 and 1e-2 in a 60-step probe on SmolLM2 and "
+    p.add_argument("--lr", type=_positive_float, default=d.lr, help="backprop learning rate (AdamW)")
+    p.add_argument("--mezo-lr", type=_positive_float, default=d.mezo_lr, help="MeZO learning rate (SGD); of 1e-4, 1e-3 and 1e-2 in a 60-step probe on SmolLM2 and "
                         "this text, 1e-2 diverged and 1e-3 lowered the held-out loss most")
-    p.add_argument("--eps", type=float, default=d.mezo_eps, help="MeZO perturbation scale")
-    p.add_argument("--budget", default=None, metavar="SIZE",
+    p.add_argument("--eps", type=_positive_float, default=d.mezo_eps, help="MeZO perturbation scale")
+    p.add_argument("--budget", type=_size, default=None, metavar="SIZE",
                    help="budget of the optimal schedule (whole step incl. AdamW state), e.g. 700MB; "
                         "default: the mebp plan's predicted peak + AdamW state")
-    p.add_argument("--device", default=d.device, help="device profile of the optimal schedule's cost model")
+    p.add_argument("--device", type=_device, default=d.device, help="device profile of the optimal schedule's cost model")
     p.add_argument("--time-limit", type=float, default=d.time_limit_s, help="scheduler time limit (s)")
-    p.add_argument("--head-chunks", type=int, default=d.head_chunks, help="LM head + loss in K sequence chunks (backprop)")
+    p.add_argument("--head-chunks", type=_non_negative, default=d.head_chunks, help="LM head + loss in K sequence chunks (backprop)")
     p.add_argument("--methods", default=",".join(d.methods), help="comma-separated subset of mebp,optimal,mezo")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=_positive, default=32, help="LoRA alpha")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out split, data order, MeZO directions")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output directory (default: runs/compare-MODEL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--redraw", action="store_true",
                    help="no training: read --out/study.json and write its curves.png and table.md again")
-    p.set_defaults(run=_run_compare)
+    p.set_defaults(run=_run_compare, check=_check_compare)
 
 
-def _run_compare(args) -> int:
-    from mebp_compiler import data, models
-    from mebp_compiler.compare import StudySettings, redraw, run_study, write_study
+def _compare_settings(args):
+    from mebp_compiler.compare import StudySettings
 
-    if args.redraw:
-        paths = redraw(args.out or f"runs/compare-{args.model}")
-        print(paths["table"].read_text())
-        _say(f"wrote {paths['png']} and {paths['table']}")
-        return 0
-    settings = StudySettings(
+    return StudySettings(
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, mezo_steps=args.mezo_steps,
         eval_every=args.eval_every, eval_blocks=args.eval_blocks, heldout_fraction=args.heldout_fraction,
         lr=args.lr, mezo_lr=args.mezo_lr, mezo_eps=args.eps, budget=args.budget, device=args.device,
         head_chunks=args.head_chunks, time_limit_s=args.time_limit, seed=args.seed,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
     )
-    settings.check()
+
+
+def _run_compare(args) -> int:
+    from mebp_compiler import data, models
+    from mebp_compiler.compare import redraw, run_study, write_study
+
+    if args.redraw:
+        paths = redraw(args.out or f"runs/compare-{args.model}")
+        print(paths["table"].read_text())
+        _say(f"wrote {paths['png']} and {paths['table']}")
+        return 0
+    settings = _compare_settings(args)
     out = Path(args.out or f"runs/compare-{args.model}")
     _say(f"loading {args.model} ...")
     model = _load_lora_model(args)
@@ -402,10 +646,10 @@ def _run_train(args) -> int:
 
     out = Path(args.out or f"runs/train-{args.model}")
     run = RunDirectory(out, TRAIN_ENTRIES)  # locked until the end; the old run stays until the new one is whole
+    text = data.load_text(None if args.data == "pydoc" else args.data)
     _say(f"loading {args.model} ...")
     model = _load_lora_model(args)
     tokenizer = models.load_tokenizer(args.model) if args.model == "smollm2-135m" else data.ByteTokenizer()
-    text = data.load_text(None if args.data == "pydoc" else args.data)
     blocks = data.token_blocks(tokenizer, text, args.seq_len)
     _say(f"data: {len(text) / 1e3:.0f} kB of text -> {len(blocks)} sequences of {args.seq_len} tokens")
     batches = data.batches(blocks, args.batch_size, seed=args.seed)
@@ -421,12 +665,14 @@ def _run_train(args) -> int:
 
         plan = compile_mezo(model, example, offload_dir=args.offload_dir)
     else:
+        args.optimizer = args.optimizer or "adamw"
         plan = _compile(model, example, args)
     _say(f"compiled in {time.perf_counter() - start:.1f} s: predicted peak "
          f"{format_bytes(plan.predicted_peak_bytes)} (computed tensors "
          f"{format_bytes(plan.predicted_peak_activation_bytes)})")
 
     if mezo:
+        args.eps = args.eps or MEZO_EPS
         history = train_mezo(plan, batches, args.steps, lr=lr, eps=args.eps, seed=args.seed,
                              progress=not args.no_progress)
     else:
@@ -449,62 +695,39 @@ def _run_train(args) -> int:
 
 
 def _run_plan(args) -> int:
-    from mebp_compiler.capture import capture
     from mebp_compiler.ir import format_bytes
-    from mebp_compiler.passes.liveness import liveness
-    from mebp_compiler.passes.policies import mebp_schedule, none_schedule
-    from mebp_compiler.passes.rewrite import rewrite
 
     model = _load_lora_model(args, device="meta")
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device="meta")
-    chunks = _head_chunks(args)
-    if chunks == "auto":
-        raise ValueError("mebp plan has no budget to choose --head-chunks from; give a number")
-    graph = capture(model, {"input_ids": ids, "labels": ids}, head_chunks=chunks, vocab_slices=args.vocab_slices)
-    print(graph.summary())
-    for schedule in (none_schedule(graph), mebp_schedule(graph, args.checkpoints)):
-        profile = liveness(rewrite(graph, schedule))
-        print(f"\npolicy {schedule.policy}: predicted peak {format_bytes(profile.peak_bytes)}")
-        print(profile.report())
+    policies = [args.policy] if args.policy else ["none", "mebp", *(["optimal"] if args.budget else [])]
+    for k, policy in enumerate(policies):
+        plan = _compile(model, {"input_ids": ids, "labels": ids}, args, policy)
+        if k == 0:
+            print(plan.captured.summary())
+        print(f"\npolicy {plan.schedule.policy}: predicted peak {format_bytes(plan.predicted_peak_bytes)}")
+        print(plan.profile.report())
     return 0
-
-
-def _head_chunks(args) -> int | str:
-    if args.head_chunks == "auto":
-        return "auto"
-    try:
-        return int(args.head_chunks)
-    except ValueError:
-        raise ValueError(f"--head-chunks must be a number or 'auto', got {args.head_chunks!r}") from None
 
 
 def _policy(args) -> str:
     return args.policy or ("optimal" if args.budget else "mebp")
 
 
-def _compile(model, example, args):
+def _compile(model, example, args, policy: str | None = None):
+    """`mebp_compiler.compile` with the options of `_add_common` (policy: `_policy(args)` unless given)."""
     import mebp_compiler
+    from mebp_compiler import models
 
-    policy = _policy(args)
+    policy = policy or _policy(args)
     return mebp_compiler.compile(model, example, policy, checkpoints=args.checkpoints,
                                  offload_dir=args.offload_dir, device=args.device,
                                  budget=args.budget if policy == "optimal" else None,
-                                 optimizer=getattr(args, "optimizer", "adamw"),
-                                 head_chunks=_head_chunks(args), vocab_slices=args.vocab_slices,
+                                 optimizer=getattr(args, "optimizer", None) or "adamw",
+                                 head_chunks=args.head_chunks, vocab_slices=args.vocab_slices,
                                  mlp_chunks=args.mlp_chunks,
                                  int4=args.int4 or args.gguf_blocks, group_size=args.group_size,
-                                 gguf_file=_gguf_file(args), fuse_update=args.fuse_update)
-
-
-def _gguf_file(args) -> Path | None:
-    from mebp_compiler import models
-
-    if not args.gguf_blocks:
-        return None
-    if args.model != "smollm2-135m":
-        raise ValueError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and only "
-                         f"smollm2-135m is ({args.model} has random weights); drop --gguf-blocks or use --int4")
-    return models.smollm2_gguf_path()
+                                 gguf_file=models.smollm2_gguf_path() if args.gguf_blocks else None,
+                                 fuse_update=args.fuse_update)
 
 
 def _say(message: str) -> None:

@@ -30,7 +30,8 @@ def load_text(source: str | pathlib.Path | None = None) -> str:
 
     Raises:
         FileNotFoundError: the file does not exist (the message names the path).
-        ValueError: a ``.jsonl`` line is not a JSON object with a string
+        ValueError: the file is not UTF-8 text (the message names it and the
+            first bad byte), a ``.jsonl`` line is not a JSON object with a string
             ``"text"`` field (the message names the file and line number), or the
             file suffix is neither ``.txt`` nor ``.jsonl``.
     """
@@ -42,10 +43,17 @@ def load_text(source: str | pathlib.Path | None = None) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"fine-tuning text file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return path.read_text(encoding="utf-8")
-    if suffix == ".jsonl":
-        return "\n\n".join(_jsonl_texts(path))
+    try:
+        if suffix == ".txt":
+            return path.read_text(encoding="utf-8")
+        if suffix == ".jsonl":
+            return "\n\n".join(_jsonl_texts(path))
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"fine-tuning text file {path} is not UTF-8 text (byte {err.start}, "
+            f"0x{err.object[err.start]:02x}: {err.reason}); is it a binary file? Give a "
+            f"UTF-8 {suffix} file"
+        ) from None
     raise ValueError(
         f"unsupported fine-tuning text file {path}: expected a .txt or .jsonl file, "
         f"or 'pydoc' for the built-in corpus"
@@ -55,19 +63,18 @@ def load_text(source: str | pathlib.Path | None = None) -> str:
 def _jsonl_texts(path: pathlib.Path) -> list[str]:
     """The ``"text"`` field of every non-blank line of a JSON-lines file."""
     texts = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(
-                    f'{path}, line {number}: expected a JSON object with a string "text" field'
-                )
-            texts.append(record["text"])
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(
+                f'{path}, line {number}: expected a JSON object with a string "text" field'
+            )
+        texts.append(record["text"])
     return texts
 
 

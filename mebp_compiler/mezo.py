@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 from mebp_compiler.capture import capture
 from mebp_compiler.ir import Phase, Role, TrainingGraph
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
-from mebp_compiler.plan import graph_inputs, lora_parameters
+from mebp_compiler.plan import check_memory, graph_inputs, lora_parameters
 from mebp_compiler.runtime import Runtime, StepResult
-from mebp_compiler.train import TrainHistory
+from mebp_compiler.train import TrainHistory, lora_norm
 
 
 def _mix(*parts: int) -> int:
@@ -145,6 +145,10 @@ class MezoPlan:
         """LoRA parameters in graph order: index i is the one direction() seeds with i."""
         return lora_parameters(self.model, self.graph)
 
+    def check_memory(self, available_bytes: int | None = None) -> None:
+        """Raise InsufficientMemory if one evaluation would not fit this machine (MeZO keeps no optimizer state)."""
+        check_memory(self.predicted_peak_bytes, self.predicted_peak_activation_bytes, available_bytes=available_bytes)
+
     def loss(self, batch: Mapping[str, torch.Tensor], *, seed: int | None = None, scale: float = 0.0) -> StepResult:
         """Loss of `batch` at the current parameters, or at theta + scale * z(seed) when `seed` is given."""
         inputs = graph_inputs(self.model, self.graph, batch)
@@ -217,7 +221,9 @@ def train_mezo(
 
     The recorded loss of a step is the mean of L+ and L- (the loss at theta, to first order).
     """
-    history = TrainHistory()
+    plan.check_memory()
+    lora = plan.lora_parameters().values()
+    history = TrainHistory(start_lora_norm=lora_norm(lora))
     bar = tqdm(total=steps, desc="mezo", unit="step", disable=not progress, dynamic_ncols=True)
     batch_iter = iter(batches)
     for t in range(steps):
@@ -225,6 +231,7 @@ def train_mezo(
         start = time.perf_counter()
         result = mezo_step(plan, batch, lr=lr, eps=eps, seed=_mix(seed, t))
         elapsed = time.perf_counter() - start
-        history.record((result.loss_plus + result.loss_minus) / 2, elapsed, result.held_peak_bytes, bar)
+        history.record((result.loss_plus + result.loss_minus) / 2, elapsed, result.held_peak_bytes, lora_norm(lora),
+                       bar)
     bar.close()
     return history

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from mebp_compiler.capture import capture
-from mebp_compiler.ir import Role, TrainingGraph
+from mebp_compiler.ir import Role, TrainingGraph, format_bytes
 from mebp_compiler.passes.fuse_update import check_updates_follow_uses, fuse_lora_update, optimizer_updater
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
 from mebp_compiler.device import DeviceProfile, parse_size
@@ -38,6 +38,30 @@ class BatchShapeError(ValueError):
     """A batch whose shape differs from the one the plan was compiled for."""
 
 
+class InsufficientMemory(MemoryError):
+    """A step predicted to need more memory than this machine has available."""
+
+
+def check_memory(peak_bytes: int, new_bytes: int, available_bytes: int | None = None) -> None:
+    """Raise InsufficientMemory if a step needs more memory than this machine has available.
+
+    `peak_bytes` is the step's whole predicted peak (inputs, computed tensors, optimizer
+    state); `new_bytes` is the part of it not yet allocated (computed tensors and optimizer
+    state: the weights and the batch already are), compared with `available_bytes`
+    (default: `psutil.virtual_memory().available`).
+    """
+    import psutil
+
+    available = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if new_bytes > available:
+        raise InsufficientMemory(
+            f"the step needs {format_bytes(new_bytes)} more memory at its peak (whole step "
+            f"{format_bytes(peak_bytes)}), but this machine has {format_bytes(available)} available; shorten "
+            "the sequence or the batch (--seq-len, --batch-size), keep fewer activations (policy 'mebp', or "
+            "'optimal' under a budget), or split the widest tensors (vocab_slices / --vocab-slices, "
+            "head_chunks / --head-chunks, mlp_chunks / --mlp-chunks)")
+
+
 @dataclass
 class Plan:
     """A compiled training step: the scheduled graph, its schedule and its predicted memory.
@@ -53,6 +77,7 @@ class Plan:
     profile: MemoryProfile
     runtime: Runtime
     weights: QuantizedWeights | None = None  # INT4 frozen weights, when compiled with int4=True
+    optimizer: str = "adamw"  # the optimizer whose state the trainer holds beside the step
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -65,11 +90,26 @@ class Plan:
         return self.profile.peak_activation_bytes
 
     @property
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of the optimizer's state over the LoRA parameters, held outside the step."""
+        return optimizer_state_bytes(self.model, self.optimizer)
+
+    @property
     def batch_shape(self) -> tuple[int, ...]:
         return self.graph.batch_shape
 
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
         return lora_parameters(self.model, self.graph)
+
+    def check_memory(self, available_bytes: int | None = None) -> None:
+        """Raise InsufficientMemory, before any step allocates, if the step would not fit this machine.
+
+        Compares the part of the predicted peak plus optimizer state that is not yet
+        allocated with the memory available (`check_memory`). The budget of an optimal
+        plan needs no check here: `compile` already refused a schedule that exceeds it.
+        """
+        check_memory(self.predicted_peak_bytes + self.optimizer_state_bytes,
+                     self.predicted_peak_activation_bytes + self.optimizer_state_bytes, available_bytes)
 
     @property
     def fused_update(self) -> bool:
@@ -191,6 +231,8 @@ def compile(
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if optimizer not in OPTIMIZER_STATE_TENSORS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATE_TENSORS)}")
     if checkpoints not in ("ram", "disk"):
         raise ValueError(f"checkpoints must be 'ram' or 'disk', got {checkpoints!r}")
     if (policy == "optimal") != (budget is not None):
@@ -243,4 +285,5 @@ def compile(
         profile=liveness(graph),
         runtime=Runtime(graph, offload_dir),
         weights=weights,
+        optimizer=optimizer,
     )

@@ -2,9 +2,9 @@
 
 A plain step returns every LoRA gradient and the optimizer runs after it, so all of them
 are held together at the end of the backward (for Qwen2.5-0.5B at r=16, 33.6 MiB). This
-pass appends, for each LoRA parameter, an `apply_lora_update(param, grad)` op right after
-the later of the gradient's producer and the parameter's last other use; the gradient is
-dropped after it. The graph's outputs become the loss alone.
+pass appends, for each LoRA parameter, an `apply_lora_update(param, grad, loss, name)` op
+right after the later of the gradient's producer and the parameter's last other use; the
+gradient is dropped after it. The graph's outputs become the loss alone.
 
 The update is the optimizer's own: the runtime binds `apply_lora_update` to a function
 that sets `param.grad` and steps a `torch.optim` optimizer, which skips parameters whose
@@ -12,12 +12,21 @@ that sets `param.grad` and steps a `torch.optim` optimizer, which skips paramete
 per-parameter arithmetic and state - the same parameters as one step over all gradients.
 (A global operation across gradients, such as clipping by the total norm, cannot be fused
 this way.)
+
+Each update op first checks the step's loss and its gradient and raises `NonFiniteGradient`
+instead of applying a NaN or infinite one. The loss is final before the first update (it
+is an input of every update op), so a non-finite loss stops the step before any parameter
+changes. A finite loss with one non-finite gradient stops the step at that gradient's
+update: the parameters updated before it in the backward keep this step's update, the
+rest keep their values (undoing an optimizer step would need a copy of every parameter
+and its optimizer state, memory the plan does not have).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -38,12 +47,30 @@ class UpdaterMissing(RuntimeError):
     """A fused plan ran without an optimizer to apply its LoRA updates."""
 
 
-def apply_lora_update(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Graph op: hand `grad` of `param` to the optimizer bound by `using_updater`."""
+class NonFiniteGradient(FloatingPointError):
+    """A fused update refused: the step's loss or the gradient of `parameter` is NaN or infinite.
+
+    `loss` is the step's loss; `parameter` names the LoRA parameter whose update was refused.
+    """
+
+    def __init__(self, loss: float, parameter: str) -> None:
+        what = f"the loss is {loss:g}" if not math.isfinite(loss) else f"the gradient of {parameter} is not finite"
+        super().__init__(f"{what}; the update of {parameter} was not applied")
+        self.loss = loss
+        self.parameter = parameter
+
+
+def apply_lora_update(param: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor, name: str) -> None:
+    """Graph op: hand `grad` of `param` (named `name`) to the optimizer bound by `using_updater`.
+
+    Raises NonFiniteGradient, and updates nothing, if `loss` or `grad` is not finite.
+    """
     updater = _current_updater.get()
     if updater is None:
         raise UpdaterMissing("this plan applies the LoRA update inside the step (fuse_update=True): "
                              "pass the optimizer, plan.step(batch, optimizer=...)")
+    if not (torch.isfinite(loss).all() and torch.isfinite(grad).all()):
+        raise NonFiniteGradient(float(loss), name)
     updater(param, grad)
 
 
@@ -76,12 +103,12 @@ def fuse_lora_update(graph: TrainingGraph) -> TrainingGraph:
     loss, *grads = output.args[0]
     placeholders = {spec.source: n for spec, n in zip(graph.inputs, (n for n in nodes if n.op == "placeholder"))
                     if spec.role == Role.LORA}
-    update_after: dict[fx.Node, list[tuple[fx.Node, fx.Node]]] = {}
+    update_after: dict[fx.Node, list[tuple[str, fx.Node, fx.Node]]] = {}
     for name, grad in zip(graph.outputs[1:], grads, strict=True):
         param = placeholders[name]
         uses = [position[u] for u in param.users if u.op != "output"]
-        last = nodes[max([position[grad], *uses])]
-        update_after.setdefault(last, []).append((param, grad))
+        last = nodes[max([position[grad], position[loss], *uses])]
+        update_after.setdefault(last, []).append((name, param, grad))
 
     new_graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
@@ -91,8 +118,9 @@ def fuse_lora_update(graph: TrainingGraph) -> TrainingGraph:
             new_graph.output((remap[loss],))
             continue
         remap[node] = new_graph.node_copy(node, remap.__getitem__)
-        for param, grad in update_after.get(node, []):
-            update = new_graph.create_node("call_function", apply_lora_update, (remap[param], remap[grad]),
+        for name, param, grad in update_after.get(node, []):
+            update = new_graph.create_node("call_function", apply_lora_update,
+                                           (remap[param], remap[grad], remap[loss], name),
                                            name=f"update_{param.name}")
             update.meta["val"] = None
             grad_info = graph.info[grad.name]

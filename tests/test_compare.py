@@ -139,9 +139,9 @@ def test_cli_compare_explains_itself_and_refuses_bad_settings(capsys):
         main(["compare", "--help"])
     help_text = capsys.readouterr().out
     assert "MeZO" in help_text and "--mezo-steps" in help_text and "held-out" in help_text
-    assert main(["compare", "--model", "tiny-llama", "--methods", "mezo"]) == 1
+    assert main(["compare", "--model", "tiny-llama", "--methods", "mezo"]) == 2
     assert "--mezo-steps" in capsys.readouterr().err
-    assert main(["compare", "--model", "tiny-llama", "--methods", "mezo,mebp"]) == 1
+    assert main(["compare", "--model", "tiny-llama", "--methods", "mezo,mebp"]) == 2
     assert "list it after one" in capsys.readouterr().err
-    assert main(["compare", "--model", "tiny-llama", "--methods", "mebp,sgd"]) == 1
+    assert main(["compare", "--model", "tiny-llama", "--methods", "mebp,sgd"]) == 2
     assert "mebp, optimal, mezo" in capsys.readouterr().err

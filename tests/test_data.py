@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -53,6 +54,16 @@ def test_missing_and_unsupported_files(tmp_path):
     other.write_text("a,b\n")
     with pytest.raises(ValueError, match=r"\.txt or \.jsonl"):
         data.load_text(str(other))
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_binary_file_names_itself_and_the_bad_byte(tmp_path, suffix):
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(b'{"text": "ok"}\n' + bytes([0x89, 0x50, 0x4E, 0x47]))  # a PNG header after a good line
+    with pytest.raises(ValueError, match=r"is not UTF-8 text \(byte 15, 0x89: invalid start byte\); is it a binary"):
+        data.load_text(path)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        data.load_text(path)
 
 
 def test_token_blocks_cuts_consecutive_blocks():

@@ -10,7 +10,8 @@ from mebp_compiler import models
 from mebp_compiler.capture import CaptureError, UnsupportedOpError
 from mebp_compiler.offload import OffloadError, OffloadStore
 from mebp_compiler.runtime import _HeldStorages
-from mebp_compiler.ir import Role
+from mebp_compiler.ir import Role, format_bytes
+from mebp_compiler.plan import optimizer_state_bytes
 from tests.conftest import lora_model, random_batch
 
 
@@ -68,3 +69,15 @@ def test_views_are_counted_once():
     assert held.bytes_by_role[Role.ACTIVATION] == 1024
     held.drop(base)
     assert held.bytes_by_role[Role.ACTIVATION] == 1024
+
+
+def test_a_step_that_does_not_fit_this_machine_is_refused_with_both_figures():
+    model = lora_model("tiny-llama")
+    plan = mebp_compiler.compile(model, random_batch(model.config.vocab_size), "mebp")
+    assert plan.optimizer_state_bytes == optimizer_state_bytes(model, "adamw") > 0
+    new_bytes = plan.predicted_peak_activation_bytes + plan.optimizer_state_bytes
+    plan.check_memory(available_bytes=new_bytes)  # what is not yet allocated fits exactly
+    with pytest.raises(mebp_compiler.InsufficientMemory,
+                       match=rf"needs {format_bytes(new_bytes)} more .* but this machine has "
+                             rf"{format_bytes(new_bytes - 1)} available; shorten the sequence"):
+        plan.check_memory(available_bytes=new_bytes - 1)

@@ -10,9 +10,16 @@ import torch
 
 import mebp_compiler
 from mebp_compiler.ir import Role
-from mebp_compiler.passes.fuse_update import UpdaterMissing, apply_lora_update, check_updates_follow_uses
+from mebp_compiler.passes.fuse_update import (
+    NonFiniteGradient,
+    UpdaterMissing,
+    apply_lora_update,
+    check_updates_follow_uses,
+    optimizer_updater,
+    using_updater,
+)
 from mebp_compiler.schedule import ScheduleError
-from mebp_compiler.train import make_optimizer
+from mebp_compiler.train import NonFiniteStep, make_optimizer
 from tests.conftest import TINY_MODELS, assert_matches_autograd, lora_model, random_batch
 
 
@@ -88,3 +95,19 @@ def test_a_fused_plan_needs_an_optimizer_and_a_sound_order():
     first_use.prepend(update)  # the update now runs before the parameter's uses
     with pytest.raises(ScheduleError, match="after its fused update"):
         check_updates_follow_uses(plan.graph)
+
+
+def test_the_fused_updater_refuses_a_non_finite_loss_or_gradient_and_updates_nothing():
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = make_optimizer([param], "adamw", 0.1)
+    finite_loss, finite_grad = torch.tensor(2.5), torch.ones(3)
+    with using_updater(optimizer_updater(optimizer)):
+        with pytest.raises(NonFiniteGradient, match="the gradient of lora_A is not finite; the update of lora_A"):
+            apply_lora_update(param, torch.tensor([1.0, float("inf"), 1.0]), finite_loss, "lora_A")
+        with pytest.raises(NonFiniteGradient, match="the loss is nan"):
+            apply_lora_update(param, finite_grad, torch.tensor(float("nan")), "lora_A")
+        assert torch.equal(param, torch.ones(3)) and not optimizer.state
+        apply_lora_update(param, finite_grad, finite_loss, "lora_A")
+    assert (param < 1).all()
+    stopped = str(NonFiniteStep(4, 2.5, "lora_A", fused=True))
+    assert "before it in this step's backward keep this step's update, the others are those of step 3" in stopped

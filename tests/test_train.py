@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 
 import mebp_compiler
 import mebp_compiler.schedule
 from mebp_compiler import models
 from mebp_compiler.cli import main
-from mebp_compiler.train import make_optimizer, save_adapter, train
+from mebp_compiler.train import (
+    NORM_DIVERGENCE_FACTOR,
+    DivergenceWarning,
+    NonFiniteStep,
+    TrainHistory,
+    make_optimizer,
+    save_adapter,
+    train,
+)
 from mebp_compiler.plan import optimizer_state_bytes
 from tests.conftest import assert_matches_autograd, autograd_reference, lora_model, random_batch
 
@@ -83,7 +94,7 @@ def test_cli_train_writes_adapter_plot_and_history(tmp_path, capsys):
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):
-    assert main(["train", "--model", "qwen-tiny", "--steps", "1"]) == 1
+    assert main(["train", "--model", "qwen-tiny", "--steps", "1"]) == 2  # a usage error, checked before loading
     err = capsys.readouterr().err
     assert "unknown model" in err.lower() and "Traceback" not in err
     assert main(["train", "--model", "tiny-llama", "--data", "/no/such/file.txt", "--steps", "1"]) == 1
@@ -94,8 +105,8 @@ def test_cli_plan_predicts_memory_on_the_meta_device(capsys):
     assert main(["plan", "--model", "tiny-gemma3", "--seq-len", "16", "--head-chunks", "2"]) == 0
     out = capsys.readouterr().out
     assert "policy none: predicted peak" in out and "policy mebp: predicted peak" in out
-    assert main(["plan", "--model", "tiny-gemma3", "--head-chunks", "many"]) == 1
-    assert "--head-chunks must be a number" in capsys.readouterr().err
+    assert main(["plan", "--model", "tiny-gemma3", "--head-chunks", "many"]) == 2  # a usage error
+    assert "--head-chunks: expected a whole number >= 0 or 'auto'" in capsys.readouterr().err
 
 
 def test_cli_help_explains_the_commands(capsys):
@@ -154,3 +165,68 @@ def test_head_chunks_auto_takes_the_fewest_chunks_that_fit():
     assert_matches_autograd(tight.step(batch), autograd_reference(model, batch))
     with pytest.raises(ValueError, match="policy 'optimal'"):
         mebp_compiler.compile(model, batch, "mebp", head_chunks="auto")
+
+
+def lora_values(plan) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in plan.lora_parameters().items()}
+
+
+def assert_same_values(plan, values: dict[str, torch.Tensor]) -> None:
+    for name, param in plan.lora_parameters().items():
+        torch.testing.assert_close(param.detach(), values[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("fuse_update", [False, True], ids=["unfused", "fused"])
+def test_a_nan_in_a_lora_parameter_stops_training_before_any_update(fuse_update):
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", fuse_update=fuse_update)
+    with torch.no_grad():
+        next(iter(plan.lora_parameters().values()))[0, 0] = float("nan")
+    start = lora_values(plan)
+    optimizer = make_optimizer(plan.lora_parameters().values(), "adamw", 1e-2)
+    with pytest.raises(NonFiniteStep, match=r"^step 1: the loss is nan;.*are the starting ones.*--lr") as stop:
+        train(plan, iter([batch] * 3), 3, optimizer, progress=False)
+    assert stop.value.step == 1 and stop.value.parameter is None
+    assert_same_values(plan, start)
+    assert not optimizer.state  # no parameter was stepped
+
+
+@pytest.mark.filterwarnings("ignore::mebp_compiler.train.DivergenceWarning")
+@pytest.mark.parametrize("fuse_update", [False, True], ids=["unfused", "fused"])
+def test_a_run_that_turns_nan_keeps_the_parameters_of_its_last_good_step(fuse_update):
+    """lr 1e30: step 1 is finite and sends the parameters to ~1e30, so step 2's loss is NaN."""
+    model = lora_model("tiny-llama")
+    batches = [random_batch(model.config.vocab_size, seed=s) for s in range(3)]
+    plan = mebp_compiler.compile(model, batches[0], "mebp", fuse_update=fuse_update)
+    twin = mebp_compiler.compile(copy.deepcopy(model), batches[0], "mebp", fuse_update=fuse_update)
+    train(twin, iter(batches), 1, make_optimizer(twin.lora_parameters().values(), "adamw", 1e30), progress=False)
+    with pytest.raises(NonFiniteStep, match=r"^step 2: the loss is nan;.*those of step 1"):
+        train(plan, iter(batches), 3, make_optimizer(plan.lora_parameters().values(), "adamw", 1e30), progress=False)
+    assert_same_values(plan, lora_values(twin))
+
+
+def test_a_diverging_run_warns_once_records_the_step_and_goes_on():
+    """lr 1e6: the loss stays finite (saturated at ln(vocab)) while the LoRA norm explodes."""
+    model = lora_model("tiny-llama")
+    batches = [random_batch(model.config.vocab_size, seed=s) for s in range(3)]
+    plan = mebp_compiler.compile(model, batches[0], "mebp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = train(plan, iter(batches), 3, make_optimizer(plan.lora_parameters().values(), "adamw", 1e6),
+                        progress=False)
+    diverging = [w for w in caught if issubclass(w.category, DivergenceWarning)]
+    assert len(diverging) == 1 and "step 1: the LoRA parameters' norm" in str(diverging[0].message)
+    assert history.diverged_at_step == 1 and len(history.loss) == 3
+    assert history.lora_norm[0] > NORM_DIVERGENCE_FACTOR * history.start_lora_norm
+
+
+def test_a_loss_far_above_the_first_steps_counts_as_divergence():
+    history = TrainHistory(start_lora_norm=1.0)
+    bar = tqdm(disable=True)
+    for loss in (5.0, 5.4, 4.6, 9.9):
+        history.record(loss, 0.1, 1000, 1.0, bar)
+    assert history.diverged_at_step is None  # 9.9 is below 2 x 5.0
+    with pytest.warns(DivergenceWarning, match=r"step 5: the loss 10.2 is above 2x the first steps' mean 5"):
+        history.record(10.2, 0.1, 1000, 1.0, bar)
+    assert history.diverged_at_step == 5
