@@ -99,7 +99,7 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
         spec = method[5:]
         untrimmed = spec.endswith("-untrimmed")
         budget, _, device = spec.removesuffix("-untrimmed").partition("@")
-        options = {"memory_budget": budget, "time_limit_s": args.time_limit_s, "device": device or "cpu-local",
+        options = {"memory_budget": budget, "work_limit": args.work_limit, "device": device or "cpu-local",
                    "trim_heap": not untrimmed}
         forward = torch.compile(model, backend="mebp", options=options)
         backend = backend_for(options)
@@ -183,7 +183,7 @@ def spawn(args: argparse.Namespace, method: str) -> tuple[dict[str, Any] | None,
     with tempfile.TemporaryDirectory(prefix="mebp-bench-") as tmp:
         result_file = pathlib.Path(tmp) / "result.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--seq-len", str(args.seq_len),
-               "--steps", str(args.steps), "--time-limit-s", str(args.time_limit_s), "--method", method,
+               "--steps", str(args.steps), "--work-limit", str(args.work_limit), "--method", method,
                "--result-file", str(result_file)]
         try:
             proc = subprocess.run(cmd, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True,
@@ -236,6 +236,8 @@ def cross_checks(records: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="340MB,200MB,130MB",
                         help="mebp budgets, comma-separated; SIZE@DEVICE schedules for another device profile, "
                              "SIZE-untrimmed runs without trim_heap")
-    parser.add_argument("--time-limit-s", type=float, default=20.0, help="CP-SAT limit per graph")
+    parser.add_argument("--work-limit", type=float, default=DEFAULT_WORK_LIMIT,
+                        help="scheduler limit per graph, CP-SAT deterministic time")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per method")
     parser.add_argument("--method", help=argparse.SUPPRESS)

@@ -96,7 +96,7 @@ def run_child(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
     lora = [p for p in model.parameters() if p.requires_grad]
-    options = {"memory_budget": args.budget, "time_limit_s": args.time_limit_s, "trim_heap": args.trim}
+    options = {"memory_budget": args.budget, "work_limit": args.work_limit, "trim_heap": args.trim}
     compiled = torch.compile(model, backend="mebp", options=options)
 
     def step() -> None:
@@ -149,7 +149,7 @@ def time_child(args: argparse.Namespace) -> dict:
     steps = {}
     for trim in (True, False):
         net = model if trim else copy.deepcopy(model)
-        options = {"memory_budget": args.budget, "time_limit_s": args.time_limit_s, "trim_heap": trim}
+        options = {"memory_budget": args.budget, "work_limit": args.work_limit, "trim_heap": trim}
         compiled = torch.compile(net, backend="mebp", options=options)
         lora = [p for p in net.parameters() if p.requires_grad]
 
@@ -171,11 +171,13 @@ def time_child(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--budget", default="200MB")
-    parser.add_argument("--time-limit-s", type=float, default=20.0)
+    parser.add_argument("--work-limit", type=float, default=DEFAULT_WORK_LIMIT)
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each setting, alternated")
     parser.add_argument("--trim", type=lambda v: v == "True", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=("memory", "time"), help=argparse.SUPPRESS)
@@ -186,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for child, trim in (("memory", False), ("memory", True), ("time", True)):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", child, "--trim", str(trim), "--model",
-               args.model, "--seq-len", str(args.seq_len), "--budget", args.budget, "--time-limit-s",
-               str(args.time_limit_s), "--steps", str(args.steps)]
+               args.model, "--seq-len", str(args.seq_len), "--budget", args.budget, "--work-limit",
+               str(args.work_limit), "--steps", str(args.steps)]
         proc = subprocess.run(cmd, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

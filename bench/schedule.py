@@ -28,14 +28,14 @@ from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.passes.fuse_update import fuse_lora_update
 from mebp_compiler.passes.policies import (
-    least_feasible_budget,
+    least_memory,
     mebp_schedule,
     none_schedule,
     optimal_schedule,
     scheduling_problem,
 )
 from mebp_compiler.passes.schedule import pareto
-from mebp_compiler.passes.schedule.solver import BudgetInfeasible
+from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
 
 
 def evaluate(graph, schedule, device, budget=None) -> dict:
@@ -50,7 +50,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--device", default="iphone15promax")
-    parser.add_argument("--time-limit", type=float, default=20.0, help="solver seconds per budget")
+    parser.add_argument("--work-limit", type=float, default=DEFAULT_WORK_LIMIT,
+                        help="solver limit per solve, CP-SAT deterministic time")
     parser.add_argument("--sweep", type=int, default=4, help="budgets below mebp's peak tried for (b)")
     parser.add_argument("--no-offload", action="store_true", help="keep or recompute only, no flash")
     parser.add_argument("--head-chunks", type=int, default=0, help="LM head + loss in this many chunks (both plans)")
@@ -79,30 +80,21 @@ def main() -> int:
     mebp = evaluate(graph, mebp_schedule(graph), device)
     start = time.perf_counter()
     problem = scheduling_problem(graph, device)
-    at_mebp_peak = evaluate(graph, optimal_schedule(graph, mebp["peak_bytes"], device, time_limit_s=args.time_limit,
+    at_mebp_peak = evaluate(graph, optimal_schedule(graph, mebp["peak_bytes"], device, work_limit=args.work_limit,
                                                     problem=problem, offload=offload), device, mebp["peak_bytes"])
     schedule_s = capture_s + time.perf_counter() - start
     print(f"(a) optimal at mebp's peak: extra {at_mebp_peak['extra_s']:.4f} s vs {mebp['extra_s']:.4f} s",
           file=sys.stderr)
 
-    try:
-        least = least_feasible_budget(graph, device, time_limit_s=args.time_limit, problem=problem, offload=offload)
-    except RuntimeError as exc:  # no least-memory solution within the limit: sweep down to the inputs
-        print(f"least feasible budget not found ({exc}); sweeping down to the inputs' bytes", file=sys.stderr)
-        least = None
-    floor = least if least is not None else mebp["peak_bytes"] - mebp["peak_activation_bytes"]
+    least_solution = least_memory(graph, device, work_limit=args.work_limit, problem=problem, offload=offload)
+    least, least_proven = least_solution.model_peak_bytes, least_solution.status == "OPTIMAL"
+    print(f"least budget found: {format_bytes(least)} ({least_solution.status}, proven at least "
+          f"{format_bytes(least_solution.stats['peak_bound_bytes'])})", file=sys.stderr)
     best = at_mebp_peak
-    for k in range(1, args.sweep + 1 if floor < mebp["peak_bytes"] else 1):
-        budget = mebp["peak_bytes"] - (mebp["peak_bytes"] - floor) * k // args.sweep
-        try:
-            schedule = optimal_schedule(graph, budget, device, time_limit_s=args.time_limit,
-                                        problem=problem, offload=offload)
-        except BudgetInfeasible:
-            print(f"    budget {format_bytes(budget)}: infeasible", file=sys.stderr)
-            continue
-        except RuntimeError as exc:  # neither a timed nor a least-memory solution within the limit
-            print(f"    budget {format_bytes(budget)}: no solution within the time limit ({exc})", file=sys.stderr)
-            continue
+    for k in range(1, args.sweep + 1 if least < mebp["peak_bytes"] else 1):
+        budget = mebp["peak_bytes"] - (mebp["peak_bytes"] - least) * k // args.sweep  # at least `least`: never fails
+        schedule = optimal_schedule(graph, budget, device, work_limit=args.work_limit, problem=problem,
+                                    offload=offload)
         point = evaluate(graph, schedule, device, budget)
         print(f"    budget {format_bytes(budget)}: extra {point['extra_s']:.4f} s, computed peak "
               f"{format_bytes(point['peak_activation_bytes'])}", file=sys.stderr)
@@ -110,11 +102,12 @@ def main() -> int:
             best = point
 
     result = {
-        "model": args.model, "seq_len": args.seq_len, "device": args.device, "time_limit_s": args.time_limit,
+        "model": args.model, "seq_len": args.seq_len, "device": args.device, "work_limit": args.work_limit,
         "offload": offload, "head_chunks": args.head_chunks, "vocab_slices": args.vocab_slices,
         "mlp_chunks": args.mlp_chunks,
         "fuse_update": args.fuse_update,
         "nodes": len(graph.nodes()), "schedule_wall_s": schedule_s, "least_feasible_bytes": least,
+        "least_proven": least_proven, "least_bound_bytes": least_solution.stats["peak_bound_bytes"],
         "none": none, "mebp": mebp, "optimal_at_mebp_peak": at_mebp_peak, "optimal_at_mebp_time": best,
         "a_extra_time_ratio": at_mebp_peak["extra_s"] / mebp["extra_s"],
         "b_peak_activation_ratio": best["peak_activation_bytes"] / mebp["peak_activation_bytes"],
@@ -141,11 +134,13 @@ def main() -> int:
         gap = row["stats"].get("gap")
         table.append(f"| {label} | {format_bytes(row['peak_bytes'])} | {format_bytes(row['peak_activation_bytes'])} "
                      f"| {row['extra_s'] * 1e3:.1f} ms | {'-' if gap is None else f'{gap:.1%}'} |")
-    table += ["", f"Least feasible budget: {'not found in the time limit' if least is None else format_bytes(least)}.",
+    proof = "proven least" if least_proven else \
+        f"not proven least; at least {format_bytes(least_solution.stats['peak_bound_bytes'])}"
+    table += ["", f"Least feasible budget: {format_bytes(least)} ({proof}).",
               f"(a) extra time of optimal at mebp's peak / mebp's: {result['a_extra_time_ratio']:.2f}; "
                   f"(b) computed-tensor peak of optimal at mebp's extra time / mebp's: "
                   f"{result['b_peak_activation_ratio']:.2f}; capture + first solve: {schedule_s:.1f} s "
-                  f"({len(graph.nodes())} nodes, solver limit {args.time_limit:.0f} s, 2 workers).",
+                  f"({len(graph.nodes())} nodes, solver work limit {args.work_limit:g} per solve, 1 worker).",
               f"Command: `{result['command']}`"]
     (out / f"{stem}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

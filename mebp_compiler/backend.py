@@ -50,6 +50,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,12 +72,14 @@ from mebp_compiler.device import DeviceProfile, parse_size
 from mebp_compiler.heap import release_freed_memory
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, format_bytes
 from mebp_compiler.offload import OffloadStore
+from mebp_compiler.passes.policies import known_starts
 from mebp_compiler.passes.schedule.from_graph import training_dag
 from mebp_compiler.passes.schedule.problem import build_problem
-from mebp_compiler.passes.schedule.solver import BudgetInfeasible, solve
+from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT, BudgetInfeasible, solve
 from mebp_compiler.schedule import Decision
 
-OPTION_NAMES = ("memory_budget", "device", "offload_dir", "time_limit_s", "offload", "trim_heap")
+OPTION_NAMES = ("memory_budget", "device", "offload_dir", "work_limit", "offload", "trim_heap")
+DEPRECATED_OPTIONS = {"time_limit_s": "work_limit"}
 
 _LAYER = re.compile(r"layers\W*(\d+)")
 
@@ -93,7 +96,9 @@ class BackendOptions:
     compiled model together (see the module docstring for what it covers).
     `device`: a device profile name or JSON path; it turns FLOPs and bytes into the seconds
     the scheduler trades off (default `cpu-local`). `offload_dir`: where offloaded tensors
-    go (default: a temporary directory). `time_limit_s`: CP-SAT's limit per graph.
+    go (default: a temporary directory). `work_limit`: the scheduler's limit per graph, in
+    CP-SAT deterministic time (work, not seconds: the plan does not depend on machine load;
+    `passes.schedule.solver`); `time_limit_s` is its deprecated name.
     `offload`: allow offloading at all (default True). `trim_heap`: return freed heap
     pages to the OS at the start of both graphs and at every transformer-layer boundary
     (default True; see the module docstring; a no-op where the C library has no
@@ -103,13 +108,18 @@ class BackendOptions:
     memory_budget_bytes: int
     device: DeviceProfile
     offload_dir: str | None = None
-    time_limit_s: float = 10.0
+    work_limit: float = DEFAULT_WORK_LIMIT
     offload: bool = True
     trim_heap: bool = True
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
         options = dict(options or {})
+        for old, new in DEPRECATED_OPTIONS.items():
+            if old in options:
+                warnings.warn(f"the mebp backend option {old!r} is deprecated: use {new!r} (the scheduler's limit "
+                              "is deterministic work; the same number is used)", DeprecationWarning, stacklevel=3)
+                options.setdefault(new, options.pop(old))
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise BackendError(f"unknown mebp backend option(s) {unknown}; the options are {list(OPTION_NAMES)}")
@@ -118,11 +128,11 @@ class BackendOptions:
         budget = parse_size(options["memory_budget"])
         if budget <= 0:
             raise BackendError(f"memory_budget must be positive, got {options['memory_budget']!r}")
-        time_limit = float(options.get("time_limit_s", 10.0))
-        if time_limit <= 0:
-            raise BackendError(f"time_limit_s must be positive, got {time_limit}")
+        work_limit = float(options.get("work_limit", DEFAULT_WORK_LIMIT))
+        if not work_limit > 0:
+            raise BackendError(f"work_limit must be positive, got {work_limit}")
         return cls(budget, DeviceProfile.load(options.get("device", "cpu-local")),
-                   options.get("offload_dir"), time_limit, bool(options.get("offload", True)),
+                   options.get("offload_dir"), work_limit, bool(options.get("offload", True)),
                    bool(options.get("trim_heap", True)))
 
 
@@ -223,15 +233,15 @@ class _GraphState:
         share = options.memory_budget_bytes - held_before
         problem = build_problem(dag)
         try:
-            solution = solve(problem, max(share, 0), options.device, time_limit_s=options.time_limit_s,
-                             offload=options.offload)
+            solution = solve(problem, max(share, 0), options.device, work_limit=options.work_limit,
+                             starts=known_starts(graph, problem, options.offload), offload=options.offload)
         except BudgetInfeasible as exc:
             least = exc.least_budget_bytes + held_before
             dominated = list(exc.dominated_by)
             if held_before:
                 dominated.append((f"kept by {len(self.earlier)} earlier graph(s) of this model", held_before))
             raise BudgetInfeasible(options.memory_budget_bytes, least,
-                                   sorted(dominated, key=lambda kv: -kv[1]), exc.least) from None
+                                   sorted(dominated, key=lambda kv: -kv[1]), exc.least, exc.least_proven) from None
 
         saved = saved_for_backward(joint, graph, solution.decisions)
         offloaded = [n for n in saved if solution.decisions.get(n.name) == Decision.OFFLOAD]

@@ -102,14 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that say what is wrong with the input or the request: reported as one line."""
-    from mebp_compiler.passes.schedule.solver import SolverTimeout
     from mebp_compiler.targets import TargetUnavailableError
     from mebp_compiler.targets.fx_stage import UnsupportedStageOpError
 
-    # ValueError covers the project's own input errors (CaptureError, BudgetInfeasible, ManifestError, ...),
-    # OSError the files (OffloadError), MemoryError InsufficientMemory, FloatingPointError NonFiniteStep.
-    return (ValueError, OSError, MemoryError, FloatingPointError, SolverTimeout, TargetUnavailableError,
-            UnsupportedStageOpError)
+    # ValueError covers the project's own input errors (CaptureError, BudgetInfeasible, ManifestError,
+    # ScheduleNotFound, ...), OSError the files (OffloadError), MemoryError InsufficientMemory,
+    # FloatingPointError NonFiniteStep.
+    return (ValueError, OSError, MemoryError, FloatingPointError, TargetUnavailableError, UnsupportedStageOpError)
 
 
 def _report(command: str, exc: Exception) -> int:
@@ -297,6 +296,7 @@ def _check_compare(args) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     from mebp_compiler.models import MODEL_NAMES
+    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
 
     p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME",
                    help=f"model to fine-tune (default: %(default)s); one of {', '.join(MODEL_NAMES)}")
@@ -312,6 +312,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "activations, AdamW state), e.g. 300MB, 1GiB; for --policy optimal only")
     p.add_argument("--device", type=_device, default="iphone15promax",
                    help="device profile for the scheduler's cost model: iphone15promax, cpu-local or a JSON file")
+    p.add_argument("--work-limit", type=_positive_float, default=DEFAULT_WORK_LIMIT, metavar="W",
+                   help="the scheduler's search limit per solve, in CP-SAT deterministic time: work, not "
+                        "seconds, so the plan does not depend on machine load (default: %(default)s)")
     p.add_argument("--checkpoints", default="ram", choices=("ram", "disk"),
                    help="where mebp keeps block checkpoints: RAM, or memory-mapped files (default: %(default)s)")
     p.add_argument("--offload-dir", default=None, help="directory for memory-mapped checkpoints (default: a temporary one)")
@@ -579,7 +582,8 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
                    help="budget of the optimal schedule (whole step incl. AdamW state), e.g. 700MB; "
                         "default: the mebp plan's predicted peak + AdamW state")
     p.add_argument("--device", type=_device, default=d.device, help="device profile of the optimal schedule's cost model")
-    p.add_argument("--time-limit", type=float, default=d.time_limit_s, help="scheduler time limit (s)")
+    p.add_argument("--work-limit", type=_positive_float, default=d.work_limit,
+                   help="scheduler search limit per solve, in CP-SAT deterministic time (work, not seconds)")
     p.add_argument("--head-chunks", type=_non_negative, default=d.head_chunks, help="LM head + loss in K sequence chunks (backprop)")
     p.add_argument("--methods", default=",".join(d.methods), help="comma-separated subset of mebp,optimal,mezo")
     p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank")
@@ -600,7 +604,7 @@ def _compare_settings(args):
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, mezo_steps=args.mezo_steps,
         eval_every=args.eval_every, eval_blocks=args.eval_blocks, heldout_fraction=args.heldout_fraction,
         lr=args.lr, mezo_lr=args.mezo_lr, mezo_eps=args.eps, budget=args.budget, device=args.device,
-        head_chunks=args.head_chunks, time_limit_s=args.time_limit, seed=args.seed,
+        head_chunks=args.head_chunks, work_limit=args.work_limit, seed=args.seed,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
     )
 
@@ -727,7 +731,17 @@ def _compile(model, example, args, policy: str | None = None):
                                  mlp_chunks=args.mlp_chunks,
                                  int4=args.int4 or args.gguf_blocks, group_size=args.group_size,
                                  gguf_file=models.smollm2_gguf_path() if args.gguf_blocks else None,
-                                 fuse_update=args.fuse_update)
+                                 fuse_update=args.fuse_update, work_limit=args.work_limit,
+                                 solver_progress=_solver_status)
+
+
+def _solver_status(progress) -> None:
+    """The scheduler's search on stderr: one line, rewritten in place on a terminal (else its last state)."""
+    line = f"[mebp] scheduling: {progress.describe()}"
+    if sys.stderr.isatty():
+        print(f"\r{line}\033[K", end="\n" if progress.done else "", file=sys.stderr, flush=True)
+    elif progress.done:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _say(message: str) -> None:

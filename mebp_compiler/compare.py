@@ -44,6 +44,7 @@ from mebp_compiler.checksums import SEAL_KEY, seal_json, unseal_json
 from mebp_compiler.files import atomic_write, atomic_write_json, atomic_write_text
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.mezo import compile_mezo, mezo_step
+from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
 from mebp_compiler.plan import optimizer_state_bytes
 from mebp_compiler.train import make_optimizer
 
@@ -81,7 +82,7 @@ class StudySettings:
     budget: str | int | None = None
     device: str = "cpu-local"
     head_chunks: int = 0
-    time_limit_s: float = 20.0
+    work_limit: float = DEFAULT_WORK_LIMIT  # the scheduler's, CP-SAT deterministic time
     seed: int = 0
     methods: tuple[str, ...] = METHODS
 
@@ -170,6 +171,7 @@ class Study:
         results = [MethodResult(**{k: v for k, v in m.items() if k not in ("steps", "train_s", "evals")},
                                 evals=[EvalPoint(**p) for p in m["evals"]]) for m in record["methods"]]
         settings = {**record["settings"], "methods": tuple(record["settings"]["methods"])}
+        settings.pop("time_limit_s", None)  # studies run when the scheduler's limit was wall-clock seconds
         return cls(model=record["model"], settings=StudySettings(**settings), train_blocks=record["train_blocks"],
                    heldout_blocks=record["heldout_blocks"], results=results, environment=record["environment"])
 
@@ -277,7 +279,7 @@ def _run_backprop(method, model, example, batches, settings: StudySettings, meas
         if budget is None:
             budget = _mebp_peak(model, example, settings, mebp_peak) + state_bytes
         plan = mebp_compiler.compile(model, example, "optimal", budget=budget, device=settings.device,
-                                     time_limit_s=settings.time_limit_s, optimizer="adamw",
+                                     work_limit=settings.work_limit, optimizer="adamw",
                                      head_chunks=settings.head_chunks)
         described = {"policy": "optimal", "budget": budget, "budget_bytes": parse_size(budget), "device": settings.device,
                      "budget_rule": "given" if settings.budget is not None

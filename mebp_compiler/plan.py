@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,12 @@ from mebp_compiler.passes.quantize import (
     quantize_model_weights,
     rewrite_int4,
 )
-from mebp_compiler.passes.schedule.solver import BudgetInfeasible
+from mebp_compiler.passes.schedule.solver import (
+    DEFAULT_WORK_LIMIT,
+    BudgetInfeasible,
+    ProgressCallback,
+    ScheduleNotFound,
+)
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.runtime import Runtime, StepResult
 from mebp_compiler.schedule import Schedule
@@ -167,7 +173,7 @@ def _optimal(trace, example_batch, budget_bytes: int, device: DeviceProfile, hea
         captured = trace(chunks)
         try:
             return captured, optimal_schedule(captured, budget_bytes, device, **solve_options)
-        except BudgetInfeasible:
+        except (BudgetInfeasible, ScheduleNotFound):
             if chunks == candidates[-1]:
                 raise
     raise AssertionError("unreachable")
@@ -183,7 +189,8 @@ def compile(
     budget: str | int | None = None,
     device: str | DeviceProfile = "iphone15promax",
     offload: bool = True,
-    time_limit_s: float = 20.0,
+    work_limit: float = DEFAULT_WORK_LIMIT,
+    solver_progress: ProgressCallback | None = None,
     optimizer: str = "adamw",
     head_chunks: int | Literal["auto"] = 0,
     vocab_slices: int = 0,
@@ -193,6 +200,7 @@ def compile(
     weights_file: str | None = None,
     gguf_file: str | os.PathLike | None = None,
     fuse_update: bool = False,
+    time_limit_s: float | None = None,
 ) -> Plan:
     """Compile one training step of a LoRA causal LM under a scheduling `policy`.
 
@@ -203,7 +211,13 @@ def compile(
     `device` whose peak - weights, LoRA, batch and computed tensors - fits `budget`, bytes
     or a human size such as "300MB"; raises `BudgetInfeasible` naming the least budget).
     The budget also covers the state of `optimizer` ("adamw" or "sgd") over the LoRA
-    parameters, which the trainer holds outside the graph.
+    parameters, which the trainer holds outside the graph. The scheduler starts from
+    MeBP's decisions or keep-all when one fits and returns the best schedule it finds
+    within `work_limit` (CP-SAT deterministic time per solve, so the plan does not depend
+    on machine load; see `passes.schedule.solver`), or raises `ScheduleNotFound` when the
+    budget is below every known schedule and the search neither found one nor proved there
+    is none; `solver_progress` is called with its `Progress` as it searches. `time_limit_s`
+    is the deprecated name of `work_limit`.
 
     `head_chunks` > 0 computes the LM head and loss in that many sequence chunks (see
     `capture`); "auto" (optimal policy only) takes the fewest chunks - 0, 2, 4, 8, ... -
@@ -241,6 +255,10 @@ def compile(
         raise ValueError("gguf_file keeps a GGUF file's quantized blocks: use it with int4=True")
     if head_chunks == "auto" and policy != "optimal":
         raise ValueError("head_chunks='auto' is chosen from the budget: use it with policy 'optimal'")
+    if time_limit_s is not None:
+        warnings.warn("compile(time_limit_s=...) is deprecated: the scheduler's limit is deterministic work, "
+                      "work_limit=... (the same number is used)", DeprecationWarning, stacklevel=2)
+        work_limit = time_limit_s
     weights = None
 
     def trace(chunks: int) -> TrainingGraph:
@@ -270,7 +288,7 @@ def compile(
     if policy == "optimal":
         profile = device if isinstance(device, DeviceProfile) else DeviceProfile.load(device)
         captured, schedule = _optimal(trace, example_batch, parse_size(budget), profile, head_chunks,
-                                      offload=offload, time_limit_s=time_limit_s,
+                                      offload=offload, work_limit=work_limit, progress=solver_progress,
                                       reserved_bytes=optimizer_state_bytes(model, optimizer))
     else:
         captured = trace(head_chunks)

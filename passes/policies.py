@@ -18,12 +18,20 @@ from typing import Literal
 import torch.fx as fx
 
 from mebp_compiler.device import DeviceProfile
-from mebp_compiler.ir import Phase, Role, TrainingGraph, format_bytes
+from mebp_compiler.ir import Phase, Role, TrainingGraph
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.passes.schedule.from_graph import training_dag
 from mebp_compiler.passes.schedule.problem import SchedulingProblem, build_problem
-from mebp_compiler.passes.schedule.solver import BudgetInfeasible, SolverTimeout, least_budget, solve
+from mebp_compiler.passes.schedule.solver import (
+    DEFAULT_WORK_LIMIT,
+    BudgetInfeasible,
+    ProgressCallback,
+    ScheduleNotFound,
+    Solution,
+    least_budget,
+    solve,
+)
 from mebp_compiler.schedule import Decision, Schedule, Step, StepKind
 
 
@@ -191,21 +199,28 @@ def optimal_schedule(
     budget_bytes: int,
     device: DeviceProfile,
     *,
-    time_limit_s: float = 20.0,
+    work_limit: float = DEFAULT_WORK_LIMIT,
     offload: bool = True,
     problem: SchedulingProblem | None = None,
     reserved_bytes: int = 0,
+    progress: ProgressCallback | None = None,
 ) -> Schedule:
     """Least predicted step time whose peak (all roles, as `liveness` counts it) plus
     `reserved_bytes` (held outside the graph, e.g. optimizer state) fits `budget_bytes`.
 
-    Raises `BudgetInfeasible` naming the least budget the scheduler can meet and the
-    tensors live at that schedule's peak. `problem` may be passed to skip rebuilding it.
+    The search falls back on MeBP's decisions (RAM or disk checkpoints) or keep-all, the
+    fastest that fits, and returns the best schedule found within `work_limit` (CP-SAT
+    deterministic time, `passes.schedule.solver`); `stats` carry its predicted time, the
+    proven bound and the gap. Raises `BudgetInfeasible` when no schedule fits is proven,
+    naming the least budget the scheduler can meet and the tensors live at that schedule's
+    peak, and `ScheduleNotFound` when the budget is below every known schedule and the
+    search neither found one nor proved there is none. `problem` may be passed to skip
+    rebuilding it; `progress` is called as the search goes.
     """
     problem = problem or scheduling_problem(graph, device)
     try:
-        solution = solve(problem, budget_bytes - reserved_bytes, device, time_limit_s=time_limit_s,
-                         offload=offload)
+        solution = solve(problem, budget_bytes - reserved_bytes, device, work_limit=work_limit,
+                         starts=known_starts(graph, problem, offload), offload=offload, progress=progress)
     except BudgetInfeasible as exc:
         least = exc.least
         profile = liveness(rewrite(graph, Schedule("least", least.decisions,
@@ -213,12 +228,18 @@ def optimal_schedule(
         dominated = [(s.owner, s.nbytes) for s in profile.live_at_peak]
         if reserved_bytes:
             dominated = sorted([*dominated, ("optimizer state", reserved_bytes)], key=lambda kv: -kv[1])
-        raise BudgetInfeasible(budget_bytes, exc.least_budget_bytes + reserved_bytes, dominated, least) from None
+        raise BudgetInfeasible(budget_bytes, exc.least_budget_bytes + reserved_bytes, dominated, least,
+                               exc.least_proven) from None
+    except ScheduleNotFound as exc:
+        if not reserved_bytes:
+            raise
+        raise ScheduleNotFound(budget_bytes, work_limit, exc.least_known_bytes + reserved_bytes, exc.least) from None
     decisions = _with_kept_views(graph, solution.decisions)
     schedule = Schedule(
         "optimal", decisions, sequence_from_decisions(graph, decisions),
         stats={"budget_bytes": budget_bytes, "reserved_bytes": reserved_bytes, "model_time_s": solution.objective_s,
                "bound_s": solution.bound_s, "gap": solution.gap, "solver_status": solution.status,
+               "solver_start": solution.start, "work": solution.work, "work_limit": work_limit,
                "solve_s": solution.solve_s, "model_peak_bytes": solution.model_peak_bytes,
                "device": device.name},
     )
@@ -227,6 +248,33 @@ def optimal_schedule(
         raise AssertionError(f"scheduler bug: realised peak {peak} exceeds the budget {budget_bytes} "
                              f"although the model promised {solution.model_peak_bytes}")
     return schedule
+
+
+def known_starts(graph: TrainingGraph, problem: SchedulingProblem,
+                 offload: bool = True) -> dict[str, dict[str, Decision]]:
+    """Known schedules for the solver to fall back on, as decisions on the problem's
+    storages: MeBP's, and with its checkpoints on disk too when offloading is allowed (the
+    solver adds keep-all itself)."""
+    starts = {"mebp": _storage_decisions(graph, problem, mebp_decisions(graph))}
+    if offload:
+        starts["mebp-disk"] = _storage_decisions(graph, problem, mebp_decisions(graph, "disk"))
+    return starts
+
+
+def _storage_decisions(graph: TrainingGraph, problem: SchedulingProblem,
+                       decisions: dict[str, Decision]) -> dict[str, Decision]:
+    """Decisions on fx tensors (views among them) as decisions on the storages the solver decides.
+
+    A storage takes its own decision, else its views'; keeping any view keeps the storage.
+    """
+    out = {name: d for name, d in decisions.items() if name in problem.size}
+    for name, d in decisions.items():
+        root = graph.node(name)
+        while root.name not in problem.size and graph.info[root.name].is_view and root.all_input_nodes:
+            root = root.all_input_nodes[graph.info[root.name].output_alias[0]]
+        if root.name in problem.size and root.name not in decisions:
+            out[root.name] = Decision.KEEP if Decision.KEEP in (d, out.get(root.name)) else d
+    return out
 
 
 def _with_kept_views(graph: TrainingGraph, decisions: dict[str, Decision]) -> dict[str, Decision]:
@@ -246,21 +294,36 @@ def _with_kept_views(graph: TrainingGraph, decisions: dict[str, Decision]) -> di
     return out
 
 
+def least_memory(
+    graph: TrainingGraph,
+    device: DeviceProfile,
+    *,
+    work_limit: float = DEFAULT_WORK_LIMIT,
+    offload: bool = True,
+    problem: SchedulingProblem | None = None,
+    progress: ProgressCallback | None = None,
+) -> Solution:
+    """The least-memory decisions found within `work_limit`, starting from MeBP's or keep-all.
+
+    Status OPTIMAL: proven least; otherwise `stats["peak_bound_bytes"]` is the proven
+    lower bound. `model_peak_bytes` is a budget `optimal_schedule` meets either way (the
+    same search runs there when nothing better is known).
+    """
+    problem = problem or scheduling_problem(graph, device)
+    return least_budget(problem, device, work_limit=work_limit, offload=offload,
+                        starts=known_starts(graph, problem, offload), progress=progress)
+
+
 def least_feasible_budget(
     graph: TrainingGraph,
     device: DeviceProfile,
     *,
-    time_limit_s: float = 20.0,
+    work_limit: float = DEFAULT_WORK_LIMIT,
     offload: bool = True,
     problem: SchedulingProblem | None = None,
 ) -> int:
-    """The least budget (bytes, whole step) for which `optimal_schedule` returns a schedule.
+    """The least budget (bytes, whole step) found for which `optimal_schedule` returns a schedule.
 
-    Raises SolverTimeout (a RuntimeError) when the solver cannot prove it within the limit.
+    Proven least unless the work limit came first (`least_memory(...).status` tells).
     """
-    problem = problem or scheduling_problem(graph, device)
-    least = least_budget(problem, device, time_limit_s=time_limit_s, offload=offload, start=mebp_decisions(graph))
-    if least.status != "OPTIMAL":
-        raise SolverTimeout(f"the least budget is not proven in {time_limit_s:g} s (the best found holds "
-                            f"{format_bytes(least.model_peak_bytes)}); raise time_limit_s (--time-limit)")
-    return least.model_peak_bytes
+    return least_memory(graph, device, work_limit=work_limit, offload=offload, problem=problem).model_peak_bytes

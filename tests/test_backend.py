@@ -275,6 +275,14 @@ def test_bad_options_are_clear():
         MebpBackend(memory_budget="lots")
     with pytest.raises(ValueError, match="no device profile"):
         MebpBackend(memory_budget="1GB", device="toaster")
+    with pytest.raises(BackendError, match="work_limit must be positive"):
+        MebpBackend(memory_budget="1GB", work_limit=0)
+
+
+def test_the_old_time_limit_option_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="work_limit"):
+        backend = MebpBackend(memory_budget="1GB", time_limit_s=3)
+    assert backend.options.work_limit == 3
 
 
 @pytest.mark.slow

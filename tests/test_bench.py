@@ -97,7 +97,7 @@ def test_whole_step_bench_runs_and_holds_what_it_predicts(tmp_path):
     """bench/whole_step.py: INT4 + sliced head + fused updates, mebp and optimal@least, held = predicted."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "whole_step.py"), "--model", "tiny-llama", "--seq-len", "32",
-         "--group-size", "32", "--vocab-slices", "4", "--steps", "1", "--time-limit", "5", "--out", str(tmp_path)],
+         "--group-size", "32", "--vocab-slices", "4", "--steps", "1", "--work-limit", "5", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

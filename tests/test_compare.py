@@ -26,7 +26,7 @@ def test_study_runs_end_to_end_and_writes_png_json_and_table(tmp_path, text_bloc
     model = lora_model("tiny-llama")
     start = copy.deepcopy(model)
     settings = StudySettings(seq_len=SEQ, batch_size=2, steps=4, eval_every=2, eval_blocks=6,
-                             lr=1e-2, mezo_lr=1e-3, time_limit_s=5)
+                             lr=1e-2, mezo_lr=1e-3, work_limit=5)
     study = run_study(model, text_blocks, settings, model_name="tiny-llama", progress=False)
     paths = write_study(study, tmp_path)
 

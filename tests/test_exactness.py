@@ -168,7 +168,7 @@ def test_smollm2_vocab_sliced_head_matches_autograd(smollm2):
 def test_chunked_mlps_match_autograd(name, policy):
     model = lora_model(name)
     batch = random_batch(model.config.vocab_size, seq=30)  # chunks of unequal length
-    budget = {"budget": "64MB", "time_limit_s": 10} if policy == "optimal" else {}
+    budget = {"budget": "64MB", "work_limit": 10} if policy == "optimal" else {}
     plan = mebp_compiler.compile(model, batch, policy, mlp_chunks=4, vocab_slices=3, **budget)
     result = plan.step(batch)
     assert_matches_autograd(result, autograd_reference(model, batch))
@@ -199,7 +199,7 @@ def test_chunked_mlps_lower_the_least_budget():
     least = {}
     for chunks in (0, 4):
         graph = capture(model, {"input_ids": ids, "labels": ids}, vocab_slices=4, mlp_chunks=chunks)
-        least[chunks] = least_feasible_budget(graph, device, time_limit_s=30)
+        least[chunks] = least_feasible_budget(graph, device, work_limit=30)
     product = 64 * config.intermediate_size * 4
     assert least[4] <= least[0] - 2 * product  # bytes of at least two whole MLP products saved
 

@@ -80,7 +80,7 @@ def test_fused_update_under_the_optimal_schedule_with_offload():
     batches = [random_batch(model.config.vocab_size, seed=s) for s in range(2)]
     budget = mebp_compiler.compile(model, batches[0], "mebp").predicted_peak_bytes
     plain, _, fused, fused_result = run_both(model, batches, "sgd", policy="optimal", budget=budget,
-                                             optimizer="sgd", time_limit_s=5)
+                                             optimizer="sgd", work_limit=5)
     assert fused_result.held_peak_bytes == fused.predicted_peak_bytes <= budget
 
 

@@ -71,7 +71,7 @@ def tiny_gguf(tmp_path_factory):
 def test_step_over_gguf_blocks_equals_autograd_on_the_decoded_model(tiny_gguf, policy):
     model = lora_model("tiny-llama")
     batch = random_batch(model.config.vocab_size)
-    budget = {"budget": "64MB", "time_limit_s": 10} if policy == "optimal" else {}
+    budget = {"budget": "64MB", "work_limit": 10} if policy == "optimal" else {}
     plan = mebp_compiler.compile(model, batch, policy, int4=True, gguf_file=tiny_gguf, vocab_slices=4, **budget)
     kinds = {name.rsplit(".", 1)[-1] for name in plan.weights.tensors}
     assert kinds == {"q4_1", "q8_0"}  # every frozen weight kept as the file's blocks, none re-quantized

@@ -46,7 +46,7 @@ def compile_policy(model, batch, policy: str, mebp=None):
     if policy == "mebp":
         return mebp
     budget = mebp.predicted_peak_bytes + optimizer_state_bytes(model, "adamw")
-    schedule = optimal_schedule(mebp.captured, budget, DeviceProfile.load("iphone15promax"), time_limit_s=5,
+    schedule = optimal_schedule(mebp.captured, budget, DeviceProfile.load("iphone15promax"), work_limit=5,
                                 reserved_bytes=optimizer_state_bytes(model, "adamw"))
     graph = rewrite(mebp.captured, schedule)
     return types.SimpleNamespace(graph=graph, schedule=schedule, predicted_peak_bytes=liveness(graph).peak_bytes)
@@ -237,7 +237,7 @@ def compiled_int4(policy: str):
         return model, batch, mebp
     budget = mebp.predicted_peak_bytes + optimizer_state_bytes(model, "adamw")
     return model, batch, mebp_compiler.compile(model, batch, "optimal", budget=budget, int4=True, group_size=32,
-                                               time_limit_s=5)
+                                               work_limit=5)
 
 
 class CountingTarget:

@@ -176,7 +176,7 @@ def test_weight_residency_is_a_costed_scheduling_decision():
     model = lora_model("tiny-llama")
     batch = random_batch(model.config.vocab_size)
     device = DeviceProfile.load("iphone15promax")
-    options = dict(int4=True, group_size=32, offload=False, time_limit_s=10)
+    options = dict(int4=True, group_size=32, offload=False, work_limit=10)
     keep_all = mebp_compiler.compile(model, batch, "none", int4=True, group_size=32)
     captured = keep_all.captured
     nodes = {n.name: n for n in captured.nodes()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,11 +14,18 @@ from mebp_compiler.capture import capture
 from mebp_compiler.device import DeviceProfile, parse_size
 from mebp_compiler.passes.cost import step_cost
 from mebp_compiler.passes.liveness import liveness
-from mebp_compiler.passes.policies import mebp_schedule, none_schedule, optimal_schedule
+from mebp_compiler.passes.policies import known_starts, mebp_schedule, none_schedule, optimal_schedule
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.passes.schedule.pareto import pareto_frontier
 from mebp_compiler.passes.schedule.problem import ProblemError, build_problem
-from mebp_compiler.passes.schedule.solver import BudgetInfeasible, least_budget, model_peak, solve
+from mebp_compiler.passes.schedule.solver import (
+    BudgetInfeasible,
+    ScheduleNotFound,
+    complete_decisions,
+    least_budget,
+    model_peak,
+    solve,
+)
 from mebp_compiler.passes.schedule.synthetic import transformer_like_dag
 from mebp_compiler.runtime import Runtime
 from mebp_compiler.schedule import Decision
@@ -72,20 +81,127 @@ def test_solver_refuses_an_infeasible_budget_naming_the_least():
     least = least_budget(problem, DEVICE).model_peak_bytes
     with pytest.raises(BudgetInfeasible) as info:
         solve(problem, least - 1, DEVICE)
-    assert info.value.least_budget_bytes == least
+    assert info.value.least_budget_bytes == least and info.value.least_proven
     assert f"({least} bytes)" in str(info.value)
     assert solve(problem, least, DEVICE).model_peak_bytes <= least
 
 
 def test_the_least_budget_does_not_depend_on_the_start_point(captured):
-    from mebp_compiler.passes.policies import mebp_decisions, scheduling_problem
+    from mebp_compiler.passes.policies import scheduling_problem
 
     _, _, graph, _ = captured
     problem = scheduling_problem(graph, DEVICE)
-    plain = least_budget(problem, DEVICE, time_limit_s=10)
-    from_mebp = least_budget(problem, DEVICE, time_limit_s=10, start=mebp_decisions(graph))
+    plain = least_budget(problem, DEVICE, work_limit=10)
+    from_mebp = least_budget(problem, DEVICE, work_limit=10, starts=known_starts(graph, problem))
     assert plain.status == from_mebp.status == "OPTIMAL"
     assert from_mebp.model_peak_bytes == plain.model_peak_bytes
+
+
+def test_mebp_is_a_start_the_model_accepts_at_its_own_peak(captured):
+    """MeBP's decisions, taken to the storages the solver decides, hold in the model what MeBP holds."""
+    from mebp_compiler.passes.policies import scheduling_problem
+
+    _, _, graph, _ = captured
+    problem = scheduling_problem(graph, DEVICE)
+    mebp = complete_decisions(problem, known_starts(graph, problem)["mebp"])
+    assert model_peak(problem, mebp) == liveness(rewrite(graph, mebp_schedule(graph))).peak_bytes
+
+
+# Large enough that 0.02 units of work stop CP-SAT before it proves an optimum (~1 s a solve).
+UNPROVEN = dict(blocks=16, ops_per_block=24, seed=3, identical_blocks=False)
+
+
+def keep_all(problem):
+    return {v: Decision.KEEP for v in problem.saved}
+
+
+def test_a_solve_cut_by_its_work_limit_returns_the_same_schedule_under_load():
+    """The limit is CP-SAT's deterministic time, not the clock: two busy processes change nothing."""
+    problem = build_problem(transformer_like_dag(**UNPROVEN))
+    budget = model_peak(problem, keep_all(problem)) // 2
+    quiet = solve(problem, budget, DEVICE, work_limit=0.02)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        loaded = solve(problem, budget, DEVICE, work_limit=0.02)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert quiet.status == "FEASIBLE" and quiet.gap > 0  # the limit, not a proof, ended the search
+    assert loaded.decisions == quiet.decisions
+    assert (loaded.objective_s, loaded.bound_s, loaded.work) == (quiet.objective_s, quiet.bound_s, quiet.work)
+
+
+def test_a_solve_with_a_fitting_start_returns_a_schedule_however_small_the_limit():
+    problem = build_problem(transformer_like_dag(**UNPROVEN))
+    first_block = {v: Decision.RECOMPUTE for v in problem.saved if v.startswith("f0_")}
+    start = complete_decisions(problem, first_block)
+    budget = model_peak(problem, start)
+    assert budget < model_peak(problem, keep_all(problem))  # keep-all does not fit: the named start is the one
+    solution = solve(problem, budget, DEVICE, work_limit=1e-9, starts={"block 0 recomputed": first_block})
+    assert solution.start == "block 0 recomputed" and solution.status.startswith("FEASIBLE")
+    assert solution.model_peak_bytes <= budget
+    recompute = sum(problem.compute_s[v] + DEVICE.op_overhead_s for v, d in start.items() if d == Decision.RECOMPUTE)
+    assert solution.objective_s <= problem.base_compute_s + recompute + 1e-9
+    assert problem.base_compute_s <= solution.bound_s <= solution.objective_s
+
+
+def test_below_every_known_schedule_an_unproven_budget_is_reported_as_such():
+    problem = build_problem(transformer_like_dag(**UNPROVEN))
+    everything = model_peak(problem, keep_all(problem))
+    with pytest.raises(ScheduleNotFound) as info:
+        solve(problem, everything // 2, DEVICE, work_limit=1e-9)
+    assert info.value.least_known_bytes == everything
+    message = str(info.value)
+    assert "did not prove" in message and "--work-limit" in message and f"({everything} bytes)" in message
+    assert "\n" not in message
+    always_held = max(c.fixed_bytes for c in problem.checkpoints)
+    with pytest.raises(BudgetInfeasible) as proven:  # below what is always held: proven without search
+        solve(problem, always_held - 1, DEVICE, work_limit=1e-9)
+    assert not proven.value.least_proven and "least budget found to fit" in str(proven.value)
+
+
+def test_progress_reports_the_incumbent_and_the_bound_as_the_search_goes():
+    problem = build_problem(transformer_like_dag(**UNPROVEN))
+    reports = []
+    solution = solve(problem, model_peak(problem, keep_all(problem)) // 2, DEVICE, work_limit=0.02,
+                     progress=reports.append)
+    assert [r.done for r in reports].count(True) == 1 and reports[-1].done
+    assert {r.search for r in reports} == {"least time"} and reports[-1].solutions >= 1
+    assert reports[-1].incumbent == pytest.approx(solution.objective_s)
+    incumbents = [r.incumbent for r in reports if r.incumbent is not None]
+    assert incumbents == sorted(incumbents, reverse=True)
+    assert all(r.bound <= r.incumbent for r in reports if r.bound is not None and r.incumbent is not None)
+    assert "gap" in reports[-1].describe() and reports[-1].describe().endswith("done")
+
+
+def test_the_old_time_limit_still_works_with_a_deprecation_warning():
+    import mebp_compiler
+
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size, seq=16)
+    with pytest.warns(DeprecationWarning, match="work_limit"):
+        plan = mebp_compiler.compile(model, batch, "optimal", budget="1GB", time_limit_s=3)
+    assert plan.schedule.stats["work_limit"] == 3
+
+
+def test_the_cli_says_in_one_line_when_no_schedule_was_found_within_the_work_limit(tmp_path, capsys):
+    from mebp_compiler import models
+    from mebp_compiler.cli import main
+    from mebp_compiler.passes.policies import least_memory
+    from mebp_compiler.plan import optimizer_state_bytes
+
+    model = models.add_lora(models.load("tiny-llama", device="meta"), models.LoraSettings(r=16, alpha=32))
+    ids = torch.zeros((1, 16), dtype=torch.int64, device="meta")
+    graph = capture(model, {"input_ids": ids, "labels": ids})  # what `mebp compile` schedules
+    least = least_memory(graph, DeviceProfile.load("iphone15promax"), work_limit=1e-9)
+    assert least.status != "OPTIMAL"
+    budget = (least.stats["peak_bound_bytes"] + least.model_peak_bytes) // 2 + optimizer_state_bytes(model, "adamw")
+    args = ["compile", "--model", "tiny-llama", "--seq-len", "16", "--budget", str(budget), "-o", str(tmp_path)]
+    assert main([*args, "--work-limit", "1e-9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "did not prove" in err[-1] and "--work-limit" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_a_dag_out_of_order_is_refused():
@@ -123,10 +239,10 @@ def test_every_budget_in_a_sweep_is_exact_and_held(captured, offload, tmp_path):
     model, batch, graph, reference = captured
     none_peak = liveness(rewrite(graph, none_schedule(graph))).peak_bytes
     with pytest.raises(BudgetInfeasible) as info:
-        optimal_schedule(graph, 0, DEVICE, time_limit_s=5, offload=offload)
+        optimal_schedule(graph, 0, DEVICE, work_limit=5, offload=offload)
     least = info.value.least_budget_bytes
     for budget in sorted({least, (least + none_peak) // 2, none_peak}):
-        schedule = optimal_schedule(graph, budget, DEVICE, time_limit_s=5, offload=offload)
+        schedule = optimal_schedule(graph, budget, DEVICE, work_limit=5, offload=offload)
         if not offload:
             assert not schedule.tensors_with(Decision.OFFLOAD)
         rewritten = rewrite(graph, schedule)
@@ -146,8 +262,8 @@ def test_the_solver_recomputes_lora_down_projections_under_a_tight_budget(captur
     """
     _, _, graph, _ = captured
     with pytest.raises(BudgetInfeasible) as info:
-        optimal_schedule(graph, 0, DEVICE, time_limit_s=5, offload=False)
-    schedule = optimal_schedule(graph, info.value.least_budget_bytes, DEVICE, time_limit_s=5, offload=False)
+        optimal_schedule(graph, 0, DEVICE, work_limit=5, offload=False)
+    schedule = optimal_schedule(graph, info.value.least_budget_bytes, DEVICE, work_limit=5, offload=False)
     rewritten = rewrite(graph, schedule)
     profile = liveness(rewritten)
     assert rewritten.info[profile.order[profile.peak_step]].block == 0
@@ -162,7 +278,7 @@ def test_optimal_beats_mebp_at_its_own_peak(captured):
     _, _, graph, _ = captured
     mebp = mebp_schedule(graph)
     mebp_peak = liveness(rewrite(graph, mebp)).peak_bytes
-    optimal = optimal_schedule(graph, mebp_peak, DEVICE, time_limit_s=5)
+    optimal = optimal_schedule(graph, mebp_peak, DEVICE, work_limit=5)
     assert step_cost(graph, optimal, DEVICE).extra_s < step_cost(graph, mebp, DEVICE).extra_s
 
 
@@ -170,7 +286,7 @@ def test_pareto_frontier_spans_least_to_none_with_fixed_policies_marked():
     model = lora_model("tiny-llama")
     graph = capture(model, random_batch(model.config.vocab_size, seq=32))
     device = DeviceProfile.load("iphone15promax")
-    points = pareto_frontier(graph, device, points=3, time_limit_s=5)
+    points = pareto_frontier(graph, device, points=3, work_limit=5)
     assert [p.policy for p in points] == ["optimal", "optimal", "optimal", "none", "mebp"]
     optimal, none, mebp = points[:3], points[3], points[4]
     assert all(p.predicted_peak_bytes <= p.budget_bytes for p in optimal)

@@ -123,12 +123,12 @@ def test_compile_optimal_under_a_budget_is_exact_and_fits():
     adamw = optimizer_state_bytes(model, "adamw")
     assert adamw == 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     budget = mebp.predicted_peak_bytes + adamw
-    plan = mebp_compiler.compile(model, batch, "optimal", budget=budget, time_limit_s=5)
+    plan = mebp_compiler.compile(model, batch, "optimal", budget=budget, work_limit=5)
     result = plan.step(batch)
     assert result.held_peak_bytes + adamw <= budget
     assert_matches_autograd(result, autograd_reference(model, batch))
     with pytest.raises(mebp_compiler.BudgetInfeasible, match="optimizer state"):
-        mebp_compiler.compile(model, batch, "optimal", budget=mebp.predicted_peak_bytes, time_limit_s=5)
+        mebp_compiler.compile(model, batch, "optimal", budget=mebp.predicted_peak_bytes, work_limit=5)
     with pytest.raises(ValueError, match="needs a budget"):
         mebp_compiler.compile(model, batch, "optimal")
 
@@ -160,7 +160,7 @@ def test_head_chunks_auto_takes_the_fewest_chunks_that_fit():
     assert plain.captured.meta["head_chunks"] == 0  # everything fits unchunked
     least_unchunked = least_feasible_budget(plain.captured, DeviceProfile.load("iphone15promax"))
     tight = mebp_compiler.compile(model, batch, "optimal", budget=least_unchunked - 1, optimizer="sgd",
-                                  head_chunks="auto", time_limit_s=5)
+                                  head_chunks="auto", work_limit=5)
     assert tight.captured.meta["head_chunks"] > 0 and tight.predicted_peak_bytes < least_unchunked
     assert_matches_autograd(tight.step(batch), autograd_reference(model, batch))
     with pytest.raises(ValueError, match="policy 'optimal'"):

@@ -21,6 +21,7 @@ from mebp_compiler.passes.policies import (
     scheduling_problem,
 )
 from mebp_compiler.passes.rewrite import rewrite
+from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
 from mebp_compiler.schedule import Schedule
 
 
@@ -51,21 +52,22 @@ def pareto_frontier(
     device: DeviceProfile,
     *,
     points: int = 6,
-    time_limit_s: float = 10.0,
+    work_limit: float = DEFAULT_WORK_LIMIT,
     offload: bool = True,
 ) -> list[ParetoPoint]:
     """`points` optimal schedules at budgets evenly spread from the least feasible to `none`'s
-    peak, followed by the `none` and `mebp` policies' own points."""
+    peak, followed by the `none` and `mebp` policies' own points. `work_limit` is per solve
+    (CP-SAT deterministic time, `passes.schedule.solver`)."""
     if points < 2:
         raise ValueError(f"points must be at least 2, got {points}")
     problem = scheduling_problem(graph, device)
     none = evaluate(graph, none_schedule(graph), device)
     mebp = evaluate(graph, mebp_schedule(graph), device)
-    least = least_feasible_budget(graph, device, time_limit_s=time_limit_s, offload=offload, problem=problem)
+    least = least_feasible_budget(graph, device, work_limit=work_limit, offload=offload, problem=problem)
     top = max(none.predicted_peak_bytes, least)
     budgets = [least + (top - least) * i // (points - 1) for i in range(points)]
     frontier = [
-        evaluate(graph, optimal_schedule(graph, b, device, time_limit_s=time_limit_s, offload=offload,
+        evaluate(graph, optimal_schedule(graph, b, device, work_limit=work_limit, offload=offload,
                                          problem=problem), device, b)
         for b in budgets
     ]

@@ -10,44 +10,84 @@ hide (I/O is assumed to run concurrently with `io_overlap` x the step's compute 
 Checkmate (Jain et al., MLSys 2020) and POET (Patil et al., ICML 2022) write remat and
 paging as a MILP over a fixed order; this is that idea restricted to the order the
 backward already has, which keeps the model small enough to solve in seconds.
+
+Anytime and deterministic. Every solve knows schedules to fall back on (the caller's
+`starts`, e.g. MeBP's decisions, and keep-all): the best one that fits is the incumbent the
+search must beat, so a solve with a fitting start always returns a schedule, at worst that
+start, with the bound the search proved. The limit is work, not wall-clock time: CP-SAT's deterministic time
+(`max_deterministic_time`, a weighted count of the solver's operations scaled so that one
+unit is meant to take about a second), with one search worker and a fixed seed, so the
+search and where it stops are functions of the model alone: the same inputs give the
+same schedule on a quiet or a loaded machine (same OR-Tools version). Several workers
+would need `interleave_search`, which on these models found nothing within limits that
+one worker solves. A unit is not a second: on SmolLM2 at seq 256 (ortools 9.15, 2,112
+decisions) 10 units took 34 s of one core for the least-time solve and 44 s for the
+least-memory one, about what the earlier 20 s wall-clock limit on 2 workers gave a quiet
+2-core machine. The least-time objective was final after 2 units; the least memory was
+proven after 7.7.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
-from mebp_compiler.schedule import Decision
 from mebp_compiler.passes.schedule.problem import SchedulingProblem
+from mebp_compiler.schedule import Decision
 
 NANOS = 1_000_000_000  # the objective is integer nanoseconds
-
-
-class SolverTimeout(RuntimeError):
-    """The solver proved nothing useful within its time limit; more time may help."""
+DEFAULT_WORK_LIMIT = 10.0  # CP-SAT deterministic time per solve (see the module docstring)
+KEEP_ALL = "keep-all"  # the start every solve has: keep what the backward reads
 
 
 class BudgetInfeasible(ValueError):
-    """No schedule fits the budget; `least_budget_bytes` is the least one that does."""
+    """No schedule fits the budget (proven); `least_budget_bytes` is the least one found that does.
+
+    `least_proven` says whether that least is proven least too, or only the best the
+    least-memory search found within its work limit.
+    """
 
     def __init__(self, budget_bytes: int, least_budget_bytes: int, dominated_by: list[tuple[str, int]],
-                 least: Solution | None = None) -> None:
+                 least: Solution | None = None, least_proven: bool = True) -> None:
         top = ", ".join(f"{name} ({format_bytes(nbytes)})" for name, nbytes in dominated_by[:6])
+        which = "the least feasible budget is" if least_proven else "the least budget found to fit is"
         super().__init__(
-            f"no schedule fits {format_bytes(budget_bytes)}: the least feasible budget is "
-            f"{format_bytes(least_budget_bytes)} ({least_budget_bytes} bytes), dominated by {top}. "
+            f"no schedule fits {format_bytes(budget_bytes)}: {which} {format_bytes(least_budget_bytes)} "
+            f"({least_budget_bytes} bytes), dominated by {top}. "
             "Raise the budget, shorten the sequence, or shrink what is always held (weights, head)."
         )
         self.budget_bytes = budget_bytes
         self.least_budget_bytes = least_budget_bytes
         self.dominated_by = dominated_by
         self.least = least  # the least-memory solution, when the solver computed it
+        self.least_proven = least_proven
+
+
+class ScheduleNotFound(ValueError):
+    """Within the work limit no schedule under the budget was found, and none was proven impossible.
+
+    Only a budget below every known schedule gets here; `least_known_bytes` is the least
+    budget a known schedule (`least`) fits.
+    """
+
+    def __init__(self, budget_bytes: int, work_limit: float, least_known_bytes: int,
+                 least: Solution | None = None) -> None:
+        super().__init__(
+            f"no schedule under {format_bytes(budget_bytes)} was found within the solver's work limit "
+            f"({work_limit:g}), and the search did not prove that none exists; the least budget a known "
+            f"schedule fits is {format_bytes(least_known_bytes)} ({least_known_bytes} bytes). "
+            "Raise the budget to that, or raise the work limit (work_limit, --work-limit)."
+        )
+        self.budget_bytes = budget_bytes
+        self.work_limit = work_limit
+        self.least_known_bytes = least_known_bytes
+        self.least = least
 
 
 @dataclass
@@ -58,8 +98,10 @@ class Solution:
     objective_s: float  # predicted step time
     bound_s: float  # proven lower bound on the step time (same model)
     model_peak_bytes: int  # the model's (upper-bound) peak for these decisions
-    status: str
-    solve_s: float
+    status: str  # OPTIMAL (proven), FEASIBLE, or FEASIBLE (...) saying where the decisions came from
+    solve_s: float  # wall-clock seconds, for reports only: nothing depends on it
+    work: float = 0.0  # CP-SAT deterministic time the solve used
+    start: str | None = None  # the fitting known schedule the search had to beat (None: none fitted)
     stats: dict = field(default_factory=dict)
 
     @property
@@ -68,92 +110,203 @@ class Solution:
         return 0.0 if self.objective_s <= 0 else max(0.0, (self.objective_s - self.bound_s) / self.objective_s)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a running search stands, for a progress report.
+
+    `search` is "least time" (objective in seconds) or "least memory" (in bytes).
+    `incumbent` is the best schedule's objective so far (the start's before the search
+    finds one; None without a start), `bound` the proven lower bound. CP-SAT's callbacks
+    carry no deterministic time with one worker (0.0 in ortools 9.15), so `elapsed_s` is
+    wall-clock, for display only.
+    """
+
+    search: str
+    incumbent: float | None
+    bound: float | None
+    solutions: int
+    elapsed_s: float
+    work_limit: float
+    done: bool = False
+
+    def describe(self) -> str:
+        """One line: the incumbent, the bound and their gap, solutions, time so far."""
+        show = format_bytes if self.search == "least memory" else (lambda s: f"{s:.4g} s")
+        if self.incumbent is None:
+            best = "no schedule yet"
+        else:
+            best = f"{'best' if self.solutions else 'start'} {show(self.incumbent)}"
+        bound = "" if self.bound is None else f", bound {show(self.bound)}"
+        gap = ""
+        if self.incumbent and self.bound is not None:
+            gap = f" (gap {max(0.0, (self.incumbent - self.bound) / self.incumbent):.2%})"
+        state = "done" if self.done else f"work limit {self.work_limit:g}"
+        found = f"{self.solutions} solution{'' if self.solutions == 1 else 's'}"
+        return f"{self.search}: {best}{bound}{gap}, {found} found, {self.elapsed_s:.0f} s, {state}"
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
 def solve(
     problem: SchedulingProblem,
     budget_bytes: int,
     device: DeviceProfile,
     *,
-    time_limit_s: float = 20.0,
-    workers: int = 2,
-    hint: dict[str, Decision] | None = None,
+    work_limit: float = DEFAULT_WORK_LIMIT,
+    starts: Mapping[str, Mapping[str, Decision]] | None = None,
     offload: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> Solution:
-    """Least-time decisions whose modelled peak fits `budget_bytes`; raise BudgetInfeasible otherwise.
+    """Least-time decisions whose modelled peak fits `budget_bytes`, the best found within `work_limit`.
 
-    With `offload=False` nothing is paged to flash (keep or recompute only).
+    `starts` names known schedules (e.g. {"mebp": MeBP's decisions}, completed as
+    `complete_decisions` does); of them and keep-all, the fastest that fits is returned
+    if the search finds nothing better. With `offload=False`
+    nothing is paged to flash (keep or recompute only). `progress` is called as the search
+    finds schedules and bounds.
+
+    Raises BudgetInfeasible only when no schedule fits is proven, and ScheduleNotFound when
+    no known schedule fits, the search found none within the limit, and none was proven
+    impossible.
     """
+    _check_work_limit(work_limit)
+    clock = time.perf_counter()
     model, var, costs = _build(problem, device, offload)
-    budget = model.NewConstant(int(budget_bytes))
-    peak = _add_memory(model, problem, var)
-    for expr in peak:
-        model.Add(expr <= budget)
+    for expr in _add_memory(model, problem, var):
+        model.Add(expr <= int(budget_bytes))
     model.Minimize(costs.total)
-    if hint:
-        _add_hint(model, var, hint)
-    solver = _solver(time_limit_s, workers)
-    start = time.perf_counter()
-    status = solver.Solve(model)
-    elapsed = time.perf_counter() - start
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        least = least_budget(problem, device, time_limit_s=time_limit_s, workers=workers, offload=offload)
-        if status == cp_model.UNKNOWN and least.model_peak_bytes <= budget_bytes:
-            # No time-optimised schedule within the limit, but the least-memory one fits.
-            return dataclasses.replace(least, objective_s=_time_of(problem, device, least.decisions),
-                                       bound_s=costs.constant / NANOS, status="FEASIBLE (least-memory fallback)",
-                                       solve_s=time.perf_counter() - start)
-        if least.status != "OPTIMAL":
-            raise SolverTimeout(f"no schedule under {format_bytes(budget_bytes)} found in {time_limit_s:g} s, and "
-                                f"the least-memory solve only reached {format_bytes(least.model_peak_bytes)} "
-                                "unproven; raise time_limit_s (--time-limit) or the budget")
-        raise BudgetInfeasible(budget_bytes, least.model_peak_bytes, _dominant(problem, least.decisions), least)
-    decisions = _read(solver, var)
+    fitting = [(costs.of(d), name, d) for name, d in known_schedules(problem, starts, offload).items()
+               if model_peak(problem, d) <= budget_bytes]
+    # The start is the incumbent to beat, not a hint: hinted, CP-SAT stayed at MeBP's decisions
+    # (SmolLM2, seq 256, at MeBP's peak: still MeBP's time after 2 units of work, against the
+    # optimum within 0.01% unhinted).
+    start = min(fitting, key=lambda t: t[0]) if fitting else None  # ties: the first named
+    solver = _solver(work_limit)
+    reporter = _Reporter(progress, "least time", costs.base_ns, work_limit,
+                         None if start is None else start[0])
+    status = reporter.solve(solver, model)
+    bound_ns = _finite(solver.BestObjectiveBound(), 0)  # the objective is never negative
+    stats = {"variables": len(var), "checkpoints": len(problem.checkpoints)}
+    found = status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
+    if found and (start is None or solver.ObjectiveValue() <= start[0]):
+        decisions, objective_ns, status_name = _read(solver, var), solver.ObjectiveValue(), solver.StatusName(status)
+    elif start is not None:
+        decisions, objective_ns = start[2], start[0]
+        status_name = "OPTIMAL" if objective_ns <= bound_ns else f"FEASIBLE (start {start[1]})"
+    else:
+        work = solver.deterministic_time
+        least = least_budget(problem, device, work_limit=work_limit, starts=starts, offload=offload,
+                             progress=progress)
+        if least.model_peak_bytes <= budget_bytes:  # the least-memory search found one that fits
+            decisions, objective_ns = least.decisions, costs.of(least.decisions)
+            status_name = "FEASIBLE (least-memory search)"
+            return Solution(decisions, (objective_ns + costs.base_ns) / NANOS, (bound_ns + costs.base_ns) / NANOS,
+                            least.model_peak_bytes, status_name, time.perf_counter() - clock,
+                            work + least.work, None, stats)
+        if status == cp_model.INFEASIBLE or least.stats["peak_bound_bytes"] > budget_bytes:
+            raise BudgetInfeasible(budget_bytes, least.model_peak_bytes, _dominant(problem, least.decisions), least,
+                                   least_proven=least.status == "OPTIMAL")
+        raise ScheduleNotFound(budget_bytes, work_limit, least.model_peak_bytes, least)
     return Solution(
         decisions=decisions,
-        objective_s=(solver.ObjectiveValue() + costs.constant) / NANOS,
-        bound_s=(solver.BestObjectiveBound() + costs.constant) / NANOS,
+        objective_s=(objective_ns + costs.base_ns) / NANOS,
+        bound_s=(min(bound_ns, objective_ns) + costs.base_ns) / NANOS,
         model_peak_bytes=model_peak(problem, decisions),
-        status=solver.StatusName(status),
-        solve_s=elapsed,
-        stats={"variables": len(var), "checkpoints": len(problem.checkpoints)},
+        status=status_name,
+        solve_s=time.perf_counter() - clock,
+        work=solver.deterministic_time,
+        start=None if start is None else start[1],
+        stats=stats,
     )
 
 
 def least_budget(
-    problem: SchedulingProblem, device: DeviceProfile, *, time_limit_s: float = 20.0,
-    workers: int = 2, offload: bool = True, start: Mapping[str, Decision] | None = None,
+    problem: SchedulingProblem, device: DeviceProfile, *, work_limit: float = DEFAULT_WORK_LIMIT,
+    starts: Mapping[str, Mapping[str, Decision]] | None = None, offload: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> Solution:
-    """The decisions with the least modelled peak (time is ignored).
+    """The decisions with the least modelled peak found within `work_limit` (time is ignored).
 
-    `start` (e.g. MeBP's decisions) is a low-memory point to start the search from; a
-    saved tensor it leaves out is kept, and tensors it names that the problem does not
-    decide are ignored.
-
-    Status OPTIMAL: no decisions have a lower peak. FEASIBLE: the time limit ran out first,
-    so the peak is only an upper bound of the least. Raises SolverTimeout when not even
-    the keep-everything hint was confirmed in time.
+    `starts` (e.g. {"mebp": MeBP's decisions}) are known low-memory schedules; the search
+    starts from the one with the least peak among them and keep-all, so it always returns
+    decisions, at worst those. Status OPTIMAL: no decisions have a lower peak. FEASIBLE:
+    the limit came first, so the peak is only an upper bound of the least;
+    `stats["peak_bound_bytes"]` is the proven lower bound. `objective_s` is the decisions'
+    predicted step time, `bound_s` the plain step's.
     """
+    _check_work_limit(work_limit)
+    clock = time.perf_counter()
     model, var, costs = _build(problem, device, offload)
     upper = sum(problem.size.values()) + max((c.fixed_bytes for c in problem.checkpoints), default=0)
     peak_var = model.NewIntVar(0, int(upper), "peak")
     for expr in _add_memory(model, problem, var):
         model.Add(expr <= peak_var)
     model.Minimize(peak_var)
-    hint = {v: Decision.KEEP for v in problem.saved}  # always feasible
-    hint.update({v: d for v, d in (start or {}).items() if v in var})
+    known = known_schedules(problem, starts, offload)
+    name = min(known, key=lambda n: model_peak(problem, known[n]))  # ties: the first named
+    hint = known[name]
     _add_hint(model, var, hint)
+    model.AddHint(costs.unhidden, costs.unhidden_of(hint))
     model.AddHint(peak_var, model_peak(problem, hint))  # a complete hint: found at once on big graphs
-    solver = _solver(time_limit_s, workers)
-    start = time.perf_counter()
-    status = solver.Solve(model)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise SolverTimeout(f"the least-memory model found no solution in {time_limit_s:g} s "
-                            f"({solver.StatusName(status)}); raise time_limit_s (--time-limit)")
-    decisions = _read(solver, var)
-    return Solution(decisions, 0.0, 0.0, model_peak(problem, decisions), solver.StatusName(status),
-                    time.perf_counter() - start)
+    solver = _solver(work_limit)
+    status = _Reporter(progress, "least memory", 0, work_limit, model_peak(problem, hint)).solve(solver, model)
+    decisions = hint
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        found = _read(solver, var)
+        if model_peak(problem, found) <= model_peak(problem, hint):
+            decisions = found
+    peak = model_peak(problem, decisions)
+    floor = max((c.fixed_bytes for c in problem.checkpoints), default=0)  # held whatever is decided
+    bound = min(peak, max(floor, int(_finite(solver.BestObjectiveBound(), floor))))
+    if peak <= bound:
+        status_name = "OPTIMAL"
+    else:
+        status_name = "FEASIBLE" if decisions is not hint else f"FEASIBLE (start {name})"
+    return Solution(decisions, (costs.of(decisions) + costs.base_ns) / NANOS, costs.base_ns / NANOS, peak,
+                    status_name, time.perf_counter() - clock, solver.deterministic_time, name,
+                    {"variables": len(var), "checkpoints": len(problem.checkpoints), "peak_bound_bytes": bound})
 
 
-def model_peak(problem: SchedulingProblem, decisions: dict[str, Decision]) -> int:
+def known_schedules(problem: SchedulingProblem, starts: Mapping[str, Mapping[str, Decision]] | None,
+                    offload: bool = True) -> dict[str, dict[str, Decision]]:
+    """`starts`, each completed (`complete_decisions`), then keep-all: schedules every solve knows."""
+    known = {name: complete_decisions(problem, decisions, offload) for name, decisions in (starts or {}).items()}
+    known.setdefault(KEEP_ALL, {v: Decision.KEEP for v in problem.saved})
+    return known
+
+
+def complete_decisions(problem: SchedulingProblem, decisions: Mapping[str, Decision],
+                       offload: bool = True) -> dict[str, Decision]:
+    """`decisions` made into ones the model accepts, each change to KEEP or to a recomputation.
+
+    Tensors the problem does not decide are dropped; a tensor the backward reads that is
+    not decided is kept; an offload the model does not allow becomes a keep. A recomputed
+    tensor's undecided input is recomputed too when it is first needed no later (as
+    `policies.sequence_from_decisions` does), else kept, and so is an input that is
+    recomputed or reloaded only for a later segment.
+    """
+    out = {v: d for v, d in decisions.items() if v in problem.size}
+    for v in problem.saved:
+        out.setdefault(v, Decision.KEEP)
+    for v, d in out.items():
+        if d == Decision.OFFLOAD and not (offload and problem.offloadable[v]):
+            out[v] = Decision.KEEP
+    pending = [v for v, d in out.items() if d == Decision.RECOMPUTE]
+    while pending:
+        v = pending.pop()
+        if out[v] != Decision.RECOMPUTE:
+            continue
+        for w in problem.needs[v]:
+            if w not in out:
+                out[w] = Decision.RECOMPUTE if problem.group[w] <= problem.group[v] else Decision.KEEP
+                pending.append(w)
+            elif out[w] != Decision.KEEP and problem.group[w] > problem.group[v]:
+                out[w] = Decision.KEEP
+    return out
+
+
+def model_peak(problem: SchedulingProblem, decisions: Mapping[str, Decision]) -> int:
     """The model's peak for given decisions (an upper bound of what the realised sequence holds)."""
     best = 0
     for c in problem.checkpoints:
@@ -165,24 +318,40 @@ def model_peak(problem: SchedulingProblem, decisions: dict[str, Decision]) -> in
     return best
 
 
-def _time_of(problem: SchedulingProblem, device: DeviceProfile, decisions: dict[str, Decision]) -> float:
-    """The model's step time for given decisions, in seconds."""
-    recompute = sum(problem.compute_s[v] + device.op_overhead_s for v, d in decisions.items()
-                    if d == Decision.RECOMPUTE)
-    io = sum(device.offload_s(problem.size[v]) for v, d in decisions.items() if d == Decision.OFFLOAD)
-    return problem.base_compute_s + recompute + max(0.0, io - device.io_overlap * problem.base_compute_s)
+def _finite(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default
+
+
+def _check_work_limit(work_limit: float) -> None:
+    if not work_limit > 0:
+        raise ValueError(f"the solver's work limit must be positive, got {work_limit!r}")
 
 
 @dataclass
 class _Costs:
+    """The objective in integer nanoseconds, as a CP expression and as a function of decisions."""
+
     total: cp_model.LinearExpr
-    constant: int  # base compute time (microseconds), not part of the CP objective
+    unhidden: cp_model.IntVar  # flash I/O time compute does not hide
+    base_ns: int  # base compute time, not part of the CP objective
+    recompute_ns: dict[str, int]
+    io_ns: dict[str, int]
+    hidden_io_ns: int
+
+    def unhidden_of(self, decisions: Mapping[str, Decision]) -> int:
+        io = sum(self.io_ns[v] for v, d in decisions.items() if d == Decision.OFFLOAD)
+        return max(0, io - self.hidden_io_ns)
+
+    def of(self, decisions: Mapping[str, Decision]) -> int:
+        """The CP objective of `decisions`: recomputation plus un-hidden I/O, nanoseconds."""
+        recompute = sum(self.recompute_ns[v] for v, d in decisions.items() if d == Decision.RECOMPUTE)
+        return recompute + self.unhidden_of(decisions)
 
 
 def _build(problem: SchedulingProblem, device: DeviceProfile, offload: bool = True):
     model = cp_model.CpModel()
     var = {}
-    recompute_us, io_us = [], []
+    recompute_ns, io_ns = {}, {}
     for v in problem.decidable:
         k, r = model.NewBoolVar(f"k_{v}"), model.NewBoolVar(f"r_{v}")
         o = model.NewBoolVar(f"o_{v}") if offload and problem.offloadable[v] else None
@@ -192,9 +361,9 @@ def _build(problem: SchedulingProblem, device: DeviceProfile, offload: bool = Tr
         else:
             model.AddAtMostOne(choices)
         var[v] = (k, r, o)
-        recompute_us.append((r, int(round((problem.compute_s[v] + device.op_overhead_s) * NANOS))))
+        recompute_ns[v] = int(round((problem.compute_s[v] + device.op_overhead_s) * NANOS))
         if o is not None:
-            io_us.append((o, int(round(device.offload_s(problem.size[v]) * NANOS))))
+            io_ns[v] = int(round(device.offload_s(problem.size[v]) * NANOS))
     for v, inputs in problem.needs.items():
         r_v = var[v][1]
         for w in inputs:
@@ -203,12 +372,13 @@ def _build(problem: SchedulingProblem, device: DeviceProfile, offload: bool = Tr
                 model.Add(r_v <= sum(x for x in (k_w, r_w, o_w) if x is not None))
             else:
                 model.Add(r_v <= k_w)
-    base_us = int(round(problem.base_compute_s * NANOS))
-    recompute = sum(c * x for x, c in recompute_us)
-    io_total = sum(c * x for x, c in io_us)
-    unhidden = model.NewIntVar(0, sum(c for _, c in io_us), "unhidden_io")
-    model.Add(unhidden >= io_total - int(device.io_overlap * base_us))
-    return model, var, _Costs(recompute + unhidden, base_us)
+    base_ns = int(round(problem.base_compute_s * NANOS))
+    hidden_io_ns = int(device.io_overlap * base_ns)
+    recompute = sum(c * var[v][1] for v, c in recompute_ns.items())
+    io_total = sum(c * var[v][2] for v, c in io_ns.items())
+    unhidden = model.NewIntVar(0, sum(io_ns.values()), "unhidden_io")
+    model.Add(unhidden >= io_total - hidden_io_ns)
+    return model, var, _Costs(recompute + unhidden, unhidden, base_ns, recompute_ns, io_ns, hidden_io_ns)
 
 
 def _add_memory(model, problem: SchedulingProblem, var) -> list:
@@ -227,7 +397,7 @@ def _add_memory(model, problem: SchedulingProblem, var) -> list:
     return exprs
 
 
-def _add_hint(model, var, hint: dict[str, Decision]) -> None:
+def _add_hint(model, var, hint: Mapping[str, Decision]) -> None:
     for v, (k, r, o) in var.items():
         d = hint.get(v)
         for x, want in ((k, Decision.KEEP), (r, Decision.RECOMPUTE), (o, Decision.OFFLOAD)):
@@ -235,15 +405,55 @@ def _add_hint(model, var, hint: dict[str, Decision]) -> None:
                 model.AddHint(x, d == want)
 
 
-def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
+def _solver(work_limit: float) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
-    solver.parameters.num_workers = workers
+    solver.parameters.max_deterministic_time = float(work_limit)
+    solver.parameters.num_workers = 1  # one sequential search: no thread timing in the result
+    solver.parameters.random_seed = 0
     # The memory rows are long (thousands of terms each); CP-SAT's presolve spends longer on
     # them than the search needs (SmolLM2, seq 256: proven optimal in ~4 s without it,
     # 6% gap after 20 s with it).
     solver.parameters.cp_model_presolve = False
     return solver
+
+
+class _Reporter(cp_model.CpSolverSolutionCallback):
+    """Turns CP-SAT's solution and bound callbacks into `Progress` reports (none without a callback)."""
+
+    def __init__(self, progress: ProgressCallback | None, search: str, offset: int, work_limit: float,
+                 start_objective: float | None) -> None:
+        super().__init__()
+        self.progress, self.search, self.offset, self.work_limit = progress, search, offset, work_limit
+        self.incumbent = start_objective
+        self.bound: float | None = None
+        self.solutions = 0
+        self.clock = time.perf_counter()
+
+    def solve(self, solver: cp_model.CpSolver, model: cp_model.CpModel):
+        if self.progress is None:
+            return solver.Solve(model)
+        self.clock = time.perf_counter()
+        solver.best_bound_callback = self.on_bound
+        self._report()
+        status = solver.Solve(model, self)
+        self._report(done=True)
+        return status
+
+    def on_solution_callback(self) -> None:
+        self.solutions += 1
+        if self.incumbent is None or self.objective_value < self.incumbent:
+            self.incumbent = self.objective_value
+        self._report()
+
+    def on_bound(self, bound: float) -> None:
+        self.bound = bound
+        self._report()
+
+    def _report(self, done: bool = False) -> None:
+        scale = 1 if self.search == "least memory" else 1 / NANOS
+        value = (lambda x: None if x is None else (x + self.offset) * scale)
+        self.progress(Progress(self.search, value(self.incumbent), value(self.bound), self.solutions,
+                               time.perf_counter() - self.clock, self.work_limit, done))
 
 
 def _read(solver, var) -> dict[str, Decision]:
