@@ -115,5 +115,6 @@ def run(directory: str | os.PathLike, tokens: str | os.PathLike, out: str | os.P
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise NativeDriverError(done.stderr.strip() or f"{command[0]} exited with status {done.returncode}")
+        message = done.stderr.strip().replace("mebp-native: error: ", "mebp-native: ")
+        raise NativeDriverError(message or f"{command[0]} exited with status {done.returncode}")
     return NativeResult(json.loads(done.stdout.strip().splitlines()[-1]))
