@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -749,7 +750,9 @@ int run(const Args& args) {
   std::vector<double> losses;
   StepResult last;
   Rss peak;
+  std::vector<double> step_seconds;
   for (int64_t step = 0; step < tokens.steps; ++step) {
+    auto started = std::chrono::steady_clock::now();
     std::map<std::string, mx::array> inputs = weights;
     inputs.insert_or_assign("input_ids", mx::array(tokens.input_ids.data() + step * per_step, m.batch_shape, mx::int64));
     inputs.insert_or_assign("labels", mx::array(tokens.labels.data() + step * per_step, m.batch_shape, mx::int64));
@@ -765,14 +768,18 @@ int run(const Args& args) {
           throw Failure("step " + std::to_string(step + 1) + ": the gradient of " + param +
                         " is not finite; no update applied and no adapter written; lower --lr");
     }
-    if (!args.grads_dir.empty())
+    if (!args.grads_dir.empty()) {  // a test's record, not part of the step's time
+      auto writing = std::chrono::steady_clock::now();
       write_safetensors(args.grads_dir / ("step" + std::to_string(step + 1) + ".safetensors"), r.grads);
+      started += std::chrono::steady_clock::now() - writing;
+    }
     mx::synchronize();
     ++optimizer.step;
     for (auto& [param, g] : r.grads) {
       mx::array& p = lora.at(param);
       optimizer.apply(param, p.data<float>(), g.data<float>(), p.size());
     }
+    step_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
     losses.push_back(r.loss);
     peak.anon = std::max(peak.anon, r.peak.anon);
     peak.file = std::max(peak.file, r.peak.file);
@@ -789,7 +796,10 @@ int run(const Args& args) {
   std::string losses_text = "[";
   for (size_t k = 0; k < losses.size(); ++k) losses_text += (k ? "," : "") + json::python_float(losses[k]);
   losses_text += "]";
-  std::cout << "{\"steps\":" << tokens.steps << ",\"losses\":" << losses_text
+  std::string seconds_text = "[";
+  for (size_t k = 0; k < step_seconds.size(); ++k) seconds_text += (k ? "," : "") + json::python_float(step_seconds[k]);
+  seconds_text += "]";
+  std::cout << "{\"steps\":" << tokens.steps << ",\"losses\":" << losses_text << ",\"step_seconds\":" << seconds_text
             << ",\"held_before_bytes\":" << json_list(last.held_before)
             << ",\"held_peak_bytes\":" << *std::max_element(last.held_during.begin(), last.held_during.end())
             << ",\"staged_peak_bytes\":" << last.staged_peak
