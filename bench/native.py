@@ -244,9 +244,22 @@ def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: 
         "runtime_step_s": statistics.median(r["runtime_s"] for r in rounds),
         "native_over_eager": statistics.median(n / r["eager_s"] for n, r in zip(native_step, rounds)),
         "native_over_runtime": statistics.median(n / r["runtime_s"] for n, r in zip(native_step, rounds)),
+        "native_seconds_by_stage_kind": seconds_by_kind(manifest, last),
+        "mlx_peak_bytes": last.get("mlx_peak_bytes"), "mlx_cache_bytes": last.get("mlx_cache_bytes"),
         "losses": last["losses"],
         "rounds": rounds,
     }
+
+
+def seconds_by_kind(manifest, native: dict) -> dict[str, float]:
+    """The native run's last step, in seconds per stage kind (embed, block forward, ...); the rest
+    of the step (AdamW over the LoRA parameters, the gradients' copies) as "optimizer and rest"."""
+    by_kind: dict[str, float] = {}
+    for stage, seconds in zip(manifest.stages, native.get("stage_seconds", [])):
+        by_kind[stage.kind] = by_kind.get(stage.kind, 0.0) + seconds
+    if by_kind:
+        by_kind["optimizer and rest"] = native["step_seconds"][-1] - sum(by_kind.values())
+    return by_kind
 
 
 # --------------------------------------------------------------------------- the parent
@@ -278,6 +291,17 @@ def build_table(records: list[dict], args: argparse.Namespace) -> str:
             f"{mib(r['vm_hwm_bytes'])} | {mib(r['rss_anon_peak_bytes'])} | {mib(r['rss_file_peak_bytes'])} | "
             f"{verdict} | {r['native_step_s']:.2f} s | {r['native_over_eager']:.2f}x | "
             f"{r['native_over_runtime']:.2f}x | {published} |")
+    kinds = sorted({k for r in records for k in r.get("native_seconds_by_stage_kind", {})})
+    if kinds:
+        lines += ["", "Where the native step's seconds go (last step of the last run, seconds; MLX's own "
+                  "allocator peak beside the anonymous RSS):", "",
+                  "| model | weights | plan | " + " | ".join(kinds) + " | MLX allocator peak (MiB) |",
+                  "|---|---|---|" + "---:|" * (len(kinds) + 1)]
+        for r in records:
+            by_kind = r.get("native_seconds_by_stage_kind", {})
+            lines.append(f"| {r['model']} | {r['weights']} | {r['plan']} | "
+                         + " | ".join(f"{by_kind[k]:.2f}" if k in by_kind else "-" for k in kinds)
+                         + f" | {mib(r.get('mlx_peak_bytes'))} |")
     lines += ["", "Not available today: " + "; ".join(NOT_AVAILABLE.values()) + "."]
     return "\n".join(lines)
 

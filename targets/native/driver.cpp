@@ -504,6 +504,7 @@ struct StepResult {
   float loss = 0;
   std::map<std::string, mx::array> grads;  // LoRA source name -> gradient
   std::vector<int64_t> held_before, held_during;
+  std::vector<double> stage_seconds;  // each stage's call, evaluation and offload writes
   int64_t staged_peak = 0;
   Rss peak;  // most anonymous and file-backed RSS seen when a stage returned
 };
@@ -530,6 +531,7 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
     }
     r.held_before.push_back(held);
     r.staged_peak = std::max(r.staged_peak, held + stage.internal_peak_bytes);
+    auto started = std::chrono::steady_clock::now();
     std::vector<mx::array> args;
     for (const auto& name : stage.inputs) args.push_back(env.at(name));
     std::vector<mx::array> outputs = fns.at(stage.artifact)(args);
@@ -548,6 +550,7 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
     r.peak.anon = std::max(r.peak.anon, now.anon);
     r.peak.file = std::max(r.peak.file, now.file);
     for (const auto& name : stage.offload_after) handles[name] = store.write(env.at(name), name);
+    r.stage_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
     for (const auto& name : stage.free_after) {
       auto it = env.find(name);
       held -= int64_t(it->second.nbytes());
@@ -799,14 +802,19 @@ int run(const Args& args) {
   std::string seconds_text = "[";
   for (size_t k = 0; k < step_seconds.size(); ++k) seconds_text += (k ? "," : "") + json::python_float(step_seconds[k]);
   seconds_text += "]";
+  std::string stage_text = "[";
+  for (size_t k = 0; k < last.stage_seconds.size(); ++k)
+    stage_text += (k ? "," : "") + json::python_float(last.stage_seconds[k]);
+  stage_text += "]";
   std::cout << "{\"steps\":" << tokens.steps << ",\"losses\":" << losses_text << ",\"step_seconds\":" << seconds_text
-            << ",\"held_before_bytes\":" << json_list(last.held_before)
+            << ",\"stage_seconds\":" << stage_text << ",\"held_before_bytes\":" << json_list(last.held_before)
             << ",\"held_peak_bytes\":" << *std::max_element(last.held_during.begin(), last.held_during.end())
             << ",\"staged_peak_bytes\":" << last.staged_peak
             << ",\"predicted_peak_bytes\":" << m.predicted_peak_bytes
             << ",\"flash_bytes_written\":" << store.bytes_written << ",\"flash_bytes_read\":" << store.bytes_read
             << ",\"vm_hwm_bytes\":" << end.hwm << ",\"rss_anon_peak_bytes\":" << peak.anon
-            << ",\"rss_file_peak_bytes\":" << peak.file << ",\"optimizer\":\"" << optimizer.name << "\",\"lr\":"
+            << ",\"rss_file_peak_bytes\":" << peak.file << ",\"mlx_peak_bytes\":" << mx::get_peak_memory()
+            << ",\"mlx_cache_bytes\":" << mx::get_cache_memory() << ",\"optimizer\":\"" << optimizer.name << "\",\"lr\":"
             << json::python_float(optimizer.lr) << "}" << std::endl;
   return 0;
 }
