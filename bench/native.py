@@ -306,6 +306,19 @@ def build_table(records: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def write_results(records: list[dict], failures: list[str], args: argparse.Namespace, argv: list[str]) -> str:
+    """The table (markdown, with the command line) and every number (JSON) in --out; returns the table."""
+    command_line = "bench/native.py " + shlex.join(argv)
+    table = build_table(records, args) + f"\n\nCommand: `{command_line}`\n"
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"native-seq{args.seq_len}-r{args.lora_r}"
+    (out / f"{stem}.md").write_text(table)
+    (out / f"{stem}.json").write_text(json.dumps({"command": command_line, "records": records,
+                                                  "not_available": NOT_AVAILABLE, "failures": failures}, indent=2))
+    return table
+
+
 def run_all(args: argparse.Namespace, argv: list[str]) -> int:
     records, failures = [], []
     for config in args.configs.split(","):
@@ -326,15 +339,8 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
             failures.append(f"{config}: the driver's held bytes differ from the manifest's")
         if not all(isinstance(x, float) and x == x and abs(x) != float("inf") for x in record["losses"]):
             failures.append(f"{config}: non-finite loss {record['losses']}")
-    table = build_table(records, args)
-    command_line = "bench/native.py " + shlex.join(argv)
-    print(table + f"\n\nCommand: `{command_line}`")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"native-seq{args.seq_len}-r{args.lora_r}"
-    (out / f"{stem}.md").write_text(table + f"\n\nCommand: `{command_line}`\n")
-    (out / f"{stem}.json").write_text(json.dumps({"command": command_line, "records": records,
-                                                  "not_available": NOT_AVAILABLE, "failures": failures}, indent=2))
+        write_results(records, failures, args, argv)  # so far: a long run keeps what it measured
+    print(write_results(records, failures, args, argv))
     for failure in failures:
         print(f"[bench] FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
