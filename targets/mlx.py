@@ -15,13 +15,13 @@ decomposition, plus a few close relatives and the INT4 dequantization ops):
                        alias, detach, clone, _to_copy, lift_fresh_copy
     creation           arange (3 overloads), zeros, ones, full, scalar_tensor, new_zeros,
                        new_ones, new_full, zeros_like, ones_like, full_like
-    arithmetic         add/sub (Tensor, Scalar; alpha), mul/div (Tensor, Scalar), neg,
-                       pow.Tensor_Scalar, pow.Tensor_Tensor, rsqrt, sqrt, exp, log, sin,
-                       cos, tanh, sigmoid, where.self
+    arithmetic         add/sub (Tensor, Scalar; alpha), rsub.Scalar, mul/div (Tensor, Scalar),
+                       neg, abs, reciprocal, pow (Tensor_Scalar, Tensor_Tensor, Scalar),
+                       rsqrt, sqrt, exp, log, sin, cos, tanh, sigmoid, where.self
     comparison, logic  eq, ne, lt, le, gt, ge (Tensor, Scalar), bitwise_and/or.Tensor,
                        logical_and, logical_or, logical_not, bitwise_not, maximum, minimum,
                        clamp, clamp_min, clamp_max
-    reductions         sum.default, sum.dim_IntList, mean.dim, amax, cumsum
+    reductions         sum.default, sum.dim_IntList, mean.dim, amax, all.default, cumsum
     linear algebra     mm, bmm, addmm, matmul
     indexing, shape    embedding, index.Tensor, index_select, gather, cat, stack,
                        constant_pad_nd, slice_backward
@@ -500,6 +500,10 @@ RULES: dict[object, Callable] = {
     aten.div.Tensor: _binary(mx.divide),
     aten.div.Scalar: _binary(mx.divide),
     aten.neg.default: _unary(mx.negative),
+    aten.abs.default: _unary(mx.abs),
+    aten.reciprocal.default: _unary(mx.reciprocal),
+    aten.rsub.Scalar: lambda ctx, input, other, alpha=1, **_: _as(other, ctx.dtype) - _as(input, ctx.dtype) * alpha,
+    aten.pow.Scalar: lambda ctx, input, exponent, **_: mx.power(_as(mx.array(input), ctx.dtype), _as(exponent, ctx.dtype)),
     aten.pow.Tensor_Scalar: lambda ctx, input, exponent, **_: mx.power(_as(input, ctx.dtype), exponent),
     aten.pow.Tensor_Tensor: _binary(mx.power),
     aten.rsqrt.default: _unary(mx.rsqrt),
@@ -544,6 +548,7 @@ RULES: dict[object, Callable] = {
     aten.sum.dim_IntList: _reduce(_sum),
     aten.mean.dim: _reduce(_mean),
     aten.amax.default: _reduce(mx.max),
+    aten.all.default: lambda ctx, input, **_: mx.all(input),
     aten.cumsum.default: lambda ctx, input, dim, **_: mx.cumsum(_as(input, ctx.dtype), axis=dim),
     # linear algebra
     aten.mm.default: lambda ctx, input, mat2, **_: _matmul(input, mat2),

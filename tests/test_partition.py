@@ -189,7 +189,7 @@ def test_manifest_round_trips_and_refuses_other_versions(tmp_path):
     loaded = driver.load_manifest(tmp_path)
     assert loaded.to_json() == part.manifest.to_json()
     data = part.manifest.to_json()
-    with pytest.raises(ManifestError, match="format version 99 is not 2.*compile the artifacts again"):
+    with pytest.raises(ManifestError, match="format version 99 is not 3.*compile the artifacts again"):
         Manifest.from_json({**data, "format_version": 99})
     broken = {**data, "stages": [{**data["stages"][1], "inputs": ["no_such_value"]}, *data["stages"][2:]]}
     with pytest.raises(ManifestError, match="block0.forward names values \\['no_such_value'\\]"):
