@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ torch.set_num_threads(1)
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
 
 #: Environment variables that choose CPU kernels or threads: a failure report says where it ran.
-KERNEL_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
-                   "ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")
+KERNEL_SETTINGS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "MKL_DYNAMIC", "MKL_CBWR",
+                   "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                   "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")
 
 
 def cpu_model() -> str:
@@ -33,11 +35,46 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def torch_kernel_config() -> str:
+    """torch's BLAS, its MKL and oneDNN versions, and the thread counts its libraries will use."""
+    build = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", build)
+    mkl = re.search(r"Math Kernel Library Version ([\w.]+)", build)
+    onednn = re.search(r"MKL-DNN (v[\d.]+)", build)
+    threads = dict(re.findall(r"(\w+)\(\) : (\d+)", torch.__config__.parallel_info()))
+    return (f"BLAS {blas.group(1) if blas else 'unknown'}"
+            f", MKL {mkl.group(1) if mkl and torch.backends.mkl.is_available() else 'off'}"
+            f", oneDNN {onednn.group(1) if onednn and torch.backends.mkldnn.is_available() else 'off'}"
+            f", OpenMP threads {threads.get('omp_get_max_threads', '-')}"
+            f", MKL threads {threads.get('mkl_get_max_threads', '-')}"
+            f", interop threads {torch.get_num_interop_threads()}")
+
+
+def numpy_blas() -> str:
+    """numpy's BLAS (coremltools' value inference and the drivers' numpy code run on it) and,
+    for OpenBLAS, the core whose kernels it chose at load (OPENBLAS_CORETYPE overrides it)."""
+    import ctypes
+
+    import numpy
+
+    blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    name = f"{blas.get('name', 'unknown')} {blas.get('version', '')}".strip()
+    try:
+        with open("/proc/self/maps") as f:
+            library = next(iter(sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))))
+        corename = ctypes.CDLL(library).scipy_openblas_get_corename64_
+    except (OSError, StopIteration, AttributeError):  # not Linux, or not numpy's own OpenBLAS wheel
+        return name
+    corename.restype = ctypes.c_char_p
+    return f"{name}, core {corename().decode()}"
+
+
 def pytest_report_header(config) -> list[str]:
     settings = ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_SETTINGS if k in os.environ) or "none set"
     return [f"cpu: {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores); torch {torch.__version__}, "
             f"{torch.get_num_threads()} thread(s), kernels {torch.backends.cpu.get_cpu_capability()}; "
-            f"kernel settings: {settings}"]
+            f"kernel settings: {settings}",
+            f"torch kernels: {torch_kernel_config()}; numpy BLAS: {numpy_blas()}"]
 
 
 def lora_model(name: str, seed: int = 0, **lora) -> torch.nn.Module:
