@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import re
@@ -117,6 +118,38 @@ def assert_matches_autograd(result, reference, tol: float = 1e-5) -> None:
     worst = max((result.grads[n] - g).abs().max().item() for n, g in ref_grads.items())
     assert worst <= tol * scale, f"max grad diff {worst:.3g} > {tol} x {scale:.3g}"
     assert abs(result.loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
+
+
+#: Unit roundoff of IEEE float32 and float64 with rounding to nearest.
+FLOAT32_UNIT_ROUNDOFF, FLOAT64_UNIT_ROUNDOFF = 2.0**-24, 2.0**-53
+
+
+def probabilistic_rounding_bound(length: int, terms: int, failure_probability: float = 1e-6,
+                                 unit_roundoff: float = FLOAT32_UNIT_ROUNDOFF) -> float:
+    """gamma~_length(lambda): a float computation of sums of products in which no term passes
+    through more than `length` roundings (its product and the additions on its way to the
+    result, in any order, blocked or vectorised, FMA or not) errs in every sum by at most this
+    times the sum of the terms' absolute values, except with probability `failure_probability`
+    over all `terms` terms of all the sums together.
+
+    Higham & Mary, "A new approach to probabilistic rounding error analysis", SIAM J. Sci.
+    Comput. 41(5), 2019, Theorems 2.4 and 3.1: with rounding errors modelled as independent
+    random variables of mean zero, a product of n factors (1 + delta_k), |delta_k| <= u, is
+    1 + theta with |theta| <= exp(lambda sqrt(n) u + n u^2 / (1 - u)) - 1 except with
+    probability 2 exp(-lambda^2 (1 - u)^2 / 2). The confidence factor lambda is the one whose
+    union over `terms` such products fails with `failure_probability`. The bound depends on
+    the reduction length and the unit roundoff only, not on the CPU's kernels.
+    """
+    u = unit_roundoff
+    confidence = math.sqrt(2 * math.log(2 * terms / failure_probability)) / (1 - u)
+    return math.expm1(confidence * math.sqrt(length) * u + length * u * u / (1 - u))
+
+
+def float64_rounding_bound(length: int) -> float:
+    """gamma_length = n u / (1 - n u) in float64: the worst case (Higham, Accuracy and Stability
+    of Numerical Algorithms, 2nd ed., Lemma 3.1) of a float64 reference's own error."""
+    nu = length * FLOAT64_UNIT_ROUNDOFF
+    return nu / (1 - nu)
 
 
 @contextlib.contextmanager
