@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import resource
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,45 @@ def pytest_report_header(config) -> list[str]:
             f"{torch.get_num_threads()} thread(s), kernels {torch.backends.cpu.get_cpu_capability()}; "
             f"kernel settings: {settings}",
             f"torch kernels: {torch_kernel_config()}; numpy BLAS: {numpy_blas()}"]
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="list the N tests that took the most CPU seconds (0: all)")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the child processes it has waited for.
+
+    On a machine shared with other jobs a test's wall time grows with their load; its CPU
+    time much less, so it compares runs at different times (forkserver children, whose
+    parent is the server, are not counted)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+_CPU_SECONDS: dict[str, float] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.config.getoption("cpu_durations") is None:
+        return (yield)
+    start = cpu_seconds()
+    try:
+        return (yield)
+    finally:
+        _CPU_SECONDS[item.nodeid] = cpu_seconds() - start
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    count = config.getoption("cpu_durations")
+    if count is None:
+        return
+    ranked = sorted(_CPU_SECONDS.items(), key=lambda item: -item[1])
+    terminalreporter.write_sep("=", f"CPU seconds per test (setup, call and teardown), {sum(_CPU_SECONDS.values()):.1f} in all")
+    for nodeid, seconds in ranked[:count or None]:
+        terminalreporter.write_line(f"{seconds:8.2f}s {nodeid}")
 
 
 def lora_model(name: str, seed: int = 0, **lora) -> torch.nn.Module:
