@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import platform
@@ -234,6 +235,28 @@ def smollm2_mebp(smollm2):
 
     batch = random_batch(smollm2.config.vocab_size, batch=1, seq=16, seed=3)
     return batch, compile_policy(smollm2, batch, "mebp")
+
+
+@pytest.fixture(scope="session")
+def smollm2_plan(smollm2, smollm2_mebp):
+    """`smollm2_plan(policy)`: the `smollm2_mebp` batch's plan under "mebp" or "optimal"
+    (tests.test_partition.compile_policy), each compiled once for every target's tests: the
+    optimal plan's solve over SmolLM2's whole step is one of the suite's longest setups."""
+    from tests.test_partition import compile_policy
+
+    batch, mebp = smollm2_mebp
+    return functools.cache(lambda policy: compile_policy(smollm2, batch, policy, mebp))
+
+
+@pytest.fixture(scope="session")
+def smollm2_step_values(smollm2, smollm2_mebp):
+    """(graph, every node's value) of SmolLM2's captured step on the `smollm2_mebp` batch, as
+    tests.stages.captured_step gives them, from the mebp plan's own capture (one capture of
+    the real model, not two). Do not mutate."""
+    from tests.stages import node_values, step_inputs
+
+    batch, plan = smollm2_mebp
+    return plan.captured, node_values(plan.captured, step_inputs(smollm2, plan.captured, batch))
 
 
 @pytest.fixture(scope="session")

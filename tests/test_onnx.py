@@ -35,12 +35,10 @@ from tests.test_partition import (
 ONNX = load_target("onnx")
 
 
-def export(model, batch, policy, directory, weights=True, mebp=None):
-    plan = compile_policy(model, batch, policy, mebp)
+def export(model, batch, policy, directory):
+    plan = compile_policy(model, batch, policy)
     part = partition(plan.graph, model="test")
-    facts = write_artifacts(part, ONNX, directory, weights=step_weights(model, part) if weights else None,
-                            progress=False)
-    return plan, part, facts
+    return plan, part, write_artifacts(part, ONNX, directory, weights=step_weights(model, part), progress=False)
 
 
 def numpy_batch(batch):
@@ -210,9 +208,12 @@ def test_cli_compiles_and_runs_an_onnx_directory(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_smollm2_onnx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_float64_reference, policy, tmp_path):
-    batch, mebp = smollm2_mebp
-    plan, part, facts = export(smollm2, batch, policy, tmp_path, weights=False, mebp=mebp)
+def test_smollm2_onnx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_plan, smollm2_float64_reference, policy,
+                                             tmp_path):
+    batch, _ = smollm2_mebp
+    plan = smollm2_plan(policy)
+    part = partition(plan.graph, model="test")
+    facts = write_artifacts(part, ONNX, tmp_path, weights=None, progress=False)
     weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
     run = driver.Driver.open(tmp_path, ONNX, weights=weights)
     result = run.step(numpy_batch(batch))

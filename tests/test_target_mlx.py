@@ -26,7 +26,6 @@ from tests.test_partition import (
     CountingTarget,
     as_step_result,
     assert_held_as_predicted,
-    compile_policy,
     compiled_tiny,
 )
 
@@ -122,8 +121,8 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", [Phase.FORWARD, Phase.BACKWARD])
-def test_smollm2_block_stage_matches_torch(smollm2, phase, tmp_path):
-    graph, values = captured_step(smollm2, seq=16, seed=3)
+def test_smollm2_block_stage_matches_torch(smollm2_step_values, phase, tmp_path):
+    graph, values = smollm2_step_values
     stage, inputs, expected = extract_stage(graph, block_nodes(graph, 7, phase), values)
     assert_outputs_close(run_exported(stage, inputs, tmp_path / "block"), expected)
 
@@ -243,9 +242,10 @@ def test_cli_compiles_and_runs_an_mlx_directory(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_float64_reference, policy, tmp_path):
-    batch, mebp = smollm2_mebp
-    plan = compile_policy(smollm2, batch, policy, mebp)
+def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_plan, smollm2_float64_reference, policy,
+                                            tmp_path):
+    batch, _ = smollm2_mebp
+    plan = smollm2_plan(policy)
     part = partition(plan.graph, model="smollm2-135m")
     facts = write_mlx(part, tmp_path, weights=False)
     weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}
