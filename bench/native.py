@@ -38,12 +38,11 @@ STEP_RATIO_TARGET = 2.0
 DEFAULT_CONFIGS = ("smollm2-135m:fp32:mebp,smollm2-135m:fp32:optimal,smollm2-135m:int4:mebp,"
                    "smollm2-135m:int4:optimal,qwen2.5-0.5b:int4:mebp,qwen2.5-0.5b:int4:optimal")
 #: Plan options the issue asks for that the partition or the MLX target refuse today
-#: (passes/partition.py `_refuse_unsupported_options`, targets/mlx.py UNSUPPORTED_OPTIONS).
+#: (passes/partition.py `_refuse_unsupported_options`, targets/native/driver.cpp `read_manifest`).
 NOT_AVAILABLE = {
     "gguf-blocks": "SmolLM2's own GGUF Q4_1/Q8_0 blocks: the partition refuses gguf_file=",
-    "vocab-slices": "vocabulary slices of the LM head and loss: the MLX target refuses vocab_slices",
-    "fused-adamw": "fused AdamW updates inside the stages: the partition refuses fuse_update=True "
-                   "(the driver applies AdamW after the last stage instead)",
+    "fused-adamw": "fused AdamW updates inside the stages: they export (manifest v3) but mebp-native refuses "
+                   "them (the driver applies AdamW after the last stage instead, holding every gradient)",
 }
 
 DESCRIPTION = f"""\
@@ -146,7 +145,8 @@ def build(args: argparse.Namespace, model_name: str, weights: str, plan_name: st
     batch = {"input_ids": ids, "labels": ids.clone()}
     offload_dir.mkdir(parents=True, exist_ok=True)
     options = dict(checkpoints="disk", offload_dir=str(offload_dir),
-                   int4=weights == "int4", group_size=args.group_size, head_chunks=args.head_chunks)
+                   int4=weights == "int4", group_size=args.group_size, head_chunks=args.head_chunks,
+                   vocab_slices=args.vocab_slices)
     plan = mebp_compiler.compile(model, batch, "mebp", **options)
     budget = None
     if plan_name == "optimal":
@@ -272,7 +272,8 @@ def mib(nbytes: float | None) -> str:
 def build_table(records: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Native driver, seq {args.seq_len}, batch 1, LoRA r={args.lora_r} (all 7 projections), AdamW applied by "
-        f"the driver; INT4 group {args.group_size}; head chunks {args.head_chunks} (MiB; MB = 10^6 bytes):",
+        f"the driver; INT4 group {args.group_size}; head in {args.vocab_slices} vocabulary slices"
+        f"{f', {args.head_chunks} sequence chunks' if args.head_chunks else ''} (MiB; MB = 10^6 bytes):",
         "",
         "| model | weights | plan | predicted held | + AdamW | native held | VmHWM | anon peak | file peak | "
         "target (anon) | native step | / eager | / runtime | published |",
@@ -312,7 +313,7 @@ def write_results(records: list[dict], failures: list[str], args: argparse.Names
     table = build_table(records, args) + f"\n\nCommand: `{command_line}`\n"
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"native-seq{args.seq_len}-r{args.lora_r}"
+    stem = f"native-seq{args.seq_len}-r{args.lora_r}-slices{args.vocab_slices}"
     (out / f"{stem}.md").write_text(table)
     (out / f"{stem}.json").write_text(json.dumps({"command": command_line, "records": records,
                                                   "not_available": NOT_AVAILABLE, "failures": failures}, indent=2))
@@ -354,6 +355,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (batch is 1)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank, alpha = 2r (default 8, MeSP's)")
     parser.add_argument("--group-size", type=int, default=64, help="INT4 group size (default 64, MeSP's)")
+    parser.add_argument("--vocab-slices", type=int, default=64,
+                        help="LM head + loss over this many vocabulary slices (default 64; 0: whole)")
     parser.add_argument("--head-chunks", type=int, default=0, help="LM head + loss in this many sequence chunks")
     parser.add_argument("--device", default="iphone15promax", help="device profile for the optimal plans")
     parser.add_argument("--work-limit", type=float, default=DEFAULT_WORK_LIMIT,

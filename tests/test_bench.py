@@ -118,11 +118,11 @@ def test_native_bench_runs_and_holds_what_the_manifest_predicts(tmp_path):
     pytest.importorskip("mlx.core", reason="the native driver builds against the 'mlx' extra")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "native.py"), "--configs", "tiny-llama:int4:mebp", "--seq-len", "16",
-         "--group-size", "32", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)],
+         "--group-size", "32", "--vocab-slices", "4", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    data = json.loads((tmp_path / "native-seq16-r8.json").read_text())
+    data = json.loads((tmp_path / "native-seq16-r8-slices64.json").read_text())
     assert data["failures"] == []
     (record,) = data["records"]
     assert record["held_as_predicted"] and record["mapped_bytes"] > 0

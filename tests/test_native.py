@@ -30,7 +30,7 @@ from tests.conftest import (
     random_batch,
     safetensors_data_start,
 )
-from tests.test_partition import assert_held_as_predicted, compile_policy, compiled_tiny
+from tests.test_partition import assert_held_as_predicted, compiled_tiny
 
 pytest.importorskip("mlx.core", reason="the native driver builds against the 'mlx' extra")
 MLX = load_target("mlx")
@@ -146,13 +146,13 @@ def test_ten_native_steps_give_mebp_trains_loss_curve(native, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_smollm2_native_step_matches_autograd_and_adamw(native, smollm2, smollm2_mebp, smollm2_float64_reference,
-                                                         policy, tmp_path):
+def test_smollm2_native_step_matches_autograd_and_adamw(native, smollm2, smollm2_mebp, smollm2_plan,
+                                                         smollm2_float64_reference, policy, tmp_path):
     """The real SmolLM2-135M (GGUF weights, seq 16) with offload: the native step's loss and
     gradients are autograd's (float64, as tests/test_target_mlx.py holds MLX to), the adapter is
     torch's AdamW on those gradients, and the held bytes are the manifest's."""
-    batch, mebp = smollm2_mebp
-    plan = compile_policy(smollm2, batch, policy, mebp)
+    batch, _ = smollm2_mebp
+    plan = smollm2_plan(policy)
     part = partition(plan.graph, model="smollm2-135m")
     write_artifacts(part, MLX, tmp_path / "artifacts", weights=step_weights(smollm2, part), progress=False)
     tokens = native_driver.write_tokens(tmp_path / "tokens.bin", [numpy_batch(batch)])
