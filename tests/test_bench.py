@@ -122,7 +122,7 @@ def test_native_bench_runs_and_holds_what_the_manifest_predicts(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    data = json.loads((tmp_path / "native-seq16-r8-slices64.json").read_text())
+    data = json.loads((tmp_path / "native-seq16-r8-slices4.json").read_text())
     assert data["failures"] == []
     (record,) = data["records"]
     assert record["held_as_predicted"] and record["mapped_bytes"] > 0
