@@ -140,3 +140,25 @@ def test_lora_on_the_lm_head_with_vocab_slices_is_refused_up_front():
     batch = random_batch(model.config.vocab_size)
     with pytest.raises(CaptureError, match="LoRA on the LM head.*vocab_slices"):
         mebp_compiler.compile(model, batch, "mebp", vocab_slices=4)
+
+
+@pytest.mark.parametrize("group_size", [7, 48])
+def test_an_int4_group_size_that_leaves_weights_float_is_refused(group_size):
+    from mebp_compiler.passes.quantize import GroupSizeError
+
+    model = lora_model("tiny-llama")  # widths 64 and 128
+    batch = random_batch(model.config.vocab_size)
+    with pytest.raises(GroupSizeError, match=rf"group size {group_size} does not divide the 64 input features of "
+                                             r"base_model.model.model.embed_tokens.weight.*16, 32, 64"):
+        mebp_compiler.compile(model, batch, "mebp", int4=True, group_size=group_size)
+
+
+def test_every_frozen_weight_is_quantized_at_a_group_size_that_divides_them():
+    from mebp_compiler.ir import Role
+
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", int4=True, group_size=16)
+    float_inputs = [s.source for s in plan.graph.inputs if s.role == Role.FROZEN
+                    and plan.graph.info[s.name].shape and len(plan.graph.info[s.name].shape) == 2]
+    assert float_inputs == []
