@@ -145,8 +145,9 @@ def capture(
 
     tracer_state = _ModuleAnnotator(model, decoder_layers(model))
     annotate_backward = tracer_state.annotate_backward
-    with (tracer_state.installed(), chunked_mlps(decoder_layers(model), mlp_chunks, tracer_state.part),
-          fx_traceback.preserve_node_meta()):
+    # preserve_node_meta outermost: an error inside the trace closes the annotations it holds first.
+    with (fx_traceback.preserve_node_meta(), tracer_state.installed(),
+          chunked_mlps(decoder_layers(model), mlp_chunks, tracer_state.part)):
         gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
     if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
         gm.graph.eliminate_dead_code()

@@ -162,3 +162,18 @@ def test_every_frozen_weight_is_quantized_at_a_group_size_that_divides_them():
     float_inputs = [s.source for s in plan.graph.inputs if s.role == Role.FROZEN
                     and plan.graph.info[s.name].shape and len(plan.graph.info[s.name].shape) == 2]
     assert float_inputs == []
+
+
+def test_an_error_inside_the_traced_model_surfaces_as_itself():
+    """The chunked head traces the decoder on its own; an error there reaches the caller unchanged,
+    not as a KeyError from closing the trace's annotations (as before)."""
+    from mebp_compiler import models
+
+    model = lora_model("tiny-llama")
+
+    def refuse(*_):
+        raise RuntimeError("the model's own error")
+
+    models.decoder_layers(model)[0].register_forward_pre_hook(refuse)
+    with pytest.raises(RuntimeError, match="the model's own error"):
+        mebp_compiler.compile(model, random_batch(model.config.vocab_size), "mebp", vocab_slices=3)
