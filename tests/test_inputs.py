@@ -177,3 +177,23 @@ def test_an_error_inside_the_traced_model_surfaces_as_itself():
     models.decoder_layers(model)[0].register_forward_pre_hook(refuse)
     with pytest.raises(RuntimeError, match="the model's own error"):
         mebp_compiler.compile(model, random_batch(model.config.vocab_size), "mebp", vocab_slices=3)
+
+
+def test_the_onnx_target_carries_the_mask_and_never_drops_one(tmp_path):
+    from mebp_compiler.passes.partition import ManifestError, partition
+    from mebp_compiler.targets import driver, load_target
+    from mebp_compiler.targets.artifacts import step_weights, write_artifacts
+    from tests.test_partition import as_step_result
+
+    model = lora_model("tiny-llama")
+    batch = padded_batch(model.config.vocab_size, "left")
+    part = partition(mebp_compiler.compile(model, batch, "mebp").graph, model="test")
+    onnx = load_target("onnx")
+    write_artifacts(part, onnx, tmp_path / "artifacts", weights=step_weights(model, part), progress=False)
+    run = driver.Driver.open(tmp_path / "artifacts", onnx, offload_dir=str(tmp_path / "flash"))
+    arrays = {k: v.numpy() for k, v in batch.items()}
+    assert_matches_autograd(as_step_result(run.step(arrays)), autograd_reference(model, batch))
+    with pytest.raises(ManifestError, match="no array for batch input 'attention_mask'"):
+        run.step({k: a for k, a in arrays.items() if k != "attention_mask"})
+    with pytest.raises(ManifestError, match="'position_ids' is not an input of these artifacts"):
+        run.step({**arrays, "position_ids": arrays["input_ids"]})
