@@ -87,6 +87,8 @@ def main() -> int:
         "",
         f"**Result: {summary}**",
         "",
+        "Times (last column) are wall-clock seconds per case under whatever load the machine had.",
+        "",
         "Columns: layers; heads/kv heads x head dim; MLP width; vocabulary; batch x sequence; padding",
         "(through attention_mask); LoRA rank and number of target modules; policy (optimal: where its",
         "budget lies); options; worst gradient difference over the largest gradient and loss difference",
