@@ -189,7 +189,7 @@ def weights_header_resealed(copy_dir, data):
 
 
 def other_version(copy_dir, data):
-    data["format_version"] = 3
+    data["format_version"] = 2
     return True
 
 
@@ -212,7 +212,7 @@ def other_stage_file(copy_dir, data):
     (remove_weights, r"weights\.safetensors is missing"),
     (corrupt_weights, r"weights\.safetensors does not match its SHA-256 in the manifest"),
     (weights_header_resealed, r"weights\.safetensors cannot be read \(header: .*\); compile the artifacts again"),
-    (other_version, r"manifest format version 3 is not 2, the version this driver reads"),
+    (other_version, r"manifest format version 2 is not 3, the version this driver reads"),
     (edited_unsealed, r"manifest\.json does not match its SHA-256 checksum"),
 ], ids=["truncated-stage", "truncated-stage-resealed", "other-stage-file", "missing-weights", "corrupt-weights",
         "corrupt-weights-header", "manifest-version", "manifest-edited"])
@@ -330,3 +330,20 @@ def test_a_step_with_a_padding_mask_is_refused_not_run_without_it(native, tmp_pa
     status, stderr = run_native(native, tmp_path / "artifacts", tokens, tmp_path)
     assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr
     assert "batch input 'attention_mask'" in stderr and "Python driver" in stderr
+
+
+def test_fused_updates_are_refused_in_one_line_before_any_compute(native, artifacts, tmp_path):
+    """mebp-native does not run fused optimizer updates yet (targets/driver.py does): it says so."""
+    import mebp_compiler
+    from tests.conftest import lora_model
+
+    directory, _, _ = artifacts
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", fuse_update=True)
+    part = partition(plan.graph, model="test")
+    write_artifacts(part, MLX, tmp_path / "fused", weights=step_weights(model, part), progress=False)
+    status, stderr = run_native(native, tmp_path / "fused", directory / "tokens.bin", tmp_path)
+    assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "stages apply fused optimizer updates" in stderr and "--fuse-update" in stderr
+    assert not (tmp_path / "lora.safetensors").exists()
