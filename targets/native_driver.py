@@ -79,6 +79,10 @@ def write_tokens(path: str | os.PathLike, batches: Iterable[Mapping[str, np.ndar
     batches = list(batches)
     if not batches:
         raise ValueError("write_tokens needs at least one batch")
+    extra = sorted({key for b in batches for key in b} - {"input_ids", "labels"})
+    if extra:
+        raise ValueError(f"a token file carries input_ids and labels only, and the batches have {extra}; run a "
+                         "padded batch (attention_mask) with the Python driver instead of dropping its mask")
     ids = np.stack([np.asarray(b["input_ids"], dtype="<i8") for b in batches])
     labels = np.stack([np.asarray(b["labels"], dtype="<i8") for b in batches])
     if ids.ndim != 3 or labels.shape != ids.shape:
