@@ -70,8 +70,16 @@ def build(build_dir: Path = BUILD_DIR) -> Path:
 
 
 def ensure_built() -> Path:
-    """The driver, built first if it is not there."""
-    return executable() or build()
+    """The driver, built first if it is not there or older than its sources (an in-tree build)."""
+    found = executable()
+    if found is None or (found == BUILD_DIR / EXECUTABLE and _sources_newer_than(found)):
+        return build()
+    return found
+
+
+def _sources_newer_than(built: Path) -> bool:
+    built_at = built.stat().st_mtime
+    return any(source.stat().st_mtime > built_at for source in SOURCE_DIR.iterdir() if source.is_file())
 
 
 def write_tokens(path: str | os.PathLike, batches: Iterable[Mapping[str, np.ndarray]]) -> Path:
