@@ -28,7 +28,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_flatten
 
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
-from mebp_compiler.models import decoder_layers
+from mebp_compiler.models import NoDecoderBlocksError, block_mlp, decoder_layers
 from mebp_compiler.sliced_loss import slice_bounds, sliced_linear_cross_entropy
 
 #: Largest tensor allowed as a constant inside the graph; anything bigger is a weight
@@ -133,11 +133,18 @@ def capture(
         grads = torch.autograd.grad(loss, flat[n_frozen : n_frozen + n_lora])
         return (loss, *grads)
 
-    tracer_state = _ModuleAnnotator(model, decoder_layers(model))
+    layers = blocks_of(model)
+    tracer_state = _ModuleAnnotator(model, layers)
     annotate_backward = tracer_state.annotate_backward
-    with (tracer_state.installed(), chunked_mlps(decoder_layers(model), mlp_chunks, tracer_state.part),
+    with (tracer_state.installed(), chunked_mlps(layers, mlp_chunks, tracer_state.part),
           fx_traceback.preserve_node_meta()):
-        gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
+        try:
+            gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
+        except CaptureError:
+            raise
+        except Exception as exc:
+            raise tracer_state.trace_error(exc) from exc
+    tracer_state.check_block_order()
     if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -151,10 +158,27 @@ def capture(
         info=info,
         inputs=specs,
         outputs=outputs,
-        num_blocks=len(decoder_layers(model)),
+        num_blocks=len(layers),
         batch_shape=tuple(input_ids.shape),
         meta={"head_chunks": head_chunks, "vocab_slices": vocab_slices, "mlp_chunks": mlp_chunks},
     )
+
+
+def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList | torch.nn.Sequential:
+    """The model's decoder blocks (`models.decoder_layers`); CaptureError, before any tracing, if it has none."""
+    try:
+        layers = decoder_layers(model)
+    except NoDecoderBlocksError as exc:
+        raise CaptureError(f"{exc}; mebp checkpoints and schedules a step block by block, so it cannot "
+                           "capture a model without one") from None
+    first = {}
+    for i, layer in enumerate(layers):
+        if id(layer) in first:
+            name = next(n for n, m in model.named_modules() if m is layers)
+            raise CaptureError(f"blocks {first[id(layer)]} and {i} of '{name}' are one module run twice: a "
+                               "weight-shared block cannot be checkpointed block by block")
+        first[id(layer)] = i
+    return layers
 
 
 @contextlib.contextmanager
@@ -166,7 +190,11 @@ def chunked_mlps(layers: torch.nn.ModuleList, chunks: int, part: Callable[[int],
     The chunked forward is set on the module instances, so module hooks (the capture's
     annotations) still see every call; it is removed on exit.
     """
-    mlps = [layer.mlp for layer in layers] if chunks > 1 else []
+    mlps = [block_mlp(layer) for layer in layers] if chunks > 1 else []
+    if None in mlps:
+        block = type(layers[mlps.index(None)]).__name__
+        raise CaptureError(f"mlp_chunks needs each block's MLP submodule, but {block} has none named mlp, "
+                           "feed_forward or ffn; drop mlp_chunks")
 
     def chunked(mlp: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         outputs = []
@@ -202,7 +230,13 @@ def chunked_lm_loss(
     the rest): the sum of each chunk's summed cross-entropy divided by the token count.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.model, base.get_output_embeddings()
+    decoder, head = base.base_model, base.get_output_embeddings()
+    if decoder is base or head is None:
+        raise CaptureError(f"head_chunks and vocab_slices compute the LM head of {type(base).__name__} "
+                           "themselves, but it has no separate decoder body and output embedding; drop them")
+    if getattr(head, "bias", None) is not None:
+        raise CaptureError(f"head_chunks and vocab_slices support an LM head without bias, but "
+                           f"{type(base).__name__}'s has one; drop them")
     prefix = next(name for name, module in model.named_modules() if module is decoder) + "."
     decoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     hidden = functional_call(decoder, decoder_state, (), {"input_ids": input_ids, "use_cache": False})
@@ -260,7 +294,9 @@ class _ModuleAnnotator:
         self.model = model
         self.num_blocks = len(layers)
         self.block_of_layer = {id(layer): i for i, layer in enumerate(layers)}
+        self.block_names = {id(m): n for n, m in model.named_modules() if id(m) in self.block_of_layer}
         self.origin_of_seq: dict[int, dict[str, Any]] = {}
+        self.block_calls: list[tuple[int, int | None]] = []  # (block called, block open around it)
         self._open: list[tuple[contextlib.AbstractContextManager, int, dict[str, Any]]] = []
         self._part: int | None = None
         self._handles: list[Any] = []
@@ -273,6 +309,7 @@ class _ModuleAnnotator:
 
             def pre_hook(mod, args, name=name, block=block):
                 if block is not None:
+                    self.block_calls.append((block, block_stack[-1]))
                     block_stack.append(block)
                 tag = {"module": name, "block": block_stack[-1], "part": self._part}
                 ctx = fx_traceback.annotate(tag)
@@ -297,6 +334,27 @@ class _ModuleAnnotator:
             self._handles.clear()
             while self._open:
                 self._open.pop()[0].__exit__(None, None, None)
+
+    def check_block_order(self) -> None:
+        """Raise CaptureError unless the forward ran every block once, in order, none inside another."""
+        called = [block for block, _ in self.block_calls]
+        nested = [(block, outer) for block, outer in self.block_calls if outer is not None]
+        name = {i: self.block_names.get(id_, str(i)) for id_, i in self.block_of_layer.items()}
+        if nested:
+            block, outer = nested[0]
+            raise CaptureError(f"block '{name[block]}' runs inside block '{name[outer]}': mebp needs the "
+                               "decoder blocks to run one after another")
+        if called != list(range(self.num_blocks)):
+            raise CaptureError(f"the forward called the decoder blocks in the order {called}, not each of the "
+                               f"{self.num_blocks} once in order: blocks shared or skipped across the stack "
+                               "(as in weight-shared or hybrid models) cannot be checkpointed block by block")
+
+    def trace_error(self, exc: Exception) -> CaptureError:
+        """A CaptureError for an exception raised while tracing, naming the module it was raised in."""
+        module = self._open[-1][2]["module"] if self._open else ""
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        where = f"module '{module}'" if module else "the model's top level"
+        return CaptureError(f"cannot trace {where}: {type(exc).__name__}: {first_line}")
 
     @contextlib.contextmanager
     def part(self, index: int):

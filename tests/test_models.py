@@ -171,6 +171,18 @@ def test_decoder_layers():
         models.decoder_layers(torch.nn.Linear(2, 2))
 
 
+def test_decoder_layers_found_at_any_path():
+    """GPT-2 keeps its blocks at transformer.h; an MoE's expert list inside a block is not the stack."""
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64))
+    assert models.decoder_layers(gpt2) is gpt2.transformer.h
+    moe = transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        num_local_experts=8, vocab_size=64))
+    assert models.decoder_layers(moe) is moe.model.layers
+
+
 def test_gguf_path_and_install_hint(monkeypatch):
     assert models.smollm2_gguf_path().is_file()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
