@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
+import transformers
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functional_call
 from torch.utils.flop_counter import flop_registry
@@ -136,7 +138,7 @@ def capture(
     layers = blocks_of(model)
     tracer_state = _ModuleAnnotator(model, layers)
     annotate_backward = tracer_state.annotate_backward
-    with (tracer_state.installed(), chunked_mlps(layers, mlp_chunks, tracer_state.part),
+    with (eager_attention(model), tracer_state.installed(), chunked_mlps(layers, mlp_chunks, tracer_state.part),
           fx_traceback.preserve_node_meta()):
         try:
             gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
@@ -162,6 +164,49 @@ def capture(
         batch_shape=tuple(input_ids.shape),
         meta={"head_chunks": head_chunks, "vocab_slices": vocab_slices, "mlp_chunks": mlp_chunks},
     )
+
+
+class AttentionSwitched(UserWarning):
+    """The model's attention implementation was switched to eager for the trace."""
+
+
+def _attention_implementations(model: torch.nn.Module) -> set[str]:
+    """The attention implementations (`config._attn_implementation`) of every transformers model inside `model`."""
+    configs = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), transformers.PretrainedConfig)]
+    return {c._attn_implementation for c in configs if getattr(c, "_attn_implementation", None) is not None}
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module):
+    """While active, `model` computes attention with transformers' eager implementation.
+
+    SDPA (transformers' default) and the fused kernels trace to a fused attention op whose
+    backward the capture cannot take apart (and whose decomposed form gave NaN gradients,
+    shared/TOOLCHAIN-NOTES.md); eager attention is the same math in plain ATen ops. A switch
+    is announced with one `AttentionSwitched` warning; the model's own setting is restored
+    on exit. A model that cannot switch at run time is refused (CaptureError).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    used = _attention_implementations(base) - {"eager"}
+    if not used:
+        yield
+        return
+    previous = base.config._attn_implementation
+    if not hasattr(base, "set_attn_implementation"):
+        raise CaptureError(f"{type(base).__name__} uses attention {sorted(used)}; load it with "
+                           "attn_implementation='eager'")
+    base.set_attn_implementation("eager")
+    if _attention_implementations(base) != {"eager"}:
+        base.set_attn_implementation(previous)
+        raise CaptureError(f"{type(base).__name__} uses attention {', '.join(sorted(used))} and cannot switch to "
+                           "eager at run time; load it with attn_implementation='eager'")
+    warnings.warn(f"{type(base).__name__} was loaded with attn_implementation={previous!r}; mebp traces it with "
+                  "'eager' attention (the same math; a fused attention's backward cannot be scheduled exactly)",
+                  AttentionSwitched, stacklevel=4)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
 
 
 def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList | torch.nn.Sequential:
