@@ -132,8 +132,11 @@ def capture(
         if not backward:
             return (loss,)
         annotate_backward(loss)
-        grads = torch.autograd.grad(loss, flat[n_frozen : n_frozen + n_lora])
-        return (loss, *grads)
+        lora_inputs = flat[n_frozen : n_frozen + n_lora]
+        grads = torch.autograd.grad(loss, lora_inputs, allow_unused=True)
+        # A LoRA layer the loss does not reach (a decoder's cross-attention run without an
+        # encoder) has gradient zero, as autograd's own accumulation would leave it.
+        return (loss, *(torch.zeros_like(p) if g is None else g for p, g in zip(lora_inputs, grads)))
 
     layers = blocks_of(model)
     tracer_state = _ModuleAnnotator(model, layers)
@@ -147,6 +150,7 @@ def capture(
         except Exception as exc:
             raise tracer_state.trace_error(exc) from exc
     tracer_state.check_block_order()
+    replace_intermediate_mutations(gm)
     if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -167,7 +171,7 @@ def capture(
 
 
 class AttentionSwitched(UserWarning):
-    """The model's attention implementation was switched to eager for the trace."""
+    """The model's attention (or experts) implementation was switched to a traceable one for the trace."""
 
 
 def _attention_implementations(model: torch.nn.Module) -> set[str]:
@@ -187,10 +191,36 @@ def eager_attention(model: torch.nn.Module):
     on exit. A model that cannot switch at run time is refused (CaptureError).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    used = _attention_implementations(base) - {"eager"}
-    if not used:
+    with _batched_experts(base):
+        used = _attention_implementations(base) - {"eager"}
+        if not used:
+            yield
+            return
+        with _switched_attention(base, used):
+            yield
+
+
+@contextlib.contextmanager
+def _batched_experts(base: torch.nn.Module):
+    """While active, a mixture of experts that runs them with `grouped_mm` runs them with `batched_mm`
+    (the same products, one batched matmul per token and expert): `grouped_mm` traces only in
+    bfloat16 on the CPU. Announced with one AttentionSwitched warning; restored on exit."""
+    previous = getattr(getattr(base, "config", None), "_experts_implementation", None)
+    if previous != "grouped_mm" or not hasattr(base, "set_experts_implementation"):
         yield
         return
+    base.set_experts_implementation("batched_mm")
+    warnings.warn(f"{type(base).__name__} runs its experts with 'grouped_mm'; mebp traces them with 'batched_mm' "
+                  "(the same products)", AttentionSwitched, stacklevel=5)
+    try:
+        yield
+    finally:
+        base.set_experts_implementation(previous)
+
+
+@contextlib.contextmanager
+def _switched_attention(base: torch.nn.Module, used: set[str]):
+    """While active, `base` computes attention eagerly (see `eager_attention`)."""
     previous = base.config._attn_implementation
     if not hasattr(base, "set_attn_implementation"):
         raise CaptureError(f"{type(base).__name__} uses attention {sorted(used)}; load it with "
@@ -444,6 +474,75 @@ class _ModuleAnnotator:
 
             node.register_prehook(pre)
             node.register_hook(post)
+
+
+def replace_intermediate_mutations(gm: fx.GraphModule) -> int:
+    """Replace each in-place op on a tensor the step computed (`x.masked_fill_(...)`) by its
+    out-of-place form, read by every later use of `x`; the number replaced.
+
+    Exact when nothing else sees the write: the op writes only `x`, `x` shares its storage
+    with no graph input, and no other view of that storage made before the op is read after
+    it. Mutations that fail these checks stay, and `_check_op` refuses them by name. The
+    graph's fake values are propagated again afterwards, so aliasing and sizes describe the
+    new graph.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    input_storages = {_storage_id(t) for p in placeholders for t in _outputs(p.meta.get("val"))
+                      if isinstance(t, torch.Tensor)}
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten.set_.source_Tensor and node.args[0] is node.args[1]:
+            node.replace_all_uses_with(node.args[0])  # x.set_(x) changes nothing (a router's `.type()`)
+            gm.graph.erase_node(node)
+            replaced += 1
+            continue
+        functional = _out_of_place(node)
+        if functional is None:
+            continue
+        target, self_node = node.args[0], node.args[0]
+        val = target.meta.get("val") if isinstance(target, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or _storage_id(val) in input_storages:
+            continue
+        storage = _storage_id(val)
+        if any(other is not self_node and other is not node and order[other] < order[node]
+               and any(isinstance(t, torch.Tensor) and _storage_id(t) == storage for t in _outputs(other.meta.get("val")))
+               and any(order.get(user, len(order)) > order[node] for user in other.users)
+               for other in gm.graph.nodes if other in order):
+            continue
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(functional, node.args, node.kwargs)
+        new.meta = dict(node.meta)
+        for user in list(self_node.users):
+            if user is not node and user is not new and order.get(user, -1) > order[node]:
+                user.replace_input_with(self_node, new)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        order[new] = order.pop(node)
+        replaced += 1
+    if replaced:
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        fake_mode = torch._guards.detect_fake_mode([p.meta["val"] for p in placeholders])
+        gm.recompile()
+        FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*(p.meta["val"] for p in placeholders))
+    return replaced
+
+
+def _out_of_place(node: fx.Node) -> torch._ops.OpOverload | None:
+    """The out-of-place overload of an in-place ATen op that writes only its first argument, else None."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not target._schema.is_mutable:
+        return None
+    written = [a for a in target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    name = target._schema.name.split("::")[-1]
+    if len(written) != 1 or written[0] is not target._schema.arguments[0] or not name.endswith("_"):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    overload = getattr(packet, target._overloadname, None) if packet is not None else None
+    if overload is None or overload._schema.is_mutable:
+        return None
+    return overload
 
 
 def _tensor_infos(gm: fx.GraphModule, specs: list[InputSpec]) -> dict[str, TensorInfo]:
