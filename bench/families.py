@@ -8,10 +8,11 @@ For every architecture in transformers' causal-LM auto mapping
 config class (`small_config`: two layers, hidden 64, vocabulary 256; random weights, eager
 attention, no download), puts LoRA on every linear layer with peft
 (`target_modules="all-linear"`, which includes GPT-2's Conv1D with `fan_in_fan_out`),
-computes loss and LoRA gradients with plain autograd, and then compiles the step under the
-policies none, mebp and optimal (budget halfway between the two others' peaks) and compares
-each with autograd at the project's tolerance (max gradient difference <= 1e-5 x the
-largest gradient, and the loss; tests/conftest.py).
+computes loss and LoRA gradients with plain autograd, then captures the step once and
+schedules it under the policies none, mebp and optimal (budget halfway between the two
+others' peaks), rewrites and runs each schedule as `compile` does, and compares each with
+autograd at the project's tolerance (max gradient difference <= 1e-5 x the largest
+gradient, and the loss; tests/conftest.py).
 
 Each family ends in one of:
 
@@ -25,7 +26,8 @@ Each family ends in one of:
 
 The pass rate is pass / (pass + refused + FAIL). Families run in a worker process (one
 import for many families); a family that hangs past --timeout or kills the worker is
-recorded and the sweep goes on. `docs/families.md` records a run.
+recorded and the sweep goes on. The table and the rows (JSON) are rewritten after every
+family, so an interrupted sweep continues with --resume. `docs/families.md` records a run.
 """
 
 from __future__ import annotations
@@ -198,10 +200,17 @@ def _with_lora(model):
 
 
 def check_family(model_type: str, seed: int = 0) -> dict:
-    """Build, LoRA, autograd, then compile under each policy and compare; a result row (see module doc)."""
-    import mebp_compiler
+    """Build, LoRA, autograd, then capture once, schedule under each policy, run and compare with autograd;
+    a result row (see module doc). The steps are `mebp_compiler.compile`'s own passes, run on one capture."""
     from mebp_compiler import models
+    from mebp_compiler.capture import capture
     from mebp_compiler.cli import _user_errors
+    from mebp_compiler.device import DeviceProfile
+    from mebp_compiler.passes.liveness import liveness
+    from mebp_compiler.passes.policies import mebp_schedule, none_schedule, optimal_schedule
+    from mebp_compiler.passes.rewrite import rewrite
+    from mebp_compiler.plan import graph_inputs
+    from mebp_compiler.runtime import Runtime
 
     row = {"family": model_type, "class": "", "blocks": "", "status": "", "detail": "", "max_diff": {}}
     failure = None
@@ -223,22 +232,31 @@ def check_family(model_type: str, seed: int = 0) -> dict:
         row["blocks"] = f"{path.removeprefix('base_model.model.')} ({len(layers)} x {type(layers[0]).__name__})"
     except Exception:
         pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            captured = capture(model, batch)
+    except _user_errors() as exc:
+        return {**row, "status": "refused", "detail": _line(exc)}
+    except Exception as exc:
+        return {**row, "status": "FAIL", "detail": f"capture crashed: {_line(exc)}"}
     peaks = {}
     for policy in POLICIES:
         try:
-            budget = None
-            if policy == "optimal":
+            if policy == "none":
+                schedule = none_schedule(captured)
+            elif policy == "mebp":
+                schedule = mebp_schedule(captured)
+            else:
                 budget = (peaks["none"] + peaks["mebp"]) // 2
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                plan = mebp_compiler.compile(model, batch, policy, budget=budget, optimizer="sgd")
-            result = plan.step(batch)
+                schedule = optimal_schedule(captured, budget, DeviceProfile.load("iphone15promax"))
+            graph = rewrite(captured, schedule)
+            result = Runtime(graph).run(graph_inputs(model, graph, batch))
         except _user_errors() as exc:
-            return {**row, "status": "refused" if policy == "none" else "FAIL",
-                    "detail": f"{policy}: {_line(exc)}"}
+            return {**row, "status": "FAIL", "detail": f"{policy}: {_line(exc)}"}
         except Exception as exc:
             return {**row, "status": "FAIL", "detail": f"{policy}: crashed: {_line(exc)}"}
-        peaks[policy] = plan.predicted_peak_bytes
+        peaks[policy] = liveness(graph).peak_bytes
         worst = max((result.grads[n] - g).abs().max().item() for n, g in grads.items())
         loss_diff = abs(result.loss.item() - loss.item())
         row["max_diff"][policy] = worst / scale if scale > 0 else worst
@@ -269,9 +287,12 @@ def _worker(families: list[str], timeout: int) -> None:
         print(json.dumps(row), flush=True)
 
 
-def sweep(families: list[str], timeout: int) -> list[dict]:
-    """Run the families in worker processes; restart a worker that dies, recording its family as FAIL."""
-    rows, remaining = [], list(families)
+def sweep(families: list[str], timeout: int, done: list[dict] | None = None,
+          progress=lambda rows: None) -> list[dict]:
+    """Run the families in worker processes; restart a worker that dies, recording its family as FAIL.
+    Families already in `done` are not run again; `progress(rows)` is called after each family."""
+    rows = list(done or [])
+    remaining = [f for f in families if f not in {r["family"] for r in rows}]
     while remaining:
         proc = subprocess.Popen([sys.executable, __file__, "--worker", ",".join(remaining), "--timeout", str(timeout)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -285,6 +306,7 @@ def sweep(families: list[str], timeout: int) -> list[dict]:
             rows.append(message)
             remaining.remove(message["family"])
             current = None
+            progress(rows)
             print(f"{message['family']:28s} {message['status']:12s} {message.get('detail', '')[:110]}",
                   file=sys.stderr, flush=True)
         proc.wait()
@@ -292,12 +314,13 @@ def sweep(families: list[str], timeout: int) -> list[dict]:
             rows.append({"family": current, "status": "FAIL", "max_diff": {},
                          "detail": f"the worker process died (exit {proc.returncode})"})
             remaining.remove(current)
+            progress(rows)
         elif remaining:
             raise RuntimeError(f"worker exited ({proc.returncode}) before {remaining[0]}")
     return rows
 
 
-def write_table(rows: list[dict], path: pathlib.Path, command: str) -> None:
+def write_table(rows: list[dict], path: pathlib.Path, command: str, total: int | None = None) -> None:
     import peft
     import torch
     import transformers
@@ -321,6 +344,8 @@ def write_table(rows: list[dict], path: pathlib.Path, command: str) -> None:
         f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
         f"{platform.machine()}; {time.strftime('%Y-%m-%d')}.",
         "",
+        *([f"**Partial run: {len(rows)} of the {total} families in the mapping have run so far** (the rest: "
+           f"`{command} --resume`).", ""] if total and len(rows) < total else []),
         f"**Pass rate: {passed} of {len(counted)} families that build and train under plain autograd "
         f"({100 * passed / max(1, len(counted)):.0f}%)**; {refused} refused with a reason, {failed} failing "
         f"({wrong} of them wrong answers). {len(rows) - len(counted)} more do not build from a small config "
@@ -346,7 +371,8 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated model types (default: the whole mapping)")
     parser.add_argument("--timeout", type=int, default=180, help="seconds per family")
     parser.add_argument("--out", default="docs/families.md", help="Markdown table to write")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--json", default=None, help="the rows as JSON (default: --out with .json); read back by --resume")
+    parser.add_argument("--resume", action="store_true", help="keep the families already in --json, run the rest")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -355,11 +381,16 @@ def main() -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     families = args.only.split(",") if args.only else list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    rows = sweep(families, args.timeout)
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     command = "python bench/families.py" + (f" --only {args.only}" if args.only else "")
-    write_table(rows, pathlib.Path(args.out), command)
+    results = pathlib.Path(args.json or pathlib.Path(args.out).with_suffix(".json"))
+    done = json.loads(results.read_text()) if args.resume and results.is_file() else []
+
+    def progress(rows: list[dict]) -> None:
+        results.write_text(json.dumps(rows, indent=1))
+        write_table(rows, pathlib.Path(args.out), command, total=len(families))
+
+    rows = sweep(families, args.timeout, done, progress)
+    progress(rows)
     print(pathlib.Path(args.out).read_text())
 
 
