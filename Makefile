@@ -2,8 +2,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
-setup: $(VENV)/.installed
+.PHONY: setup demo test native
+setup: $(VENV)/.installed native
+
+# The native driver (targets/native): C++20 against the MLX C++ library the mlx wheel ships.
+native: $(VENV)/.installed
+	cmake -S targets/native -B build/native -DMLX_ROOT="$$($(PY) -c 'import mlx; print(list(mlx.__path__)[0])')"
+	cmake --build build/native --parallel 2
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

@@ -7,9 +7,12 @@ For one model and sequence length it reports, on a device profile's cost model:
 - (b) `optimal` over a sweep of budgets from mebp's peak down to the least feasible one:
   the lowest peak of computed tensors whose extra time is still at most mebp's, as a
   fraction of mebp's;
-- wall time of scheduling (capture + DAG + solve) for the first `optimal` solve.
+- wall time of scheduling (capture + DAG + solve) for the first `optimal` solve;
+- with `--compare-flat`, (a) again with the flat model (every block decided on its own,
+  the solver's reference): its extra time, solve time and decision patterns per block
+  class next to the default's (equal blocks decided alike unless the budget forces it).
 
-    python bench/schedule.py --model smollm2-135m --seq-len 256
+    python bench/schedule.py --model smollm2-135m --seq-len 256 --compare-flat
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main() -> int:
     parser.add_argument("--mlp-chunks", type=int, default=0,
                         help="every block's MLP on this many sequence chunks (both plans)")
     parser.add_argument("--fuse-update", action="store_true", help="LoRA updates fused into the step (both plans)")
+    parser.add_argument("--compare-flat", action="store_true",
+                        help="also solve (a) with the flat model (block_templates=0) and compare")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -83,8 +88,17 @@ def main() -> int:
     at_mebp_peak = evaluate(graph, optimal_schedule(graph, mebp["peak_bytes"], device, work_limit=args.work_limit,
                                                     problem=problem, offload=offload), device, mebp["peak_bytes"])
     schedule_s = capture_s + time.perf_counter() - start
-    print(f"(a) optimal at mebp's peak: extra {at_mebp_peak['extra_s']:.4f} s vs {mebp['extra_s']:.4f} s",
-          file=sys.stderr)
+    print(f"(a) optimal at mebp's peak: extra {at_mebp_peak['extra_s']:.4f} s vs {mebp['extra_s']:.4f} s, "
+          f"{at_mebp_peak['stats']['block_patterns']} decision pattern(s) per block class, "
+          f"solved in {at_mebp_peak['stats']['solve_s']:.1f} s", file=sys.stderr)
+    flat = None
+    if args.compare_flat:
+        flat = evaluate(graph, optimal_schedule(graph, mebp["peak_bytes"], device, work_limit=args.work_limit,
+                                                problem=problem, offload=offload, block_templates=0),
+                        device, mebp["peak_bytes"])
+        print(f"    flat model: extra {flat['extra_s']:.4f} s ({at_mebp_peak['step_s'] / flat['step_s'] - 1:+.2%} "
+              f"step time with equal blocks alike), {flat['stats']['block_patterns']} pattern(s), "
+              f"solved in {flat['stats']['solve_s']:.1f} s ({flat['stats']['solver_status']})", file=sys.stderr)
 
     least_solution = least_memory(graph, device, work_limit=args.work_limit, problem=problem, offload=offload)
     least, least_proven = least_solution.model_peak_bytes, least_solution.status == "OPTIMAL"
@@ -109,6 +123,7 @@ def main() -> int:
         "nodes": len(graph.nodes()), "schedule_wall_s": schedule_s, "least_feasible_bytes": least,
         "least_proven": least_proven, "least_bound_bytes": least_solution.stats["peak_bound_bytes"],
         "none": none, "mebp": mebp, "optimal_at_mebp_peak": at_mebp_peak, "optimal_at_mebp_time": best,
+        "flat_at_mebp_peak": flat,
         "a_extra_time_ratio": at_mebp_peak["extra_s"] / mebp["extra_s"],
         "b_peak_activation_ratio": best["peak_activation_bytes"] / mebp["peak_activation_bytes"],
         "command": " ".join(sys.argv),
@@ -121,19 +136,21 @@ def main() -> int:
             + (f"-mlp{args.mlp_chunks}" if args.mlp_chunks else "") + ("-fused" if args.fuse_update else ""))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     rows = [("none", none), ("mebp", mebp), ("optimal @ mebp's peak", at_mebp_peak),
-            ("optimal @ mebp's extra time", best)]
+            ("optimal @ mebp's extra time", best)] + ([("flat model @ mebp's peak", flat)] if flat else [])
     table = [f"### Scheduling {args.model}, seq {args.seq_len}, cost model {args.device}"
              + ("" if offload else ", no offload")
              + (f", LM head in {args.head_chunks} chunks" if args.head_chunks else "")
              + (f", head over {args.vocab_slices} vocabulary slices" if args.vocab_slices else "")
              + (f", MLPs in {args.mlp_chunks} sequence chunks" if args.mlp_chunks else "")
              + (", fused LoRA updates" if args.fuse_update else ""), "",
-             "| plan | peak, all | peak, computed tensors | extra time over the plain step | solver gap |",
-             "|---|---:|---:|---:|---:|"]
+             "| plan | peak, all | peak, computed tensors | extra time over the plain step | solver gap "
+             "| patterns per block class | solve |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for label, row in rows:
-        gap = row["stats"].get("gap")
+        gap, patterns, solve_s = (row["stats"].get(key) for key in ("gap", "block_patterns", "solve_s"))
         table.append(f"| {label} | {format_bytes(row['peak_bytes'])} | {format_bytes(row['peak_activation_bytes'])} "
-                     f"| {row['extra_s'] * 1e3:.1f} ms | {'-' if gap is None else f'{gap:.1%}'} |")
+                     f"| {row['extra_s'] * 1e3:.1f} ms | {'-' if gap is None else f'{gap:.1%}'} "
+                     f"| {'-' if patterns is None else patterns} | {'-' if solve_s is None else f'{solve_s:.1f} s'} |")
     proof = "proven least" if least_proven else \
         f"not proven least; at least {format_bytes(least_solution.stats['peak_bound_bytes'])}"
     table += ["", f"Least feasible budget: {format_bytes(least)} ({proof}).",

@@ -104,11 +104,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that say what is wrong with the input or the request: reported as one line."""
     from mebp_compiler.targets import TargetUnavailableError
     from mebp_compiler.targets.fx_stage import UnsupportedStageOpError
+    from mebp_compiler.targets.native_driver import NativeDriverError
 
     # ValueError covers the project's own input errors (CaptureError, BudgetInfeasible, ManifestError,
     # ScheduleNotFound, ...), OSError the files (OffloadError), MemoryError InsufficientMemory,
     # FloatingPointError NonFiniteStep.
-    return (ValueError, OSError, MemoryError, FloatingPointError, TargetUnavailableError, UnsupportedStageOpError)
+    return (ValueError, OSError, MemoryError, FloatingPointError, TargetUnavailableError, UnsupportedStageOpError,
+            NativeDriverError)
 
 
 def _report(command: str, exc: Exception) -> int:
@@ -504,6 +506,9 @@ def _add_run(sub, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the trained LoRA parameters here (safetensors)")
     p.add_argument("--threads", type=_positive, default=1, help="CPU threads (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--native", action="store_true",
+                   help="run the steps in the native driver (mebp-native, C++ on MLX, no Python in its "
+                        "process; MLX directories only): this process tokenizes and writes the token file")
     p.set_defaults(run=_run_artifacts, check=_check_run)
 
 
@@ -511,7 +516,6 @@ def _run_artifacts(args) -> int:
     from safetensors.numpy import save
     from tqdm.auto import tqdm
 
-    from mebp_compiler import data, models
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.rundir import RunFile
     from mebp_compiler.targets import load_target
@@ -519,19 +523,18 @@ def _run_artifacts(args) -> int:
 
     out = RunFile(args.out) if args.out else None  # locked until the end; replaced atomically
     manifest = load_manifest(args.directory)
+    if args.native:
+        return _run_native(args, manifest)
     _say(f"checking {args.directory} ({manifest.target}, {len(manifest.stages)} stages) ...")
     driver = Driver.open(args.directory, load_target(manifest.target), offload_dir=args.offload_dir)
     driver.use_optimizer(args.optimizer, args.lr)
-    batch_size, seq_len = manifest.batch_shape
-    tokenizer = _tokenizer(manifest.model)
-    blocks = data.token_blocks(tokenizer, data.load_text(None if args.data == "pydoc" else args.data), seq_len)
-    batches = data.batches(blocks, batch_size, seed=args.seed)
+    batches = iter(_training_batches(manifest, args))
     losses, peaks = [], []
     bar = tqdm(range(args.steps), desc=f"run {manifest.target}", unit="step", disable=args.no_progress,
                dynamic_ncols=True)
     for _ in bar:
         batch = next(batches)
-        result = driver.train_step({k: v.numpy() for k, v in batch.items()})
+        result = driver.train_step(batch)
         losses.append(result.loss)
         peaks.append(result.staged_peak_bytes)
         bar.set_postfix(loss=f"{result.loss:.3f}", held=format_bytes(result.held_peak_bytes))
@@ -539,7 +542,44 @@ def _run_artifacts(args) -> int:
          f"with the stages' own tensors {format_bytes(max(peaks))} (manifest predicts "
          f"{format_bytes(manifest.predicted_peak_bytes)})")
     if args.out:
-        out.write_bytes(save({k: a.copy() for k, a in driver.lora_arrays().items()}))
+        out.write_bytes(save({manifest.adapter_keys.get(k, k): a.copy() for k, a in driver.lora_arrays().items()}))
+        _say(f"wrote {args.out}")
+    return 0
+
+
+def _training_batches(manifest, args):
+    """`args.steps` batches of real text in the manifest's batch shape, as `mebp run` trains on."""
+    from mebp_compiler import data
+
+    batch_size, seq_len = manifest.batch_shape
+    tokenizer = _tokenizer(manifest.model)
+    blocks = data.token_blocks(tokenizer, data.load_text(None if args.data == "pydoc" else args.data), seq_len)
+    batches = data.batches(blocks, batch_size, seed=args.seed)
+    return [{k: v.numpy() for k, v in next(batches).items()} for _ in range(args.steps)]
+
+
+def _run_native(args, manifest) -> int:
+    import tempfile
+
+    from mebp_compiler.ir import format_bytes
+    from mebp_compiler.targets import native_driver
+
+    if manifest.target != "mlx":
+        raise ValueError(f"--native runs MLX artifact directories; {args.directory} holds {manifest.target} "
+                         "artifacts: compile with --target mlx, or run without --native")
+    driver = native_driver.ensure_built()
+    with tempfile.TemporaryDirectory(prefix="mebp-native-") as scratch:
+        tokens = native_driver.write_tokens(Path(scratch) / "tokens.bin", _training_batches(manifest, args))
+        _say(f"running {args.steps} steps in {driver} ...")
+        result = native_driver.run(args.directory, tokens, args.out or Path(scratch) / "lora.safetensors",
+                                   optimizer=args.optimizer, lr=args.lr, offload_dir=args.offload_dir,
+                                   threads=args.threads, driver=driver)
+    _say(f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; driver held peak "
+         f"{format_bytes(result.held_peak_bytes)}, with the stages' own tensors {format_bytes(result.staged_peak_bytes)} "
+         f"(manifest predicts {format_bytes(manifest.predicted_peak_bytes)}); process peak RSS "
+         f"{format_bytes(result.vm_hwm_bytes)} (anonymous {format_bytes(result.rss_anon_peak_bytes)}, file-backed "
+         f"{format_bytes(result.rss_file_peak_bytes)})")
+    if args.out:
         _say(f"wrote {args.out}")
     return 0
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,7 +120,9 @@ class Manifest:
     `plan_peak_bytes` is the rewritten graph's liveness peak (op-by-op), for comparison.
     `optimizer` says how the LoRA update is applied (by the driver). `files` maps each file
     of the directory the stages read (artifacts, the weights file) to its SHA-256, checked
-    before any compute.
+    before any compute. `vocab_size` (0 when unknown) bounds the token ids a driver accepts;
+    `adapter_keys` maps each LoRA parameter's source name to its key in a peft adapter file
+    (`peft_key`). Both were added within version 2: a manifest without them still reads.
     """
 
     format_version: int
@@ -136,6 +139,8 @@ class Manifest:
     optimizer: dict = field(default_factory=lambda: {"applied_by": "driver"})
     weights_file: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    vocab_size: int = 0
+    adapter_keys: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -289,10 +294,29 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
         stages=[s.spec for s in stages], loss=result_names[0],
         grads=dict(zip(graph.outputs[1:], result_names[1:], strict=True)),
         predicted_peak_bytes=step_peak, plan_peak_bytes=liveness(graph).peak_bytes,
+        vocab_size=_vocab_size(nodes),
+        adapter_keys={v.source: peft_key(v.source) for v in values.values() if v.kind == "lora" and v.source},
     )
     manifest.check()
     options = {k: graph.meta[k] for k in ("head_chunks", "vocab_slices") if k in graph.meta}
     return Partition(stages, manifest, options)
+
+
+def peft_key(name: str) -> str:
+    """The key peft's adapter file gives LoRA parameter `name`: without the adapter's name after
+    `lora_A`/`lora_B` (`peft.get_peft_model_state_dict` drops it; `set_peft_model_state_dict`
+    inserts it again), e.g. `...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`."""
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
+
+
+def _vocab_size(nodes: list[fx.Node]) -> int:
+    """Rows of the table the token embedding gathers from (0 when the step has no embedding)."""
+    from mebp_compiler.passes import quantize
+
+    for node in nodes:
+        if node.target in (torch.ops.aten.embedding.default, quantize.embedding_int4):
+            return int(node.args[0].meta["val"].shape[0])
+    return 0
 
 
 def _refuse_unsupported_options(graph: TrainingGraph, nodes: list[fx.Node]) -> None:

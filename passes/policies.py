@@ -24,11 +24,13 @@ from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.passes.schedule.from_graph import training_dag
 from mebp_compiler.passes.schedule.problem import SchedulingProblem, build_problem
 from mebp_compiler.passes.schedule.solver import (
+    DEFAULT_BLOCK_TEMPLATES,
     DEFAULT_WORK_LIMIT,
     BudgetInfeasible,
     ProgressCallback,
     ScheduleNotFound,
     Solution,
+    block_patterns,
     least_budget,
     solve,
 )
@@ -204,6 +206,7 @@ def optimal_schedule(
     problem: SchedulingProblem | None = None,
     reserved_bytes: int = 0,
     progress: ProgressCallback | None = None,
+    block_templates: int = DEFAULT_BLOCK_TEMPLATES,
 ) -> Schedule:
     """Least predicted step time whose peak (all roles, as `liveness` counts it) plus
     `reserved_bytes` (held outside the graph, e.g. optimizer state) fits `budget_bytes`.
@@ -215,12 +218,15 @@ def optimal_schedule(
     naming the least budget the scheduler can meet and the tensors live at that schedule's
     peak, and `ScheduleNotFound` when the budget is below every known schedule and the
     search neither found one nor proved there is none. `problem` may be passed to skip
-    rebuilding it; `progress` is called as the search goes.
+    rebuilding it; `progress` is called as the search goes. Equal blocks take equal
+    decisions unless the budget forces up to `block_templates` patterns, or the flat
+    model (`solve`); `stats["block_patterns"]` says how many the schedule has.
     """
     problem = problem or scheduling_problem(graph, device)
     try:
         solution = solve(problem, budget_bytes - reserved_bytes, device, work_limit=work_limit,
-                         starts=known_starts(graph, problem, offload), offload=offload, progress=progress)
+                         starts=known_starts(graph, problem, offload), offload=offload, progress=progress,
+                         block_templates=block_templates)
     except BudgetInfeasible as exc:
         least = exc.least
         profile = liveness(rewrite(graph, Schedule("least", least.decisions,
@@ -241,6 +247,7 @@ def optimal_schedule(
                "bound_s": solution.bound_s, "gap": solution.gap, "solver_status": solution.status,
                "solver_start": solution.start, "work": solution.work, "work_limit": work_limit,
                "solve_s": solution.solve_s, "model_peak_bytes": solution.model_peak_bytes,
+               "block_patterns": block_patterns(problem, solution.decisions),
                "device": device.name},
     )
     peak = liveness(rewrite(graph, schedule)).peak_bytes + reserved_bytes

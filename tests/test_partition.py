@@ -22,7 +22,7 @@ from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.partition import Manifest, ManifestError, PartitionError, partition
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.passes.liveness import liveness
-from mebp_compiler.passes.policies import mebp_schedule, optimal_schedule
+from mebp_compiler.passes.policies import least_feasible_budget, mebp_schedule, optimal_schedule
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.plan import optimizer_state_bytes
 from mebp_compiler.targets import driver
@@ -132,20 +132,25 @@ def test_chunked_head_stages_match_autograd():
     assert_held_as_predicted(part, plan, result)
 
 
+@functools.lru_cache(maxsize=4)
+def block_capture(name: str, blocks: int = 4):
+    """The capture of a LoRA model of the tiny config `name` with `blocks` blocks at seq 16 (do not mutate)."""
+    config = models.config(name)
+    config.num_hidden_layers = blocks
+    if getattr(config, "layer_types", None):  # tiny-gemma3: sliding, global, sliding, global, ...
+        config.layer_types = config.layer_types[:2] * (blocks // 2)
+    torch.manual_seed(0)
+    model = models.add_lora(AutoModelForCausalLM.from_config(config).train())
+    return capture(model, random_batch(config.vocab_size, seq=16))
+
+
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_identical_blocks_share_one_artifact(name):
     """A 4-block model: one forward artifact for all blocks and one backward artifact for
     blocks 1-3 (block 0's backward needs no input gradient: the embedding is frozen).
     Gemma-3 alternates sliding-window and global layers, but their masks and rotary
     tables are stage inputs, so its blocks share too."""
-    config = models.config(name)
-    config.num_hidden_layers = 4
-    if getattr(config, "layer_types", None):  # tiny-gemma3: sliding, global, sliding, global
-        config.layer_types = config.layer_types[:2] * 2
-    torch.manual_seed(0)
-    model = models.add_lora(AutoModelForCausalLM.from_config(config).train())
-    batch = random_batch(config.vocab_size, seq=16)
-    graph = capture(model, batch)
+    graph = block_capture(name)
     part = partition(rewrite(graph, mebp_schedule(graph, "disk")))
     stages = part.manifest.stages
     forward = {s.artifact for s in stages if s.kind == "block_forward"}
@@ -158,6 +163,22 @@ def test_identical_blocks_share_one_artifact(name):
     assert set(block2.reads_frozen).isdisjoint(block3.reads_frozen)
     assert [part.manifest.values[v].shape for v in block2.inputs] == \
         [part.manifest.values[v].shape for v in block3.inputs]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_optimal_plans_ship_at_most_twice_mebps_artifacts(name):
+    """Equal blocks are decided by at most two patterns (`solve`'s block templates), so from
+    MeBP's peak down to a budget halfway to the least, `optimal` ships at most 2x the
+    artifacts of `mebp` (6). With 8 blocks, per-block decisions could make 19."""
+    graph = block_capture(name, blocks=8)
+    mebp = partition(rewrite(graph, mebp_schedule(graph, "disk")))
+    device = DeviceProfile.load("iphone15promax")
+    mebp_peak = liveness(rewrite(graph, mebp_schedule(graph, "disk"))).peak_bytes
+    least = least_feasible_budget(graph, device, work_limit=5)
+    for budget in (mebp_peak, (least + mebp_peak) // 2):
+        schedule = optimal_schedule(graph, budget, device, work_limit=5)
+        part = partition(rewrite(graph, schedule))
+        assert len(part.manifest.unique_artifacts()) <= 2 * len(mebp.manifest.unique_artifacts())
 
 
 def test_manifest_round_trips_and_refuses_other_versions(tmp_path):

@@ -22,6 +22,7 @@ from mebp_compiler.passes.schedule.solver import (
     BudgetInfeasible,
     ScheduleNotFound,
     complete_decisions,
+    block_patterns,
     least_budget,
     model_peak,
     solve,
@@ -69,11 +70,40 @@ def test_solver_meets_the_exhaustive_optimum_on_small_dags(seed):
     everything = model_peak(problem, {v: Decision.KEEP for v in problem.decidable})
     for fraction in (0.0, 0.25, 0.5, 1.0):
         budget = int(least + fraction * (everything - least))
-        solution = solve(problem, budget, DEVICE)
+        solution = solve(problem, budget, DEVICE, block_templates=0)  # the flat model: the reference
         assert solution.status == "OPTIMAL" and solution.gap < 1e-6
         assert solution.model_peak_bytes <= budget
         extra = solution.objective_s - problem.base_compute_s
         assert extra == pytest.approx(exhaustive_optimum(problem, budget, DEVICE), abs=1e-8)
+
+
+def test_equal_blocks_are_found_by_what_their_tensors_are_and_read():
+    """Block 0 reads the weights where blocks 1-3 read the block before, so it stands alone."""
+    assert build_problem(transformer_like_dag(blocks=4, seed=0)).equal_blocks == [
+        [[f"f{b}_{i}" for i in range(4)] for b in (1, 2, 3)]]
+    assert build_problem(transformer_like_dag(blocks=4, seed=0, identical_blocks=False)).equal_blocks == []
+
+
+@pytest.mark.parametrize("templates", [1, 2])
+@pytest.mark.parametrize("seed", range(3))
+def test_block_templates_against_the_flat_model_on_small_graphs(seed, templates):
+    """Equal blocks decided by `templates` patterns: never better than the flat optimum (a
+    restriction), at most that many patterns, and where none fits, the flat model's
+    schedule rather than a refusal. The least budget is the flat model's either way."""
+    problem = build_problem(transformer_like_dag(blocks=5, ops_per_block=4, seed=seed))
+    flat_least = least_budget(problem, DEVICE, block_templates=0)
+    assert least_budget(problem, DEVICE, block_templates=templates).model_peak_bytes == flat_least.model_peak_bytes
+    everything = model_peak(problem, {v: Decision.KEEP for v in problem.decidable})
+    for fraction in (0.0, 0.1, 0.5, 1.0):
+        budget = int(flat_least.model_peak_bytes + fraction * (everything - flat_least.model_peak_bytes))
+        flat = solve(problem, budget, DEVICE, block_templates=0)
+        patterned = solve(problem, budget, DEVICE, block_templates=templates)
+        assert patterned.model_peak_bytes <= budget
+        assert patterned.objective_s >= flat.objective_s - 1e-12
+        if patterned.templates:
+            assert block_patterns(problem, patterned.decisions) <= templates
+        else:
+            assert patterned.objective_s == pytest.approx(flat.objective_s, abs=1e-12)
 
 
 def test_solver_refuses_an_infeasible_budget_naming_the_least():

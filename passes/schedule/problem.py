@@ -15,6 +15,10 @@ execution order (graph inputs, then forward ops, then backward ops). Node attrib
 - `just_in_time` (bool, default False): if recomputed, the tensor is rebuilt right before
   its first backward use rather than at the start of that segment (a decompressed
   weight); in a restore phase it lives only as long as the recomputations that read it.
+- `block` (forward nodes, optional int): the repeated block (e.g. transformer layer) the
+  node belongs to. Blocks whose decidable tensors match one for one (sizes, costs, what
+  they read) are *equal*; `SchedulingProblem.equal_blocks` lists them, so a solver may
+  give equal blocks equal decisions.
 
 An edge u -> v means v reads u. The realisation the model describes is the one
 `passes.policies.sequence_from_decisions` emits: the forward as traced, the backward as
@@ -27,7 +31,7 @@ segment), so a schedule that fits the model fits for real.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 
@@ -60,10 +64,18 @@ class SchedulingProblem:
     position: dict[str, int]  # timeline position of every computed node
     checkpoints: list[Checkpoint]
     base_compute_s: float
+    # Classes of two or more equal blocks; a block is its decidable tensors in forward
+    # order, so the i-th tensors of a class's blocks correspond.
+    equal_blocks: list[list[list[str]]] = field(default_factory=list)
 
     @property
     def decidable(self) -> list[str]:
         return list(self.size)
+
+    @property
+    def ties(self) -> dict[str, str]:
+        """Tensor of an equal block -> its counterpart in the first block of its class."""
+        return {v: t for blocks in self.equal_blocks for block in blocks[1:] for v, t in zip(block, blocks[0])}
 
 
 def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
@@ -181,10 +193,12 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
                                                                transient | just_in_time, materialized_from,
                                                                fwd_users, fixed)
     needs = {v: [w for w in dag.predecessors(v) if w in group] for v in decidable}
+    offloadable = {v: bool(dag.nodes[v].get("offloadable", True)) and size[v] > 0 for v in decidable}
+    compute_s = {v: float(dag.nodes[v]["compute_s"]) for v in decidable}
     return SchedulingProblem(
         size={v: size[v] for v in decidable},
-        compute_s={v: float(dag.nodes[v]["compute_s"]) for v in decidable},
-        offloadable={v: bool(dag.nodes[v].get("offloadable", True)) and size[v] > 0 for v in decidable},
+        compute_s=compute_s,
+        offloadable=offloadable,
         saved=saved & set(decidable),
         needs=needs,
         group=group,
@@ -192,7 +206,41 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
         position=position,
         checkpoints=checkpoints,
         base_compute_s=sum(float(dag.nodes[n]["compute_s"]) for n in forward + backward),
+        equal_blocks=_equal_blocks(dag, decidable, size, compute_s, offloadable, saved, just_in_time, needs),
     )
+
+
+def _equal_blocks(dag: nx.DiGraph, decidable: list[str], size, compute_s, offloadable, saved, just_in_time,
+                  needs) -> list[list[list[str]]]:
+    """The classes of two or more equal blocks, each block as its decidable tensors in forward order.
+
+    A block's key lists, in forward order, each decidable tensor's size, cost, whether it
+    may be offloaded, is read by the backward or rebuilt just in time, and what it reads:
+    a tensor of its own block by index, of another block by relative block and index.
+    Reads outside every block (embeddings, masks, rotary tables) are not told apart, so
+    sliding-window and global attention layers can be equal. Blocks with equal keys are
+    equal. Tying is a restriction on the decisions, never on what the model checks, so a
+    loose key can cost optimality but not correctness.
+    """
+    members: dict[int, list[str]] = defaultdict(list)
+    for v in decidable:
+        block = dag.nodes[v].get("block")
+        if block is not None:
+            members[block].append(v)
+    where = {v: (b, i) for b, vs in members.items() for i, v in enumerate(vs)}
+
+    def read(w: str, block: int):
+        if w not in where:
+            return "outside"
+        b, i = where[w]
+        return ("own", i) if b == block else ("block", b - block, i)
+
+    classes: dict[tuple, list[list[str]]] = defaultdict(list)
+    for block, vs in members.items():
+        key = tuple((size[v], compute_s[v], offloadable[v], v in saved, v in just_in_time,
+                     tuple(read(w, block) for w in needs[v])) for v in vs)
+        classes[key].append(vs)
+    return [blocks for blocks in classes.values() if len(blocks) > 1]
 
 
 def _restore_phases(decidable, group, last_use, kept_from, transient, materialized_from, fwd_users,

@@ -43,6 +43,7 @@ from mebp_compiler.schedule import Decision
 
 NANOS = 1_000_000_000  # the objective is integer nanoseconds
 DEFAULT_WORK_LIMIT = 10.0  # CP-SAT deterministic time per solve (see the module docstring)
+DEFAULT_BLOCK_TEMPLATES = 2  # decision patterns per class of equal blocks (`solve`)
 KEEP_ALL = "keep-all"  # the start every solve has: keep what the backward reads
 
 
@@ -103,6 +104,9 @@ class Solution:
     work: float = 0.0  # CP-SAT deterministic time the solve used
     start: str | None = None  # the fitting known schedule the search had to beat (None: none fitted)
     stats: dict = field(default_factory=dict)
+    # Decision patterns per class of equal blocks the search allowed (0: every block free).
+    # With patterns, objective and bound are over such schedules only.
+    templates: int = 0
 
     @property
     def gap(self) -> float:
@@ -157,6 +161,7 @@ def solve(
     starts: Mapping[str, Mapping[str, Decision]] | None = None,
     offload: bool = True,
     progress: ProgressCallback | None = None,
+    block_templates: int = DEFAULT_BLOCK_TEMPLATES,
 ) -> Solution:
     """Least-time decisions whose modelled peak fits `budget_bytes`, the best found within `work_limit`.
 
@@ -166,28 +171,80 @@ def solve(
     nothing is paged to flash (keep or recompute only). `progress` is called as the search
     finds schedules and bounds.
 
+    Equal blocks (`SchedulingProblem.equal_blocks`) take equal decisions unless the
+    budget forces a difference: the search first decides each class of equal blocks by
+    one pattern (the blocks share its variables; the memory rows couple them as before),
+    and only when no such schedule is found to fit, by 2, ..., `block_templates` patterns
+    (each block assigned one), then every block on its own (the flat model, the reference;
+    `block_templates=0` goes there at once). So a phone ships one artifact per distinct
+    block unless the budget forces more. On SmolLM2-135M at seq 256 and MeBP's peak
+    (`bench/schedule.py --compare-flat`) one pattern predicted 27.9 ms of extra time
+    against the flat model's 27.1 ms (+0.22% of the step), solved in 11 s against 38 s.
+
     Raises BudgetInfeasible only when no schedule fits is proven, and ScheduleNotFound when
     no known schedule fits, the search found none within the limit, and none was proven
     impossible.
     """
     _check_work_limit(work_limit)
     clock = time.perf_counter()
-    model, var, costs = _build(problem, device, offload)
+    work = 0.0
+    for templates in range(1, block_templates + 1) if problem.equal_blocks else ():
+        patterned = _search(problem, budget_bytes, device, work_limit, starts, offload, progress, templates)
+        if patterned.solution is not None:
+            patterned.solution.work += work
+            patterned.solution.solve_s = time.perf_counter() - clock
+            return patterned.solution
+        work += patterned.work
+    flat = _search(problem, budget_bytes, device, work_limit, starts, offload, progress, templates=0)
+    if flat.solution is not None:
+        flat.solution.work += work
+        flat.solution.solve_s = time.perf_counter() - clock
+        return flat.solution
+    work += flat.work
+    least = least_budget(problem, device, work_limit=work_limit, starts=starts, offload=offload,
+                         progress=progress, block_templates=block_templates)
+    if least.model_peak_bytes <= budget_bytes:  # the least-memory search found one that fits
+        return Solution(least.decisions, least.objective_s, (flat.bound_ns + flat.base_ns) / NANOS,
+                        least.model_peak_bytes, "FEASIBLE (least-memory search)", time.perf_counter() - clock,
+                        work + least.work, None, flat.stats, least.templates)
+    if flat.infeasible or least.stats["peak_bound_bytes"] > budget_bytes:
+        raise BudgetInfeasible(budget_bytes, least.model_peak_bytes, _dominant(problem, least.decisions), least,
+                               least_proven=least.status == "OPTIMAL")
+    raise ScheduleNotFound(budget_bytes, work_limit, least.model_peak_bytes, least)
+
+
+@dataclass
+class _Search:
+    """One least-time search: its solution (None: nothing found and no start fits) and what it proved."""
+
+    solution: Solution | None
+    infeasible: bool
+    bound_ns: float
+    base_ns: int
+    work: float
+    stats: dict
+
+
+def _search(problem: SchedulingProblem, budget_bytes: int, device: DeviceProfile, work_limit: float,
+            starts: Mapping[str, Mapping[str, Decision]] | None, offload: bool,
+            progress: ProgressCallback | None, templates: int) -> _Search:
+    model, var, costs = _build(problem, device, offload, templates)
     for expr in _add_memory(model, problem, var):
         model.Add(expr <= int(budget_bytes))
     model.Minimize(costs.total)
-    fitting = [(costs.of(d), name, d) for name, d in known_schedules(problem, starts, offload).items()
-               if model_peak(problem, d) <= budget_bytes]
+    known = known_schedules(problem, starts, offload)
+    fitting = [(costs.of(d), name, d) for name, d in known.items()
+               if model_peak(problem, d) <= budget_bytes and (not templates or block_patterns(problem, d) <= templates)]
     # The start is the incumbent to beat, not a hint: hinted, CP-SAT stayed at MeBP's decisions
     # (SmolLM2, seq 256, at MeBP's peak: still MeBP's time after 2 units of work, against the
     # optimum within 0.01% unhinted).
     start = min(fitting, key=lambda t: t[0]) if fitting else None  # ties: the first named
     solver = _solver(work_limit)
-    reporter = _Reporter(progress, "least time", costs.base_ns, work_limit,
-                         None if start is None else start[0])
+    reporter = _Reporter(progress, "least time" + _templates_label(templates), costs.base_ns,
+                         work_limit, None if start is None else start[0])
     status = reporter.solve(solver, model)
     bound_ns = _finite(solver.BestObjectiveBound(), 0)  # the objective is never negative
-    stats = {"variables": len(var), "checkpoints": len(problem.checkpoints)}
+    stats = {"variables": _count_variables(var), "checkpoints": len(problem.checkpoints)}
     found = status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
     if found and (start is None or solver.ObjectiveValue() <= start[0]):
         decisions, objective_ns, status_name = _read(solver, var), solver.ObjectiveValue(), solver.StatusName(status)
@@ -195,36 +252,26 @@ def solve(
         decisions, objective_ns = start[2], start[0]
         status_name = "OPTIMAL" if objective_ns <= bound_ns else f"FEASIBLE (start {start[1]})"
     else:
-        work = solver.deterministic_time
-        least = least_budget(problem, device, work_limit=work_limit, starts=starts, offload=offload,
-                             progress=progress)
-        if least.model_peak_bytes <= budget_bytes:  # the least-memory search found one that fits
-            decisions, objective_ns = least.decisions, costs.of(least.decisions)
-            status_name = "FEASIBLE (least-memory search)"
-            return Solution(decisions, (objective_ns + costs.base_ns) / NANOS, (bound_ns + costs.base_ns) / NANOS,
-                            least.model_peak_bytes, status_name, time.perf_counter() - clock,
-                            work + least.work, None, stats)
-        if status == cp_model.INFEASIBLE or least.stats["peak_bound_bytes"] > budget_bytes:
-            raise BudgetInfeasible(budget_bytes, least.model_peak_bytes, _dominant(problem, least.decisions), least,
-                                   least_proven=least.status == "OPTIMAL")
-        raise ScheduleNotFound(budget_bytes, work_limit, least.model_peak_bytes, least)
-    return Solution(
+        return _Search(None, status == cp_model.INFEASIBLE, bound_ns, costs.base_ns, solver.deterministic_time, stats)
+    solution = Solution(
         decisions=decisions,
         objective_s=(objective_ns + costs.base_ns) / NANOS,
         bound_s=(min(bound_ns, objective_ns) + costs.base_ns) / NANOS,
         model_peak_bytes=model_peak(problem, decisions),
         status=status_name,
-        solve_s=time.perf_counter() - clock,
+        solve_s=0.0,
         work=solver.deterministic_time,
         start=None if start is None else start[1],
         stats=stats,
+        templates=templates,
     )
+    return _Search(solution, False, bound_ns, costs.base_ns, solver.deterministic_time, stats)
 
 
 def least_budget(
     problem: SchedulingProblem, device: DeviceProfile, *, work_limit: float = DEFAULT_WORK_LIMIT,
     starts: Mapping[str, Mapping[str, Decision]] | None = None, offload: bool = True,
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | None = None, block_templates: int = DEFAULT_BLOCK_TEMPLATES,
 ) -> Solution:
     """The decisions with the least modelled peak found within `work_limit` (time is ignored).
 
@@ -234,10 +281,33 @@ def least_budget(
     the limit came first, so the peak is only an upper bound of the least;
     `stats["peak_bound_bytes"]` is the proven lower bound. `objective_s` is the decisions'
     predicted step time, `bound_s` the plain step's.
+
+    With `block_templates`, the least schedule giving equal blocks equal decisions (one
+    pattern, as `solve`) is found first; the flat model then starts from it and replaces
+    it only by a lower peak, so the bound and status are always the flat model's. The work
+    limit applies to each search.
     """
     _check_work_limit(work_limit)
+    if not (block_templates and problem.equal_blocks):
+        return _least(problem, device, work_limit, starts, offload, progress, templates=0)
     clock = time.perf_counter()
-    model, var, costs = _build(problem, device, offload)
+    tied = _least(problem, device, work_limit, starts, offload, progress, templates=1)
+    floor = max((c.fixed_bytes for c in problem.checkpoints), default=0)
+    if tied.model_peak_bytes <= floor:  # no schedule holds less than what is always held
+        tied.stats["peak_bound_bytes"], tied.status = floor, "OPTIMAL"
+        return tied
+    flat = _least(problem, device, work_limit, {"block templates": tied.decisions, **(starts or {})}, offload,
+                  progress, templates=0)
+    flat.work += tied.work
+    flat.solve_s = time.perf_counter() - clock
+    return flat
+
+
+def _least(problem: SchedulingProblem, device: DeviceProfile, work_limit: float,
+           starts: Mapping[str, Mapping[str, Decision]] | None, offload: bool,
+           progress: ProgressCallback | None, templates: int) -> Solution:
+    clock = time.perf_counter()
+    model, var, costs = _build(problem, device, offload, templates)
     upper = sum(problem.size.values()) + max((c.fixed_bytes for c in problem.checkpoints), default=0)
     peak_var = model.NewIntVar(0, int(upper), "peak")
     for expr in _add_memory(model, problem, var):
@@ -250,11 +320,12 @@ def least_budget(
     model.AddHint(costs.unhidden, costs.unhidden_of(hint))
     model.AddHint(peak_var, model_peak(problem, hint))  # a complete hint: found at once on big graphs
     solver = _solver(work_limit)
-    status = _Reporter(progress, "least memory", 0, work_limit, model_peak(problem, hint)).solve(solver, model)
+    search = "least memory" + _templates_label(templates)
+    status = _Reporter(progress, search, 0, work_limit, model_peak(problem, hint)).solve(solver, model)
     decisions = hint
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         found = _read(solver, var)
-        if model_peak(problem, found) <= model_peak(problem, hint):
+        if model_peak(problem, found) < model_peak(problem, hint):  # an equal peak keeps the start
             decisions = found
     peak = model_peak(problem, decisions)
     floor = max((c.fixed_bytes for c in problem.checkpoints), default=0)  # held whatever is decided
@@ -265,7 +336,8 @@ def least_budget(
         status_name = "FEASIBLE" if decisions is not hint else f"FEASIBLE (start {name})"
     return Solution(decisions, (costs.of(decisions) + costs.base_ns) / NANOS, costs.base_ns / NANOS, peak,
                     status_name, time.perf_counter() - clock, solver.deterministic_time, name,
-                    {"variables": len(var), "checkpoints": len(problem.checkpoints), "peak_bound_bytes": bound})
+                    {"variables": _count_variables(var), "checkpoints": len(problem.checkpoints),
+                     "peak_bound_bytes": bound}, templates)
 
 
 def known_schedules(problem: SchedulingProblem, starts: Mapping[str, Mapping[str, Decision]] | None,
@@ -318,6 +390,15 @@ def model_peak(problem: SchedulingProblem, decisions: Mapping[str, Decision]) ->
     return best
 
 
+def _templates_label(templates: int) -> str:
+    return f" ({templates} pattern{'' if templates == 1 else 's'} per block)" if templates else ""
+
+
+def _count_variables(var) -> int:
+    """Distinct decision variables (tied tensors share their template's)."""
+    return len({x.Index() for choices in var.values() for x in choices if x is not None})
+
+
 def _finite(value: float, default: float) -> float:
     return value if math.isfinite(value) else default
 
@@ -348,11 +429,24 @@ class _Costs:
         return recompute + self.unhidden_of(decisions)
 
 
-def _build(problem: SchedulingProblem, device: DeviceProfile, offload: bool = True):
+def _build(problem: SchedulingProblem, device: DeviceProfile, offload: bool = True, templates: int = 0):
+    """The CP model: choice variables per tensor, the recomputation rule, the objective.
+
+    `templates` >= 1 restricts each class of equal blocks to that many decision patterns
+    (the templates): with one, the blocks share its variables; with more, each block is
+    assigned one of them. 0 leaves every block free (the flat model).
+    """
     model = cp_model.CpModel()
     var = {}
     recompute_ns, io_ns = {}, {}
+    shared = problem.ties if templates == 1 else {}
     for v in problem.decidable:
+        recompute_ns[v] = int(round((problem.compute_s[v] + device.op_overhead_s) * NANOS))
+        if offload and problem.offloadable[v]:
+            io_ns[v] = int(round(device.offload_s(problem.size[v]) * NANOS))
+        if v in shared:
+            var[v] = var[shared[v]]
+            continue
         k, r = model.NewBoolVar(f"k_{v}"), model.NewBoolVar(f"r_{v}")
         o = model.NewBoolVar(f"o_{v}") if offload and problem.offloadable[v] else None
         choices = [x for x in (k, r, o) if x is not None]
@@ -361,9 +455,8 @@ def _build(problem: SchedulingProblem, device: DeviceProfile, offload: bool = Tr
         else:
             model.AddAtMostOne(choices)
         var[v] = (k, r, o)
-        recompute_ns[v] = int(round((problem.compute_s[v] + device.op_overhead_s) * NANOS))
-        if o is not None:
-            io_ns[v] = int(round(device.offload_s(problem.size[v]) * NANOS))
+    if templates >= 2:
+        _assign_templates(model, problem, var, templates)
     for v, inputs in problem.needs.items():
         r_v = var[v][1]
         for w in inputs:
@@ -379,6 +472,34 @@ def _build(problem: SchedulingProblem, device: DeviceProfile, offload: bool = Tr
     unhidden = model.NewIntVar(0, sum(io_ns.values()), "unhidden_io")
     model.Add(unhidden >= io_total - hidden_io_ns)
     return model, var, _Costs(recompute + unhidden, unhidden, base_ns, recompute_ns, io_ns, hidden_io_ns)
+
+
+def _assign_templates(model, problem: SchedulingProblem, var, templates: int) -> None:
+    """Each block of a class takes the decisions of one of `templates` patterns.
+
+    Pattern 0 is the class's first block itself (which breaks the patterns' symmetry);
+    the others are free variables that only assigned blocks constrain.
+    """
+    for c, blocks in enumerate(problem.equal_blocks):
+        patterns = [[var[t] for t in blocks[0]]]
+        for j in range(1, templates):
+            patterns.append([tuple(None if x is None else model.NewBoolVar(f"p{c}.{j}_{x.Name()}") for x in choices)
+                             for choices in patterns[0]])
+        for b, block in enumerate(blocks[1:], 1):
+            assigned = [model.NewBoolVar(f"a{c}.{b}.{j}") for j in range(templates)]
+            model.AddExactlyOne(assigned)
+            for pattern, chosen in zip(patterns, assigned):
+                for v, template_choices in zip(block, pattern):
+                    for x, y in zip(var[v], template_choices):
+                        if x is not None:
+                            model.Add(x == y).OnlyEnforceIf(chosen)
+
+
+def block_patterns(problem: SchedulingProblem, decisions: Mapping[str, Decision]) -> int:
+    """The most distinct decision patterns `decisions` give the blocks of one class of equal blocks
+    (1: equal blocks decided alike; 0: the problem has no equal blocks)."""
+    return max((len({tuple(decisions.get(v) for v in block) for block in blocks}) for blocks in problem.equal_blocks),
+               default=0)
 
 
 def _add_memory(model, problem: SchedulingProblem, var) -> list:
@@ -398,7 +519,11 @@ def _add_memory(model, problem: SchedulingProblem, var) -> list:
 
 
 def _add_hint(model, var, hint: Mapping[str, Decision]) -> None:
+    hinted = set()
     for v, (k, r, o) in var.items():
+        if k.Index() in hinted:  # a tied block's: its template's decision is the hint
+            continue
+        hinted.add(k.Index())
         d = hint.get(v)
         for x, want in ((k, Decision.KEEP), (r, Decision.RECOMPUTE), (o, Decision.OFFLOAD)):
             if x is not None:

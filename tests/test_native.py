@@ -1,0 +1,311 @@
+"""The native driver (targets/native, `mebp-native`): built here, run on MLX artifacts with no
+Python in its process, it gives autograd's loss and LoRA gradients, torch's AdamW update, the
+manifest's held bytes, an adapter peft loads, and a one-line error before any compute for
+every bad artifact or token file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from mebp_compiler.checksums import seal_json, sha256_path
+from mebp_compiler.passes.partition import MANIFEST_FILE, partition
+from mebp_compiler.targets import load_target, native_driver
+from mebp_compiler.targets.artifacts import step_weights, write_artifacts
+from mebp_compiler.train import make_optimizer
+from tests.conftest import (
+    TINY_MODELS,
+    assert_matches_autograd,
+    autograd_reference,
+    random_batch,
+    safetensors_data_start,
+)
+from tests.test_partition import compiled_tiny
+
+pytest.importorskip("mlx.core", reason="the native driver builds against the 'mlx' extra")
+MLX = load_target("mlx")
+LR = 1e-2
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The driver, built with CMake if this checkout has not built it yet (`make setup` does)."""
+    return native_driver.ensure_built()
+
+
+def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def numpy_batch(batch):
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+def export(name, policy, directory):
+    model, batch, plan = compiled_tiny(name, policy)
+    part = partition(plan.graph, model="test")
+    write_artifacts(part, MLX, directory, weights=step_weights(model, part), progress=False)
+    return model, batch, part
+
+
+def assert_updated_like_torch(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within 1e-5 of the learning rate plus 4 float32 ulps of the parameter: torch takes AdamW's
+    square root with MKL's vector math, 1 ulp off the rounded root for some elements, so the
+    same update is not bit for bit (targets/native/driver.cpp, Optimizer)."""
+    torch.testing.assert_close(actual, expected, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-5 * LR)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_native_steps_match_autograd_and_adamw(native, name, policy, tmp_path):
+    """Two steps: each step's loss and gradients are autograd's at the parameters it ran on, the
+    adapter is torch's AdamW stepped on those gradients, and the held bytes are the manifest's."""
+    model, batch, part = export(name, policy, tmp_path / "artifacts")
+    batches = [batch, random_batch(model.config.vocab_size, seed=1)]
+    tokens = native_driver.write_tokens(tmp_path / "tokens.bin", [numpy_batch(b) for b in batches])
+    out = tmp_path / "lora.safetensors"
+    result = native_driver.run(tmp_path / "artifacts", tokens, out, optimizer="adamw", lr=LR,
+                               offload_dir=str(tmp_path / "flash"), grads_dir=str(tmp_path), driver=native)
+
+    reference = copy.deepcopy(model)
+    params = lora_parameters(reference)
+    optimizer = make_optimizer(params.values(), "adamw", LR)
+    for step, step_batch in enumerate(batches, start=1):
+        grads = load_file(tmp_path / f"step{step}.safetensors")
+        native_step = SimpleNamespace(loss=torch.tensor(result.losses[step - 1]), grads=grads)
+        assert_matches_autograd(native_step, autograd_reference(reference, step_batch))
+        for n, p in params.items():
+            p.grad = grads[n]
+        optimizer.step()
+
+    trained = copy.deepcopy(model)
+    loaded = set_peft_model_state_dict(trained, load_file(out))
+    assert not loaded.unexpected_keys
+    for n, p in lora_parameters(trained).items():
+        assert not torch.equal(p, lora_parameters(model)[n])
+        assert_updated_like_torch(p.detach(), params[n].detach())
+
+    manifest = part.manifest
+    assert result.held_before_bytes == [s.held_before_bytes for s in manifest.stages]
+    assert result.staged_peak_bytes == manifest.predicted_peak_bytes
+    assert result.flash_bytes_written > 0 and result.flash_bytes_read == result.flash_bytes_written
+    assert 0 < result.rss_anon_peak_bytes <= result.vm_hwm_bytes
+
+
+def test_sgd_step_is_torchs(native, tmp_path):
+    model, batch, _ = export("tiny-qwen2", "mebp", tmp_path / "artifacts")
+    tokens = native_driver.write_tokens(tmp_path / "tokens.bin", [numpy_batch(batch)])
+    out = tmp_path / "lora.safetensors"
+    native_driver.run(tmp_path / "artifacts", tokens, out, optimizer="sgd", lr=LR, grads_dir=str(tmp_path),
+                      driver=native)
+    params = lora_parameters(copy.deepcopy(model))
+    grads = load_file(tmp_path / "step1.safetensors")
+    for n, p in params.items():
+        p.grad = grads[n]
+    make_optimizer(params.values(), "sgd", LR).step()
+    trained = copy.deepcopy(model)
+    set_peft_model_state_dict(trained, load_file(out))
+    for n, p in lora_parameters(trained).items():
+        assert torch.equal(p, params[n])
+
+
+# ---------------------------------------------------------------- bad artifacts and inputs
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("native")
+    model, batch, part = export("tiny-llama", "mebp", directory / "artifacts")
+    native_driver.write_tokens(directory / "tokens.bin", [numpy_batch(batch)])
+    return directory, model.config.vocab_size, part.manifest
+
+
+def run_native(native, directory, tokens, tmp_path):
+    """(exit status, stderr) of the driver; it must have written no adapter and started no step."""
+    out = tmp_path / "lora.safetensors"
+    flash = tmp_path / "flash"
+    done = subprocess.run([str(native), str(directory), "--tokens", str(tokens), "--out", str(out),
+                           "--offload-dir", str(flash)], capture_output=True, text=True)
+    assert not out.exists() and not (tmp_path / ".lora.tmp.safetensors").exists()
+    assert not flash.exists()  # the offload store opens only once every check has passed
+    return done.returncode, done.stderr
+
+
+def broken_copy(artifacts, tmp_path, edit):
+    """A copy of the artifacts changed by `edit(copy, manifest_data)`; the manifest is sealed again
+    (consistent in itself) only if `edit` returns True."""
+    directory, _, _ = artifacts
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(directory / "artifacts", copy_dir)
+    data = json.loads((copy_dir / MANIFEST_FILE).read_text())
+    if edit(copy_dir, data):
+        (copy_dir / MANIFEST_FILE).write_text(json.dumps(seal_json(data)))
+    return copy_dir
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def truncated_stage(resealed: bool):
+    def edit(copy_dir, data):
+        artifact = data["stages"][1]["artifact"]
+        truncate(copy_dir / artifact)
+        data["files"][artifact] = sha256_path(copy_dir / artifact)
+        return resealed
+    return edit
+
+
+def remove_weights(copy_dir, data):
+    (copy_dir / data["weights_file"]).unlink()
+
+
+def corrupt_weights(copy_dir, data):
+    path = copy_dir / data["weights_file"]
+    raw = bytearray(path.read_bytes())
+    raw[safetensors_data_start(path) + 100] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def weights_header_resealed(copy_dir, data):
+    path = copy_dir / data["weights_file"]
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = b"{{{{"
+    path.write_bytes(bytes(raw))
+    data["files"][data["weights_file"]] = sha256_path(path)
+    return True
+
+
+def other_version(copy_dir, data):
+    data["format_version"] = 3
+    return True
+
+
+def edited_unsealed(copy_dir, data):
+    data["predicted_peak_bytes"] += 1
+    (copy_dir / MANIFEST_FILE).write_text(json.dumps(data))
+
+
+def other_stage_file(copy_dir, data):
+    forward, backward = data["stages"][1]["artifact"], data["stages"][-1]["artifact"]
+    shutil.copy(copy_dir / forward, copy_dir / backward)
+    data["files"][backward] = sha256_path(copy_dir / backward)
+    return True
+
+
+@pytest.mark.parametrize("edit, message", [
+    (truncated_stage(resealed=False), r"block_forward-\w+\.mlxfn does not match its SHA-256 in the manifest"),
+    (truncated_stage(resealed=True), r"stage block0\.forward: MLX cannot load .*block_forward-\w+\.mlxfn"),
+    (other_stage_file, r"block0\.backward: block_backward-\w+\.mlxfn has \d+ inputs, the manifest lists \d+"),
+    (remove_weights, r"weights\.safetensors is missing"),
+    (corrupt_weights, r"weights\.safetensors does not match its SHA-256 in the manifest"),
+    (weights_header_resealed, r"weights\.safetensors cannot be read \(header: .*\); compile the artifacts again"),
+    (other_version, r"manifest format version 3 is not 2, the version this driver reads"),
+    (edited_unsealed, r"manifest\.json does not match its SHA-256 checksum"),
+], ids=["truncated-stage", "truncated-stage-resealed", "other-stage-file", "missing-weights", "corrupt-weights",
+        "corrupt-weights-header", "manifest-version", "manifest-edited"])
+def test_bad_artifacts_fail_in_one_line_before_any_compute(native, artifacts, tmp_path, edit, message):
+    directory, _, _ = artifacts
+    status, stderr = run_native(native, broken_copy(artifacts, tmp_path, edit), directory / "tokens.bin", tmp_path)
+    assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("mebp-native: error: ")
+    assert re.search(message, stderr), stderr
+
+
+def token_file(path, ids, labels=None):
+    return native_driver.write_tokens(path, [{"input_ids": ids, "labels": ids if labels is None else labels}])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("shape", r"holds 1 batches of \[2, 23\] tokens; the artifacts were compiled for batches of \[2, 24\]"),
+    ("id", r"token 5 \(input id 256, label 256\) is outside the vocabulary \[0, 256\)"),
+    ("negative label", r"token 7 \(input id 1, label -1\) is outside the vocabulary"),
+    ("truncated", r"is 200 bytes, its header says 800"),
+    ("not tokens", r"is not a token file"),
+])
+def test_bad_token_files_fail_before_any_compute(native, artifacts, tmp_path, case, message):
+    directory, vocab, manifest = artifacts
+    ids = np.ones(manifest.batch_shape, dtype=np.int64)
+    path = tmp_path / "tokens.bin"
+    if case == "shape":
+        token_file(path, ids[:, :-1])
+    elif case == "id":
+        ids.flat[5] = vocab
+        token_file(path, ids)
+    elif case == "negative label":
+        labels = ids.copy()
+        labels.flat[7] = -1
+        token_file(path, ids, labels)
+    elif case == "truncated":
+        token_file(path, ids)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(b"\0" * 64)
+    status, stderr = run_native(native, directory / "artifacts", path, tmp_path)
+    assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert re.search(message, stderr), stderr
+
+
+def test_ignored_labels_are_accepted(native, artifacts, tmp_path):
+    directory, _, manifest = artifacts
+    ids = np.ones(manifest.batch_shape, dtype=np.int64)
+    labels = ids.copy()
+    labels[:, :3] = -100
+    result = native_driver.run(directory / "artifacts", token_file(tmp_path / "t.bin", ids, labels),
+                               tmp_path / "lora.safetensors", driver=native)
+    assert len(result.losses) == 1 and np.isfinite(result.losses[0])
+
+
+def test_command_line_errors_exit_2(native, artifacts, tmp_path):
+    directory, _, _ = artifacts
+    done = subprocess.run([str(native), str(directory / "artifacts"), "--out", str(tmp_path / "a.safetensors")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "usage: mebp-native DIR --tokens FILE" in done.stderr
+    done = subprocess.run([str(native), str(directory / "artifacts"), "--tokens", str(directory / "tokens.bin"),
+                           "--out", str(tmp_path / "a.safetensors"), "--lr", "-1"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--lr -1: give a positive number" in done.stderr
+
+
+# ---------------------------------------------------------------- through the command line
+
+
+def test_cli_runs_an_mlx_directory_natively(native, tmp_path, capsys):
+    """`mebp run --native` trains on the same batches as `mebp run`: the same losses, an adapter of the same keys."""
+    from mebp_compiler.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",
+                 "--target", "mlx", "-o", str(out)]) == 0
+    capsys.readouterr()
+    run = ["run", str(out), "--steps", "2", "--no-progress"]
+    assert main([*run, "--native", "--out", str(tmp_path / "native.safetensors")]) == 0
+    native_log = capsys.readouterr().err
+    assert "process peak RSS" in native_log
+    assert main([*run, "--out", str(tmp_path / "python.safetensors")]) == 0
+    python_log = capsys.readouterr().err
+    loss = [line.split("loss ")[1].split(";")[0] for line in (native_log, python_log) if "loss " in line]
+    assert loss[0] == loss[1]  # "first -> last", each to 3 decimals
+    # The adapters' values are the first test's business: AdamW on gradients that differ in
+    # float32 rounding moves near-zero-gradient entries by up to the learning rate.
+    assert load_file(tmp_path / "native.safetensors").keys() == load_file(tmp_path / "python.safetensors").keys()
+
+
+def test_cli_refuses_native_for_another_target(artifacts, tmp_path, capsys):
+    from mebp_compiler.cli import main
+
+    def edit(copy_dir, data):
+        data["target"] = "onnx"
+        return True
+    out = broken_copy(artifacts, tmp_path, edit)
+    assert main(["run", str(out), "--steps", "1", "--native", "--no-progress"]) == 1
+    assert "--native runs MLX artifact directories" in capsys.readouterr().err
