@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sweep over transformers' causal LMs: does mebp compile each family exactly, or refuse it clearly?
 
-    python bench/families.py [--only gpt2,bloom] [--timeout 180] [--out docs/families.md]
+    python bench/families.py [--only gpt2,bloom] [--timeout 120] [--jobs 2] [--resume] [--out docs/families.md]
 
 For every architecture in transformers' causal-LM auto mapping
 (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`) the sweep builds a small model from the family's own
@@ -86,7 +86,7 @@ def small_config(model_type: str, level: str = "small"):
     config_class = CONFIG_MAPPING[model_type]
     accepted = _accepted(config_class, SMALL)
     keep = {"small": accepted, "core": CORE, "layers": ("num_hidden_layers", "vocab_size", "use_cache")}[level]
-    config = config_class(**{k: v for k, v in accepted.items() if k in keep})
+    config = config_class(**{k: v for k, v in accepted.items() if k in keep}, **FAMILY.get(model_type, {}))
     for key in getattr(config_class, "sub_configs", {}) or {}:
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
@@ -96,6 +96,11 @@ def small_config(model_type: str, level: str = "small"):
     config._attn_implementation = "eager"
     return config
 
+
+#: Settings a family needs beyond SMALL to build at two layers (its per-layer patterns).
+FAMILY = {
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+}
 
 #: The sizes every family has; the fallback when the family rejects the full SMALL set.
 CORE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
@@ -119,7 +124,7 @@ def _no_dropout(config) -> dict:
             if isinstance(v, float) and ("dropout" in k or "pdrop" in k or k == "router_jitter_noise")}
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not an Exception: passes through the code under test
     pass
 
 
@@ -288,36 +293,50 @@ def _worker(families: list[str], timeout: int) -> None:
 
 
 def sweep(families: list[str], timeout: int, done: list[dict] | None = None,
-          progress=lambda rows: None) -> list[dict]:
-    """Run the families in worker processes; restart a worker that dies, recording its family as FAIL.
-    Families already in `done` are not run again; `progress(rows)` is called after each family."""
+          progress=lambda rows: None, jobs: int = 1) -> list[dict]:
+    """Run the families in `jobs` worker processes at a time; restart a worker that dies, recording its
+    family as FAIL. Families already in `done` are not run again; `progress(rows)` is called after each."""
+    import threading
+
     rows = list(done or [])
     remaining = [f for f in families if f not in {r["family"] for r in rows}]
-    while remaining:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", ",".join(remaining), "--timeout", str(timeout)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
-        current = None
-        for line in proc.stdout:
-            message = json.loads(line)
-            if "start" in message:
-                current = message["start"]
-                continue
-            rows.append(message)
-            remaining.remove(message["family"])
+    lock = threading.Lock()
+
+    def record(row: dict) -> None:
+        with lock:
+            rows.append(row)
+            progress(rows)
+        print(f"{row['family']:28s} {row['status']:12s} {row.get('detail', '')[:110]}", file=sys.stderr, flush=True)
+
+    def run(share: list[str]) -> None:
+        while share:
+            proc = subprocess.Popen([sys.executable, __file__, "--worker", ",".join(share), "--timeout", str(timeout)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
             current = None
-            progress(rows)
-            print(f"{message['family']:28s} {message['status']:12s} {message.get('detail', '')[:110]}",
-                  file=sys.stderr, flush=True)
-        proc.wait()
-        if current is not None:
-            rows.append({"family": current, "status": "FAIL", "max_diff": {},
-                         "detail": f"the worker process died (exit {proc.returncode})"})
-            remaining.remove(current)
-            progress(rows)
-        elif remaining:
-            raise RuntimeError(f"worker exited ({proc.returncode}) before {remaining[0]}")
-    return rows
+            for line in proc.stdout:
+                message = json.loads(line)
+                if "start" in message:
+                    current = message["start"]
+                    continue
+                share.remove(message["family"])
+                current = None
+                record(message)
+            proc.wait()
+            if current is None and share:
+                raise RuntimeError(f"worker exited ({proc.returncode}) before {share[0]}")
+            if current is not None:
+                share.remove(current)
+                record({"family": current, "status": "FAIL", "max_diff": {},
+                        "detail": f"the worker process died (exit {proc.returncode})"})
+
+    threads = [threading.Thread(target=run, args=(remaining[k::jobs],)) for k in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    order = {f: i for i, f in enumerate(families)}
+    return sorted(rows, key=lambda r: order.get(r["family"], len(order)))
 
 
 def write_table(rows: list[dict], path: pathlib.Path, command: str, total: int | None = None) -> None:
@@ -372,6 +391,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=180, help="seconds per family")
     parser.add_argument("--out", default="docs/families.md", help="Markdown table to write")
     parser.add_argument("--json", default=None, help="the rows as JSON (default: --out with .json); read back by --resume")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes at a time")
     parser.add_argument("--resume", action="store_true", help="keep the families already in --json, run the rest")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -389,7 +409,7 @@ def main() -> None:
         results.write_text(json.dumps(rows, indent=1))
         write_table(rows, pathlib.Path(args.out), command, total=len(families))
 
-    rows = sweep(families, args.timeout, done, progress)
+    rows = sweep(families, args.timeout, done, progress, args.jobs)
     progress(rows)
     print(pathlib.Path(args.out).read_text())
 
