@@ -500,19 +500,28 @@ def replace_intermediate_mutations(gm: fx.GraphModule) -> int:
         functional = _out_of_place(node)
         if functional is None:
             continue
-        target, self_node = node.args[0], node.args[0]
-        val = target.meta.get("val") if isinstance(target, fx.Node) else None
+        self_node = node.args[0]
+        val = self_node.meta.get("val") if isinstance(self_node, fx.Node) else None
         if not isinstance(val, torch.Tensor) or _storage_id(val) in input_storages:
             continue
-        storage = _storage_id(val)
-        if any(other is not self_node and other is not node and order[other] < order[node]
-               and any(isinstance(t, torch.Tensor) and _storage_id(t) == storage for t in _outputs(other.meta.get("val")))
-               and any(order.get(user, len(order)) > order[node] for user in other.users)
-               for other in gm.graph.nodes if other in order):
+        # A write into a slice of a computed tensor (`key[..., :d].copy_(k)`) becomes a scatter
+        # into that tensor, read by its later uses, when the slice is read by nothing else.
+        scatter = _SCATTER_OF_VIEW.get(self_node.target) if self_node.op == "call_function" else None
+        base = self_node.args[0] if scatter is not None else self_node
+        if scatter is not None and (node.users or set(self_node.users) != {node}):
+            continue
+        if not _write_is_private(gm, node, base, self_node, _storage_id(val), order):
             continue
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(functional, node.args, node.kwargs)
-        new.meta = dict(node.meta)
+        if scatter is not None:
+            value = new
+            with gm.graph.inserting_after(value):
+                new = gm.graph.call_function(scatter, (base, value, *self_node.args[1:]), self_node.kwargs)
+            value.meta = dict(node.meta)
+            order[value] = order[node]
+        new.meta = dict(base.meta if scatter is not None else node.meta)
+        self_node = base
         for user in list(self_node.users):
             if user is not node and user is not new and order.get(user, -1) > order[node]:
                 user.replace_input_with(self_node, new)
@@ -527,6 +536,27 @@ def replace_intermediate_mutations(gm: fx.GraphModule) -> int:
         gm.recompile()
         FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*(p.meta["val"] for p in placeholders))
     return replaced
+
+
+#: The out-of-place scatter that writes a view op's result back into its base.
+_SCATTER_OF_VIEW = {
+    torch.ops.aten.slice.Tensor: torch.ops.aten.slice_scatter.default,
+    torch.ops.aten.select.int: torch.ops.aten.select_scatter.default,
+}
+
+
+def _write_is_private(gm: fx.GraphModule, node: fx.Node, base: fx.Node, view: fx.Node, storage: int,
+                      order: dict[fx.Node, int]) -> bool:
+    """Whether no tensor sharing `storage`, made before `node`, is read after it - except `base` and
+    `view` themselves, whose later reads the caller redirects."""
+    for other in gm.graph.nodes:
+        if other in (base, view, node) or other not in order or order[other] > order[node]:
+            continue
+        if not any(isinstance(t, torch.Tensor) and _storage_id(t) == storage for t in _outputs(other.meta.get("val"))):
+            continue
+        if any(order.get(user, len(order)) > order[node] for user in other.users):
+            return False
+    return True
 
 
 def _out_of_place(node: fx.Node) -> torch._ops.OpOverload | None:
