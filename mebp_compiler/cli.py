@@ -444,7 +444,8 @@ def _run_compile(args) -> int:
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device=device)
     _say(f"capturing and scheduling (policy {_policy(args)}) ...")
     start = time.perf_counter()
-    plan = _compile(model, {"input_ids": ids, "labels": ids}, args)
+    # Two tensors, as a training batch has: one tensor under both keys is one step input.
+    plan = _compile(model, {"input_ids": ids, "labels": ids.clone()}, args)
     cost = step_cost(plan.captured, plan.schedule, DeviceProfile.load(args.device))
     part = None
     if target:
@@ -776,7 +777,7 @@ def _run_plan(args) -> int:
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device="meta")
     policies = [args.policy] if args.policy else ["none", "mebp", *(["optimal"] if args.budget else [])]
     for k, policy in enumerate(policies):
-        plan = _compile(model, {"input_ids": ids, "labels": ids}, args, policy)
+        plan = _compile(model, {"input_ids": ids, "labels": ids.clone()}, args, policy)
         if k == 0:
             print(plan.captured.summary())
         print(f"\npolicy {plan.schedule.policy}: predicted peak {format_bytes(plan.predicted_peak_bytes)}")
