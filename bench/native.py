@@ -37,12 +37,13 @@ RSS_TARGETS = {"qwen2.5-0.5b": 136 * MB, "smollm2-135m": 100 * MB}
 STEP_RATIO_TARGET = 2.0
 DEFAULT_CONFIGS = ("smollm2-135m:fp32:mebp,smollm2-135m:fp32:optimal,smollm2-135m:int4:mebp,"
                    "smollm2-135m:int4:optimal,qwen2.5-0.5b:int4:mebp,qwen2.5-0.5b:int4:optimal")
-#: Plan options the issue asks for that the partition or the MLX target refuse today
-#: (passes/partition.py `_refuse_unsupported_options`, targets/native/driver.cpp `read_manifest`).
+#: Plan options the issue asks for that are not measured here: refused by the partition
+#: (passes/partition.py `_refuse_unsupported_options`), or not yet compiled by this bench.
 NOT_AVAILABLE = {
     "gguf-blocks": "SmolLM2's own GGUF Q4_1/Q8_0 blocks: the partition refuses gguf_file=",
-    "fused-adamw": "fused AdamW updates inside the stages: they export (manifest v3) but mebp-native refuses "
-                   "them (the driver applies AdamW after the last stage instead, holding every gradient)",
+    "fused-adamw": "fused AdamW updates inside the stages: mebp-native runs them since main 8d4523a, but this "
+                   "bench does not compile them yet (the driver applies AdamW after the last stage, holding "
+                   "every gradient)",
 }
 
 DESCRIPTION = f"""\
