@@ -4,8 +4,9 @@ A checkpoint is a directory, replaced whole on every save (`rundir.replaced`):
 
     lora.safetensors   the LoRA parameters, sealed with their own SHA-256 (`checksums`)
     state.pt           optimizer and LR-scheduler state, torch's RNG state (torch.save)
-    state.json         the step, the data position (batches consumed), the run's settings and
-                       the SHA-256 of the two files above, sealed with its own digest
+    state.json         the step, the data position (batches consumed), the run's settings, its
+                       history so far and the SHA-256 of the two files above, sealed with its
+                       own digest
 
 Loading checks every digest first, so a checkpoint with changed or missing bytes is refused
 in one line instead of resuming from a mix. A run resumed from a checkpoint with the same
@@ -55,6 +56,7 @@ class Checkpoint:
     optimizer: dict
     scheduler: dict | None
     rng_state: torch.Tensor
+    history: dict  # `TrainHistory.to_json()` up to `step`
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Raise CheckpointError naming every setting that differs from those the checkpoint was written with."""
@@ -84,7 +86,7 @@ class Checkpoint:
 
 def save(directory: str | os.PathLike, *, step: int, batches_consumed: int, settings: dict[str, Any],
          lora: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-         scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> Path:
+         scheduler: torch.optim.lr_scheduler.LRScheduler | None, history: dict | None = None) -> Path:
     """Write a checkpoint to `directory`, replacing any earlier one whole (an interrupted save keeps it)."""
     directory = Path(directory)
     with rundir.replaced(directory) as staging:
@@ -96,6 +98,7 @@ def save(directory: str | os.PathLike, *, step: int, batches_consumed: int, sett
         atomic_write(staging / STATE_FILE, lambda tmp: torch.save(state, tmp))
         atomic_write_json(staging / INFO_FILE, seal_json({
             "format": CHECKPOINT_FORMAT, "step": step, "batches_consumed": batches_consumed, "settings": settings,
+            "history": history or {},
             "files": {LORA_FILE: sha256_path(staging / LORA_FILE), STATE_FILE: sha256_path(staging / STATE_FILE)},
         }))
     return directory
@@ -136,5 +139,6 @@ def load(directory: str | os.PathLike) -> Checkpoint:
     state = torch.load(directory / STATE_FILE, weights_only=True)
     return Checkpoint(step=digests["step"], batches_consumed=digests["batches_consumed"],
                       settings=digests["settings"], lora=load_file(directory / LORA_FILE),
-                      optimizer=state["optimizer"], scheduler=state["scheduler"], rng_state=state["rng_state"])
+                      optimizer=state["optimizer"], scheduler=state["scheduler"], rng_state=state["rng_state"],
+                      history=digests["history"])
 
