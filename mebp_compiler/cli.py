@@ -382,9 +382,6 @@ def _check_compile(args) -> None:
     """Everything `mebp compile` can check before it loads the model or touches --out."""
     _check_common(args)
     _check_out_dir(args.out)
-    if args.target and args.fuse_update:
-        raise UsageError("--fuse-update makes the LoRA updates ops inside the step, but a staged step returns the "
-                         "gradients and the driver applies the update: drop --fuse-update with --target")
     if args.target and args.gguf_blocks:
         raise UsageError("--gguf-blocks is not supported with --target: the GGUF blocks' fp16 scales are read "
                          "by reinterpreting bytes, which ONNX cannot express; use --int4 instead")
@@ -678,6 +675,7 @@ def _run_compile(args) -> int:
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.passes.cost import step_cost
     from mebp_compiler.device import DeviceProfile
+    from mebp_compiler.passes.fuse_update import OptimizerSettings
     from mebp_compiler.passes.partition import partition
     from mebp_compiler.rundir import COMPILE_ENTRIES, RunDirectory
     from mebp_compiler.targets import load_target
@@ -695,7 +693,9 @@ def _run_compile(args) -> int:
     part = None
     if target:
         _say("partitioning into stages ...")
-        part = partition(plan.graph, model=args.model, target=args.target)
+        # Fused updates run in the stages with what `mebp run` applies by default.
+        optimizer = OptimizerSettings(lr=BACKPROP_LR) if args.fuse_update else None
+        part = partition(plan.graph, model=args.model, target=args.target, optimizer=optimizer)
     print(plan.profile.report())
     _say(f"scheduled in {time.perf_counter() - start:.1f} s: predicted peak {format_bytes(plan.predicted_peak_bytes)}, "
          f"predicted step {cost.total_s:.3f} s on {args.device} ({cost.extra_s:.3f} s of recompute and I/O)")

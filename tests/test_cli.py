@@ -83,7 +83,6 @@ def test_train_refuses_bad_arguments_before_loading_or_touching_out(previous_run
     (["run", "DIR", "--steps", "0"], "--steps: must be 1 or more"),
     (["run", "DIR", "--out", "DIR"], "is a directory"),
     (["compile", "--model", "tiny-llama", "--budget", "0"], "--budget: must be more than 0 bytes"),
-    (["compile", "--model", "tiny-llama", "--target", "onnx", "--fuse-update"], "drop --fuse-update with --target"),
     (["compile", "--model", "tiny-llama", "--out", "DIR/file"], "is a file, not a directory"),
     (["compare", "--model", "tiny-llama", "--threads", "0"], "--threads: must be 1 or more"),
     (["compare", "--model", "tiny-llama", "--methods", "mezo"], "give mezo_steps (--mezo-steps)"),

@@ -187,7 +187,7 @@ def weights_header_resealed(copy_dir, data):
 
 
 def other_version(copy_dir, data):
-    data["format_version"] = 3
+    data["format_version"] = 2
     return True
 
 
@@ -210,7 +210,7 @@ def other_stage_file(copy_dir, data):
     (remove_weights, r"weights\.safetensors is missing"),
     (corrupt_weights, r"weights\.safetensors does not match its SHA-256 in the manifest"),
     (weights_header_resealed, r"weights\.safetensors cannot be read \(header: .*\); compile the artifacts again"),
-    (other_version, r"manifest format version 3 is not 2, the version this driver reads"),
+    (other_version, r"manifest format version 2 is not 3, the version this driver reads"),
     (edited_unsealed, r"manifest\.json does not match its SHA-256 checksum"),
 ], ids=["truncated-stage", "truncated-stage-resealed", "other-stage-file", "missing-weights", "corrupt-weights",
         "corrupt-weights-header", "manifest-version", "manifest-edited"])
@@ -309,3 +309,20 @@ def test_cli_refuses_native_for_another_target(artifacts, tmp_path, capsys):
     out = broken_copy(artifacts, tmp_path, edit)
     assert main(["run", str(out), "--steps", "1", "--native", "--no-progress"]) == 1
     assert "--native runs MLX artifact directories" in capsys.readouterr().err
+
+
+def test_fused_updates_are_refused_in_one_line_before_any_compute(native, artifacts, tmp_path):
+    """mebp-native does not run fused optimizer updates yet (targets/driver.py does): it says so."""
+    import mebp_compiler
+    from tests.conftest import lora_model
+
+    directory, _, _ = artifacts
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", fuse_update=True)
+    part = partition(plan.graph, model="test")
+    write_artifacts(part, MLX, tmp_path / "fused", weights=step_weights(model, part), progress=False)
+    status, stderr = run_native(native, tmp_path / "fused", directory / "tokens.bin", tmp_path)
+    assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "stages apply fused optimizer updates" in stderr and "--fuse-update" in stderr
+    assert not (tmp_path / "lora.safetensors").exists()

@@ -126,7 +126,7 @@ def test_a_missing_artifact(artifacts, tmp_path):
 def test_a_manifest_of_another_version(artifacts, tmp_path):
     def edit(copy, data):
         data["format_version"] = 1
-    with pytest.raises(ManifestError, match="format version 1 is not 2"):
+    with pytest.raises(ManifestError, match="format version 1 is not 3"):
         driver.Driver.open(broken_copy(artifacts, tmp_path, edit), ONNX)
 
 

@@ -210,15 +210,6 @@ def test_mlx_missing_artifact_fails_before_compute(mlx_artifacts, tmp_path):
         driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), CountingTarget(MLX))
 
 
-def test_mlx_refuses_a_vocab_sliced_plan(tmp_path):
-    model = lora_model("tiny-qwen2")
-    batch = random_batch(model.config.vocab_size, seq=16)
-    plan = mebp_compiler.compile(model, batch, "mebp", vocab_slices=2)
-    with pytest.raises(ValueError, match="mlx target does not support plans compiled with vocab_slices=2"):
-        write_mlx(partition(plan.graph), tmp_path, weights=False)
-    assert not list(tmp_path.iterdir())
-
-
 def test_cli_compiles_and_runs_an_mlx_directory(tmp_path, capsys):
     from mebp_compiler.cli import main
 

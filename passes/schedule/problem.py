@@ -30,6 +30,7 @@ segment), so a schedule that fits the model fits for real.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -40,14 +41,28 @@ class ProblemError(ValueError):
     """The DAG does not describe a training step the scheduler understands."""
 
 
+@dataclass(frozen=True)
+class HeldForRecomputation:
+    """A tensor past its last backward use, held at a checkpoint only for a reader's recomputation.
+
+    It is held there iff one of `readers` (forward readers whose segments restore at or
+    after this point) is recomputed: their recomputation needs it, kept or brought back.
+    """
+
+    tensor: str
+    readers: tuple[str, ...]
+
+
 @dataclass
 class Checkpoint:
-    """One memory constraint: fixed + sum(size * keep) + sum(size * (recompute + offload)) <= budget."""
+    """One memory constraint: fixed + sum(size * keep) + sum(size * (recompute + offload))
+    + sum(size * held for a recomputation) <= budget."""
 
     position: int
     fixed_bytes: int
     kept: list[str]  # decidable tensors held at this point if kept
     materialized: list[str]  # decidable tensors held at this point if recomputed or reloaded
+    for_recomputation: list[HeldForRecomputation] = field(default_factory=list)
 
 
 @dataclass
@@ -145,10 +160,32 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
     decidable = [v for v in forward if v in group]
 
     last_forward = {v: max([position[u] for u in fwd_users(v)] + [position[v]]) for v in forward}
-    last_use = {}
+    last_use, backward_last_use, recomputing_readers = {}, {}, {}
     for v in decidable:
-        uses = [position[u] for u in bwd_users(v)] + [group[u] for u in fwd_users(v) if u in group]
-        last_use[v] = max(uses)
+        readers = [u for u in fwd_users(v) if u in group]
+        backward_last_use[v] = max((position[u] for u in bwd_users(v)), default=-1)
+        last_use[v] = max([backward_last_use[v]] + [group[u] for u in readers])
+        recomputing_readers[v] = sorted(readers, key=group.__getitem__)
+    reader_groups = {v: [group[u] for u in readers] for v, readers in recomputing_readers.items()}
+
+    # A tensor the backward reads is held (kept or brought back) until its last backward
+    # use, and after that only while a recomputed reader still needs it. A tensor only
+    # recomputations read is held over its whole span when decided: deciding one for no
+    # recomputation gains nothing, so that bound is tight at the optimum.
+    held_until = {v: backward_last_use[v] if v in saved else last_use[v] for v in decidable}
+    stretched = [v for v in decidable if held_until[v] < last_use[v]]
+    terms: dict[tuple[str, int], HeldForRecomputation] = {}  # one per distinct term, shared
+
+    def for_recomputation(t: int) -> list[HeldForRecomputation]:
+        """The tensors held at `t` only if a reader of theirs is recomputed."""
+        out = []
+        for v in stretched:
+            if held_until[v] < t <= last_use[v]:
+                first = bisect.bisect_left(reader_groups[v], t)
+                if (v, first) not in terms:
+                    terms[v, first] = HeldForRecomputation(v, tuple(recomputing_readers[v][first:]))
+                out.append(terms[v, first])
+        return out
 
     # Fixed bytes: inputs always; forward tensors during their forward lifetime; backward tensors.
     input_bytes = sum(size[n] for n in inputs)
@@ -180,18 +217,19 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
     # within an interval only the largest fixed part matters.
     kept_from = {v: last_forward[v] + 1 for v in decidable}
     events = sorted({kept_from[v] for v in decidable} | {last_use[v] + 1 for v in decidable}
+                    | {held_until[v] + 1 for v in decidable} | {group[v] + 1 for v in decidable}
                     | {materialized_from[v] for v in decidable} | {0, len(forward)} | set(restore_of_run))
     events = [e for e in events if e < end]
     intervals = []
     for i, start in enumerate(events):
         stop = events[i + 1] if i + 1 < len(events) else end
         peak = max(range(start, stop), key=fixed.__getitem__)
-        kept = [v for v in decidable if kept_from[v] <= start <= last_use[v]]
-        materialized = [v for v in decidable if materialized_from[v] <= start <= last_use[v] and v not in transient]
-        intervals.append(Checkpoint(peak, fixed[peak], kept, materialized))
-    checkpoints = _drop_dominated(intervals) + _restore_phases(decidable, group, last_use, kept_from,
+        kept = [v for v in decidable if kept_from[v] <= start <= held_until[v]]
+        materialized = [v for v in decidable if materialized_from[v] <= start <= held_until[v] and v not in transient]
+        intervals.append(Checkpoint(peak, fixed[peak], kept, materialized, for_recomputation(start)))
+    checkpoints = _drop_dominated(intervals) + _restore_phases(decidable, group, held_until, kept_from,
                                                                transient | just_in_time, materialized_from,
-                                                               fwd_users, fixed)
+                                                               fwd_users, fixed, for_recomputation)
     needs = {v: [w for w in dag.predecessors(v) if w in group] for v in decidable}
     offloadable = {v: bool(dag.nodes[v].get("offloadable", True)) and size[v] > 0 for v in decidable}
     compute_s = {v: float(dag.nodes[v]["compute_s"]) for v in decidable}
@@ -243,8 +281,8 @@ def _equal_blocks(dag: nx.DiGraph, decidable: list[str], size, compute_s, offloa
     return [blocks for blocks in classes.values() if len(blocks) > 1]
 
 
-def _restore_phases(decidable, group, last_use, kept_from, transient, materialized_from, fwd_users,
-                    fixed) -> list[Checkpoint]:
+def _restore_phases(decidable, group, held_until, kept_from, transient, materialized_from, fwd_users,
+                    fixed, for_recomputation) -> list[Checkpoint]:
     """Checkpoints inside each segment's restore phase, recomputing in forward order.
 
     At the i-th recomputation of a segment, what is held is: everything kept, what earlier
@@ -260,15 +298,16 @@ def _restore_phases(decidable, group, last_use, kept_from, transient, materializ
         index = {v: i for i, v in enumerate(vs)}
         last_consumer = {v: max([index[u] for u in fwd_users(v) if u in index] + [index[v]]) for v in transient
                          if v in index}
-        kept = [v for v in decidable if kept_from[v] <= restore <= last_use[v]]
-        earlier = [v for v in decidable if materialized_from[v] < restore <= last_use[v]
+        kept = [v for v in decidable if kept_from[v] <= restore <= held_until[v]]
+        earlier = [v for v in decidable if materialized_from[v] < restore <= held_until[v]
                    and (v not in transient or materialized_from[v] != group[v])]
+        held = for_recomputation(restore)
         dies_after = {last_consumer[v] for v in last_consumer}
         for i, v in enumerate(vs):
             if i not in dies_after and i != len(vs) - 1:
                 continue
             here = [u for u in vs[: i + 1] if u not in transient or last_consumer[u] >= i]
-            out.append(Checkpoint(restore, fixed[restore], kept, earlier + here))
+            out.append(Checkpoint(restore, fixed[restore], kept, earlier + here, held))
     return out
 
 
@@ -279,15 +318,18 @@ def _drop_dominated(intervals: list[Checkpoint]) -> list[Checkpoint]:
     lose them (the backward frees); inside such a run a checkpoint is implied by any
     later (gaining) or earlier (losing) one whose fixed part is at least as large.
     """
-    sets = [(set(c.kept), set(c.materialized)) for c in intervals]
+    sets = [(set(c.kept), set(c.materialized), set(c.for_recomputation)) for c in intervals]
+
+    def within(small, large) -> bool:
+        return all(a <= b for a, b in zip(small, large))
+
     keep = [True] * len(intervals)
     i = 0
     while i < len(intervals) - 1:
         j = i
-        grows = sets[j + 1][0] >= sets[j][0] and sets[j + 1][1] >= sets[j][1]
+        grows = within(sets[j], sets[j + 1])
         while j + 1 < len(intervals) and (
-            (sets[j + 1][0] >= sets[j][0] and sets[j + 1][1] >= sets[j][1]) if grows
-            else (sets[j + 1][0] <= sets[j][0] and sets[j + 1][1] <= sets[j][1])
+            within(sets[j], sets[j + 1]) if grows else within(sets[j + 1], sets[j])
         ):
             j += 1
         run = range(i, j + 1)

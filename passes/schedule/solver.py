@@ -39,7 +39,7 @@ from ortools.sat.python import cp_model
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.passes.schedule.limits import DEFAULT_WORK_LIMIT
-from mebp_compiler.passes.schedule.problem import SchedulingProblem
+from mebp_compiler.passes.schedule.problem import Checkpoint, HeldForRecomputation, SchedulingProblem
 from mebp_compiler.schedule import Decision
 
 NANOS = 1_000_000_000  # the objective is integer nanoseconds
@@ -380,14 +380,19 @@ def complete_decisions(problem: SchedulingProblem, decisions: Mapping[str, Decis
 
 def model_peak(problem: SchedulingProblem, decisions: Mapping[str, Decision]) -> int:
     """The model's peak for given decisions (an upper bound of what the realised sequence holds)."""
-    best = 0
-    for c in problem.checkpoints:
-        total = c.fixed_bytes
-        total += sum(problem.size[v] for v in c.kept if decisions.get(v) == Decision.KEEP)
-        total += sum(problem.size[v] for v in c.materialized
-                     if decisions.get(v) in (Decision.RECOMPUTE, Decision.OFFLOAD))
-        best = max(best, total)
-    return best
+    return max((_held_at(problem, c, decisions) for c in problem.checkpoints), default=0)
+
+
+def _held_at(problem: SchedulingProblem, c: Checkpoint, decisions: Mapping[str, Decision]) -> int:
+    return c.fixed_bytes + sum(size for _, size in _decided_at(problem, c, decisions))
+
+
+def _decided_at(problem: SchedulingProblem, c: Checkpoint, decisions: Mapping[str, Decision]) -> list[tuple[str, int]]:
+    """(tensor, bytes) of the decided tensors `decisions` hold at checkpoint `c`."""
+    held = [v for v in c.kept if decisions.get(v) == Decision.KEEP]
+    held += [v for v in c.materialized if decisions.get(v) in (Decision.RECOMPUTE, Decision.OFFLOAD)]
+    held += [h.tensor for h in c.for_recomputation if any(decisions.get(u) == Decision.RECOMPUTE for u in h.readers)]
+    return [(v, problem.size[v]) for v in held]
 
 
 def _templates_label(templates: int) -> str:
@@ -503,6 +508,15 @@ def block_patterns(problem: SchedulingProblem, decisions: Mapping[str, Decision]
 
 
 def _add_memory(model, problem: SchedulingProblem, var) -> list:
+    held_for = {}  # HeldForRecomputation -> its indicator, shared by the checkpoints that count it
+
+    def indicator(h: HeldForRecomputation):
+        if h not in held_for:
+            held = held_for[h] = model.NewBoolVar(f"h_{h.tensor}_{len(held_for)}")
+            for u in h.readers:
+                model.Add(held >= var[u][1])
+        return held_for[h]
+
     exprs = []
     for c in problem.checkpoints:
         terms, coefs = [], []
@@ -514,6 +528,9 @@ def _add_memory(model, problem: SchedulingProblem, var) -> list:
                 if x is not None:
                     terms.append(x)
                     coefs.append(problem.size[v])
+        for h in c.for_recomputation:
+            terms.append(indicator(h))
+            coefs.append(problem.size[h.tensor])
         exprs.append(cp_model.LinearExpr.WeightedSum(terms, coefs) + c.fixed_bytes)
     return exprs
 
@@ -595,12 +612,8 @@ def _read(solver, var) -> dict[str, Decision]:
 
 def _dominant(problem: SchedulingProblem, decisions: dict[str, Decision]) -> list[tuple[str, int]]:
     """The biggest decided tensors held at the binding checkpoint of `decisions`."""
-    worst = max(problem.checkpoints, key=lambda c: c.fixed_bytes + sum(
-        problem.size[v] for v in c.kept if decisions.get(v) == Decision.KEEP) + sum(
-        problem.size[v] for v in c.materialized if decisions.get(v) in (Decision.RECOMPUTE, Decision.OFFLOAD)))
-    held = [(v, problem.size[v]) for v in worst.kept if decisions.get(v) == Decision.KEEP]
-    held += [(v, problem.size[v]) for v in worst.materialized
-             if decisions.get(v) in (Decision.RECOMPUTE, Decision.OFFLOAD)]
+    worst = max(problem.checkpoints, key=lambda c: _held_at(problem, c, decisions))
+    held = _decided_at(problem, worst, decisions)
     held.append((f"always-held (inputs, gradients, live forward tensors) at step {worst.position}",
                  worst.fixed_bytes))
     return sorted(held, key=lambda kv: -kv[1])

@@ -45,7 +45,7 @@ namespace mx = mlx::core;
 
 namespace {
 
-constexpr int kFormatVersion = 2;
+constexpr int kFormatVersion = 3;
 constexpr const char* kManifestFile = "manifest.json";
 constexpr const char* kTokenMagic = "MEBPTOK1";
 
@@ -183,6 +183,9 @@ Manifest read_manifest(const fs::path& dir) {
     if (data.has("adapter_keys"))
       for (const auto& [source, key] : data["adapter_keys"].members) m.adapter_keys[source] = key.str();
     m.optimizer = data["optimizer"];
+    if (data.has("updates") && !data["updates"].members.empty())
+      throw Failure("manifest: its stages apply fused optimizer updates (compiled with --fuse-update), which "
+                    "mebp-native does not run yet; compile without --fuse-update, or run it with `mebp run`");
   } catch (const json::Error& e) {
     throw Failure("corrupt manifest " + path.string() + ": " + e.what() + "; compile the artifacts again");
   }
