@@ -7,6 +7,8 @@ peft before the arguments are checked, so `mebp --help` and argument errors answ
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
 import os
 import sys
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _phase_lines():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             if not args.debug:
                 warnings.showwarning = _show_warning
@@ -118,6 +120,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mebp {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _phase_lines():
+    """Show the library's phase lines (`mebp_compiler.progress`) on stderr as `[mebp] ...` while the command runs."""
+    logger = logging.getLogger("mebp_compiler")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[mebp] %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

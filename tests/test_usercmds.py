@@ -177,3 +177,14 @@ def test_help_answers_within_a_few_interpreter_starts():
     bare, torch_import, help_ = best(sys.executable, "-c", "pass"), best(sys.executable, "-c", "import torch"), \
         best(str(MEBP), "--help")
     assert help_ < 10 * bare and help_ < 0.5 * torch_import, (help_, bare, torch_import)
+
+
+def test_compile_says_what_it_is_doing_and_how_long_each_phase_took(tmp_path, capsys):
+    assert main(["compile", "--model", "tiny-llama", "--seq-len", "16", "--budget", "5MB", "--int4",
+                 "-o", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[mebp] ")]
+    for what in ("capturing the training step", "quantizing frozen weights to INT4", "applying the optimal schedule"):
+        assert any(line.startswith(f"[mebp] {what}") and line.endswith(" ...") for line in lines), what
+        assert any(line.startswith(f"[mebp] {what}") and " done in " in line for line in lines), what
+    assert any("scheduling under a budget of 4.8 MiB" in line for line in lines)
+    assert any(line.startswith("[mebp] scheduling: ") and "bound" in line for line in lines)
