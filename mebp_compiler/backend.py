@@ -36,6 +36,10 @@ a budget alone: `compile(budget=...)` and `mebp train --budget` cap the whole st
 LoRA parameters and optimizer state included (README, "What a budget counts"). The option's
 old name `memory_budget` is deprecated and means the same bytes.
 
+Under `torch.no_grad()` dynamo hands over inference graphs: nothing is kept for a backward,
+so there is nothing to decide, but the budget still holds: a graph whose predicted peak
+(computed tensors and non-parameter inputs) exceeds it raises `BudgetInfeasible`.
+
 Several graphs (graph breaks): the graphs of one compiled model run one after another in
 the forward and in reverse order in the backward, so while graph k runs, every earlier
 graph's kept tensors are held. Graph k is therefore scheduled under the budget minus what
@@ -76,6 +80,7 @@ from mebp_compiler.device import DeviceProfile, parse_size
 from mebp_compiler.heap import release_freed_memory
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, format_bytes
 from mebp_compiler.offload import OffloadStore
+from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.policies import known_starts
 from mebp_compiler.passes.schedule.from_graph import training_dag
 from mebp_compiler.passes.schedule.problem import build_problem
@@ -193,6 +198,7 @@ class MebpBackend:
         self.options = BackendOptions.parse(options)
         self.store = OffloadStore(self.options.offload_dir)
         self.graphs: list[GraphPlan] = []
+        self.inference_peaks: list[int] = []  # predicted peak of each inference graph (torch.no_grad())
         self._keys = itertools.count()  # graphs in compile order
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -204,7 +210,7 @@ class MebpBackend:
         return aot_autograd(
             fw_compiler=state.compile_forward,
             bw_compiler=boxed_nop,
-            inference_compiler=boxed_nop,
+            inference_compiler=state.compile_inference,
             partition_fn=state.partition,
         )(gm, example_inputs)
 
@@ -281,6 +287,25 @@ class _GraphState:
             self.plan.heap_trims = (insert_heap_trims(fw_module, "nn_module_stack"),
                                     insert_heap_trims(bw_module, "fwd_nn_module_stack"))
         return fw_module, bw_module
+
+    def compile_inference(self, gm: fx.GraphModule, example_inputs):
+        """Check an inference graph (run under `torch.no_grad()`) against the budget, then run it as boxed fx code.
+
+        Nothing is kept for a backward, so there is nothing to schedule: every value is
+        dropped after its last use, and the graph's predicted peak (liveness; what the budget
+        covers: computed tensors and non-parameter inputs) must fit the whole budget, or
+        BudgetInfeasible names that peak. No training step runs alongside, so no earlier
+        graph's kept tensors are counted.
+        """
+        options = self.backend.options
+        profile = liveness(joint_training_graph(gm, self.is_parameter))
+        covered = tuple(r for r in Role if r != Role.FROZEN)
+        peak = profile.peak_bytes_of(covered)
+        if peak > options.activation_budget_bytes:
+            dominated = [(f"{s.owner} (inference graph)", s.nbytes) for s in profile.live_at_peak if s.role in covered]
+            raise BudgetInfeasible(options.activation_budget_bytes, peak, dominated)
+        self.backend.inference_peaks.append(peak)
+        return boxed_nop(gm, example_inputs)
 
     def compile_forward(self, fw_module: fx.GraphModule, example_inputs):
         """Insert the offload writes into the forward, then run it as boxed fx code."""

@@ -243,7 +243,14 @@ class Driver:
         return cls(manifest, fns, arrays, OffloadStore(offload_dir))
 
     def step(self, batch: Mapping[str, np.ndarray]) -> DriverResult:
-        """Loss and LoRA gradients of one batch (`input_ids`, `labels` as int64 arrays)."""
+        """Loss and LoRA gradients of one batch (`input_ids`, `labels`, and `attention_mask` when
+        the step was compiled with one, as the manifest's arrays); a key the manifest does not
+        take raises ManifestError rather than being dropped."""
+        takes = sorted({v.source for v in self.manifest.values.values() if v.kind == "batch"})
+        extra = sorted(set(batch) - set(takes))
+        if extra:
+            raise ManifestError(f"batch input '{extra[0]}' is not an input of these artifacts (they take "
+                                f"{', '.join(takes)}); compile them with an example batch that has it, or drop it")
         arrays = {**self.arrays, **{k: np.asarray(v) for k, v in batch.items()}}
         check_step_inputs(self.manifest, arrays, kinds=("batch",))
         return run_stages(self.manifest, self.stage_fns, arrays, self.store)

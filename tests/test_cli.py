@@ -50,6 +50,7 @@ BAD_TRAIN_ARGUMENTS = [
     (["--vocab-slices", "-2"], "--vocab-slices: must be 0 or more"),
     (["--mlp-chunks", "-1"], "--mlp-chunks: must be 0 or more"),
     (["--int4", "--group-size", "0"], "--group-size: must be 1 or more"),
+    (["--int4", "--group-size", "7"], "group size 7 does not divide the 64 input features of model.embed_tokens"),
     (["--budget", "12XB"], "cannot read '12XB' as a size"),
     (["--budget", "0"], "--budget: must be more than 0 bytes"),
     (["--device", "no-such-phone"], "no device profile 'no-such-phone'"),

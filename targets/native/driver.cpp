@@ -205,6 +205,11 @@ Manifest read_manifest(const fs::path& dir) {
   if (!available.count(m.loss)) throw Failure("manifest: the loss is produced by no stage");
   for (const auto& [param, value] : m.grads)
     if (!available.count(value)) throw Failure("manifest: the gradient of " + param + " is produced by no stage");
+  for (const auto& [name, v] : m.values)
+    if (v.kind == "batch" && v.source != "input_ids" && v.source != "labels")
+      throw Failure("manifest: the step takes batch input '" + v.source + "', and this driver's token file carries "
+                    "input_ids and labels only; run these artifacts with the Python driver (mebp run without "
+                    "--native), or compile without it");
   if (m.weights_file.empty())
     throw Failure("the manifest names no weights file (compiled with --no-weights); the native driver reads the "
                   "weights from the directory: compile again with them");
