@@ -344,16 +344,18 @@ def _check_common(args) -> None:
     if args.gguf_blocks and args.model != "smollm2-135m":
         raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and only "
                          f"smollm2-135m is ({args.model} has random weights); drop --gguf-blocks or use --int4")
+    if args.offload_dir is not None and Path(args.offload_dir).exists() and not Path(args.offload_dir).is_dir():
+        raise UsageError(f"--offload-dir {args.offload_dir} is a file, not a directory")
+    # last: these need the model's shapes, from transformers
     if args.int4 and not args.gguf_blocks:
+        from mebp_compiler import models
         from mebp_compiler.passes.quantize import GroupSizeError, check_group_size
 
         try:  # the meta-device model: shapes only, nothing read or allocated
             check_group_size(dict(models.load(args.model, device="meta").named_parameters()), args.group_size)
         except GroupSizeError as exc:
             raise UsageError(f"--group-size: {exc}") from None
-    if args.offload_dir is not None and Path(args.offload_dir).exists() and not Path(args.offload_dir).is_dir():
-        raise UsageError(f"--offload-dir {args.offload_dir} is a file, not a directory")
-    if args.vocab_slices:  # last: the vocabulary size comes from transformers' config
+    if args.vocab_slices:
         from mebp_compiler import models
 
         vocab_size = models.config(args.model).vocab_size
