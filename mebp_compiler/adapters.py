@@ -30,10 +30,10 @@ def load_model(name: str, adapter: str | os.PathLike | None = None, *, seed: int
 
 
 def tokenizer_for(name: str) -> Any:
-    """The model's own tokenizer (smollm2-135m), or UTF-8 bytes for the random-weight models."""
+    """The model's own tokenizer (`models.load_tokenizer`), or UTF-8 bytes (`data.ByteTokenizer`) where it has none."""
     from mebp_compiler.data import ByteTokenizer
 
-    return models.load_tokenizer(name) if name == "smollm2-135m" else ByteTokenizer()
+    return models.load_tokenizer(name) if models.has_tokenizer(name) else ByteTokenizer()
 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 40,
@@ -67,7 +67,7 @@ def merge(name: str, adapter: str | os.PathLike, out: str | os.PathLike) -> Path
     with rundir.replaced(out) as staging:
         try:
             merged.save_pretrained(staging, safe_serialization=True)
-            if name == "smollm2-135m":
+            if models.has_tokenizer(name):
                 models.load_tokenizer(name).save_pretrained(staging)
         except OSError as exc:
             raise write_error(staging, exc) from exc

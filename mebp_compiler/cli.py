@@ -223,12 +223,30 @@ def _head_chunks(text: str) -> int | str:
 
 
 def _model(name: str) -> str:
-    """argparse type: a known model name."""
-    from mebp_compiler.model_names import MODEL_NAMES, UnknownModelError
+    """argparse type: a built-in model name, or a model source (`models.resolve`): a directory or
+    .gguf file (made absolute) or a Hugging Face id in the local cache."""
+    from mebp_compiler.model_names import MODEL_NAMES
 
-    if name not in MODEL_NAMES:
-        raise argparse.ArgumentTypeError(str(UnknownModelError(name)))
-    return name
+    if name in MODEL_NAMES:  # checked without importing transformers
+        return name
+    from mebp_compiler import models
+
+    try:
+        source = models.resolve(name)
+    except (models.UnknownModelError, models.ModelNotFoundError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if source.kind == "gguf":
+        return str(Path(source.location) / source.gguf_file)
+    return source.location
+
+
+def _tokenizer(model: str):
+    """The model's own tokenizer (`models.load_tokenizer`), else UTF-8 bytes (`data.ByteTokenizer`)."""
+    from mebp_compiler import adapters, models
+
+    if not models.is_builtin(model) and not models.has_tokenizer(model):
+        _say(f"{model} has no tokenizer files; the text is fed as UTF-8 bytes (token ids 0-255)")
+    return adapters.tokenizer_for(model)
 
 
 def _fraction(text: str) -> float:
@@ -341,14 +359,18 @@ def _check_common(args) -> None:
         if chunks != "auto" and chunks > args.seq_len:
             raise UsageError(f"{flag} {chunks} is more than the {args.seq_len} tokens of --seq-len: "
                              f"give at most {args.seq_len}")
-    if args.gguf_blocks and args.model != "smollm2-135m":
-        raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and only "
-                         f"smollm2-135m is ({args.model} has random weights); drop --gguf-blocks or use --int4")
     if args.offload_dir is not None and Path(args.offload_dir).exists() and not Path(args.offload_dir).is_dir():
         raise UsageError(f"--offload-dir {args.offload_dir} is a file, not a directory")
-    # last: these need the model's shapes, from transformers
+    if not (args.gguf_blocks or args.int4 or args.vocab_slices):
+        return
+    from mebp_compiler import models  # last: these need the model's shapes, from transformers
+
+    if args.gguf_blocks:
+        if models.gguf_file_of(args.model) is None:
+            raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and "
+                             f"{args.model} is not loaded from one (give smollm2-135m or a .gguf file); drop "
+                             "--gguf-blocks or use --int4")
     if args.int4 and not args.gguf_blocks:
-        from mebp_compiler import models
         from mebp_compiler.passes.quantize import GroupSizeError, check_group_size
 
         try:  # the meta-device model: shapes only, nothing read or allocated
@@ -356,8 +378,6 @@ def _check_common(args) -> None:
         except GroupSizeError as exc:
             raise UsageError(f"--group-size: {exc}") from None
     if args.vocab_slices:
-        from mebp_compiler import models
-
         vocab_size = models.config(args.model).vocab_size
         if args.vocab_slices > vocab_size:
             raise UsageError(f"--vocab-slices {args.vocab_slices} is more than the {vocab_size} tokens of "
@@ -447,8 +467,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     from mebp_compiler.model_names import MODEL_NAMES
     from mebp_compiler.passes.schedule.limits import DEFAULT_WORK_LIMIT
 
-    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME",
-                   help=f"model to fine-tune (default: %(default)s); one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
+                   help=f"model to fine-tune (default: %(default)s): one of {', '.join(MODEL_NAMES)}, a "
+                        "directory saved with save_pretrained, a .gguf file, or a Hugging Face id already in "
+                        "the local cache (nothing is downloaded); the tokenizer comes from the same place")
     p.add_argument("--seq-len", type=_positive, default=DEMO_SEQ_LEN, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step (default: %(default)s)")
     p.add_argument("--policy", default=None, choices=("none", "mebp", "optimal"),
@@ -698,6 +720,7 @@ def _add_compile(sub, debug: argparse.ArgumentParser) -> None:
 def _run_compile(args) -> int:
     import torch
 
+    from mebp_compiler import models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.passes.cost import step_cost
@@ -708,14 +731,15 @@ def _run_compile(args) -> int:
     from mebp_compiler.targets import load_target
 
     target = load_target(args.target) if args.target else None
-    out = Path(args.out or f"runs/compile-{args.model}")
+    out = Path(args.out or f"runs/compile-{models.display_name(args.model)}")
     run = RunDirectory(out, COMPILE_ENTRIES)  # locked until the end; the old files stay until the new ones are whole
     device = "cpu" if target else "meta"  # scheduling alone needs shapes, not weights
     model = _load_lora_model(args, device=device)
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device=device)
     _say(f"capturing and scheduling (policy {_policy(args)}) ...")
     start = time.perf_counter()
-    plan = _compile(model, {"input_ids": ids, "labels": ids}, args)
+    # Two tensors, as a training batch has: one tensor under both keys is one step input.
+    plan = _compile(model, {"input_ids": ids, "labels": ids.clone()}, args)
     cost = step_cost(plan.captured, plan.schedule, DeviceProfile.load(args.device))
     part = None
     if target:
@@ -829,10 +853,10 @@ def _run_artifacts(args) -> int:
 
 def _training_batches(manifest, args):
     """`args.steps` batches of real text in the manifest's batch shape, as `mebp run` trains on."""
-    from mebp_compiler import data, models
+    from mebp_compiler import data
 
     batch_size, seq_len = manifest.batch_shape
-    tokenizer = models.load_tokenizer(manifest.model) if manifest.model == "smollm2-135m" else data.ByteTokenizer()
+    tokenizer = _tokenizer(manifest.model)
     blocks = data.token_blocks(tokenizer, data.load_text(None if args.data == "pydoc" else args.data), seq_len)
     batches = data.batches(blocks, batch_size, seed=args.seed)
     return [{k: v.numpy() for k, v in next(batches).items()} for _ in range(args.steps)]
@@ -901,7 +925,9 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
     )
     from mebp_compiler.model_names import MODEL_NAMES
 
-    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME", help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
+                   help=f"one of {', '.join(MODEL_NAMES)}, a save_pretrained directory, a .gguf file or a cached "
+                        "Hugging Face id")
     p.add_argument("--data", default="pydoc", help="'pydoc' (CPython's bundled documentation text) or a .txt/.jsonl file")
     p.add_argument("--steps", type=_positive, default=d.steps, help="backprop steps (each backprop method)")
     p.add_argument("--mezo-steps", type=_positive, default=None,
@@ -955,15 +981,15 @@ def _run_compare(args) -> int:
     from mebp_compiler.compare import redraw, run_study, write_study
 
     if args.redraw:
-        paths = redraw(args.out or f"runs/compare-{args.model}")
+        paths = redraw(args.out or f"runs/compare-{models.display_name(args.model)}")
         print(paths["table"].read_text())
         _say(f"wrote {paths['png']} and {paths['table']}")
         return 0
     settings = _compare_settings(args)
-    out = Path(args.out or f"runs/compare-{args.model}")
+    out = Path(args.out or f"runs/compare-{models.display_name(args.model)}")
     _say(f"loading {args.model} ...")
     model = _load_lora_model(args)
-    tokenizer = models.load_tokenizer(args.model) if args.model == "smollm2-135m" else data.ByteTokenizer()
+    tokenizer = _tokenizer(args.model)
     blocks = data.token_blocks(tokenizer, data.load_text(None if args.data == "pydoc" else args.data), args.seq_len)
     _say(f"data: {len(blocks)} blocks of {args.seq_len} tokens; methods {', '.join(settings.methods)}; "
          f"MeZO budget: {settings.mezo_budget}")
@@ -983,16 +1009,16 @@ def _load_lora_model(args, device: str = "cpu"):
 
 
 def _run_train(args) -> int:
-    from mebp_compiler import adapters, data
+    from mebp_compiler import data, models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.rundir import TRAIN_ENTRIES, RunDirectory
     from mebp_compiler.train import plot_loss, save_adapter
 
-    out = Path(args.out or f"runs/train-{args.model}")
+    out = Path(args.out or f"runs/train-{models.display_name(args.model)}")
     run = RunDirectory(out, TRAIN_ENTRIES)  # locked until the end; the old run stays until the new one is whole
     resumed = _load_checkpoint(args.resume) if args.resume else None
-    tokenizer = adapters.tokenizer_for(args.model)
+    tokenizer = _tokenizer(args.model)
     ids, labels = data.labelled_blocks(tokenizer, args.data, args.seq_len, mask_prompt=args.mask_prompt)
     fraction = args.heldout_fraction if args.heldout_fraction is not None else (0.1 if args.eval_every else 0.0)
     heldout = None
@@ -1120,7 +1146,7 @@ def _run_plan(args) -> int:
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device="meta")
     policies = [args.policy] if args.policy else ["none", "mebp", *(["optimal"] if args.budget else [])]
     for k, policy in enumerate(policies):
-        plan = _compile(model, {"input_ids": ids, "labels": ids}, args, policy)
+        plan = _compile(model, {"input_ids": ids, "labels": ids.clone()}, args, policy)
         if k == 0:
             print(plan.captured.summary())
         print(f"\npolicy {plan.schedule.policy}: predicted peak {format_bytes(plan.predicted_peak_bytes)}")
@@ -1145,7 +1171,7 @@ def _compile(model, example, args, policy: str | None = None):
                                  head_chunks=args.head_chunks, vocab_slices=args.vocab_slices,
                                  mlp_chunks=args.mlp_chunks,
                                  int4=args.int4 or args.gguf_blocks, group_size=args.group_size,
-                                 gguf_file=models.smollm2_gguf_path() if args.gguf_blocks else None,
+                                 gguf_file=models.gguf_file_of(args.model) if args.gguf_blocks else None,
                                  fuse_update=args.fuse_update, work_limit=args.work_limit,
                                  solver_progress=_solver_status)
 

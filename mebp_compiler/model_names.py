@@ -36,5 +36,7 @@ class UnknownModelError(ValueError):
         self.suggestion: str | None = matches[0] if matches else None
         hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
         super().__init__(
-            f"unknown model {name!r}.{hint} Known models: {', '.join(MODEL_NAMES)}."
+            f"unknown model {name!r}.{hint} Known models: {', '.join(MODEL_NAMES)}; or give a "
+            f"directory saved with save_pretrained, a .gguf file, or a Hugging Face id (org/name) in the "
+            f"local cache."
         )
