@@ -30,6 +30,8 @@ from pathlib import Path
 # Both are on by default and would reach the network; the project runs offline.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The clients run on CPU; this keeps Ray from warning about a GPU setting that does not apply.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -64,6 +66,7 @@ class ModelSettings:
     batch_size: int = 1
     device: str = "iphone15promax"  # the cost model the scheduler minimises time on
     work_limit: float = DEFAULT_WORK_LIMIT
+    int4: bool = False  # frozen weights as memory-mapped INT4 (not held), as on a phone; see `compile`
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,12 @@ class RoundRecord:
     def uplink_bytes(self) -> int:
         return sum(r.sent_bytes for r in self.replies)
 
+    def to_json(self) -> dict:
+        """The round without the tensors: clients' metrics, failures, held-out loss, bytes each way."""
+        return {"round": self.round, "heldout_loss": self.heldout_loss, "uplink_bytes": self.uplink_bytes,
+                "broadcast_bytes": self.broadcast_bytes, "clients": [r.metrics for r in self.replies],
+                "failures": {str(node): reason for node, reason in self.failures.items()}}
+
 
 @dataclass
 class FederationResult:
@@ -168,7 +177,8 @@ class RecordingFedAvg(FedAvg):
 
 
 def _array_bytes(arrays: ArrayRecord) -> int:
-    return sum(len(array.data) for array in arrays.values())
+    """The tensors' own bytes (what `ClientReply.sent_bytes` counts), without Flower's serialization headers."""
+    return sum(array.numpy().nbytes for array in arrays.values())
 
 
 @functools.cache
@@ -190,9 +200,20 @@ def _plan(settings: ModelSettings, budget_bytes: int, optimizer: str) -> Plan | 
     ids = torch.zeros((settings.batch_size, settings.seq_len), dtype=torch.int64)
     try:
         return compile(model, {"input_ids": ids, "labels": ids}, "optimal", budget=budget_bytes,
-                       device=settings.device, optimizer=optimizer, work_limit=settings.work_limit)
+                       device=settings.device, optimizer=optimizer, work_limit=settings.work_limit,
+                       int4=settings.int4)
     except (BudgetInfeasible, ScheduleNotFound) as exc:
         return exc
+
+
+def load_lora(settings: ModelSettings, lora: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """This process's LoRA model with the LoRA parameters set to `lora` (e.g. a federation's final aggregate)."""
+    model = _lora_model(settings)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in lora.items():
+            params[name].copy_(value)
+    return model
 
 
 def initial_lora(settings: ModelSettings) -> dict[str, torch.Tensor]:
@@ -255,12 +276,9 @@ def client_app(settings: ModelSettings, clients: Sequence[ClientSpec], threads: 
 
 def heldout_loss(settings: ModelSettings, lora: dict[str, torch.Tensor], blocks: torch.Tensor) -> float:
     """Mean next-token cross-entropy (nats/token) of the model with these LoRA values on `blocks`."""
-    model = _lora_model(settings)
-    params = dict(model.named_parameters())
+    model = load_lora(settings, lora)
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for name, value in lora.items():
-            params[name].copy_(value)
         for start in range(0, blocks.shape[0], settings.batch_size):
             ids = blocks[start:start + settings.batch_size]
             n = ids.shape[0] * (ids.shape[1] - 1)
@@ -333,6 +351,24 @@ def run_federation(settings: ModelSettings, clients: Sequence[ClientSpec], round
         flwr_logger.setLevel(level)
     final = next((r.aggregate for r in reversed(records) if r.aggregate), {})
     return FederationResult(rounds=records, final=final)
+
+
+def shard_clients(tokenizer: Callable, texts: Sequence[str], budgets: Sequence[int], seq_len: int,
+                  heldout_fraction: float = 0.1, seed: int = 0) -> tuple[list[ClientSpec], torch.Tensor]:
+    """One client per text: its blocks of `seq_len` tokens less a held-out part, and its budget.
+
+    Each shard holds out `heldout_fraction` of its blocks (`data.split_blocks`); the
+    returned held-out blocks are all of those together, for the server's evaluation.
+    """
+    if len(texts) != len(budgets):
+        raise ValueError(f"{len(texts)} text shards but {len(budgets)} budgets: give one budget per client")
+    clients, heldout = [], []
+    for text, budget in zip(texts, budgets):
+        train_blocks, heldout_blocks = data.split_blocks(data.token_blocks(tokenizer, text, seq_len),
+                                                         heldout_fraction, seed)
+        clients.append(ClientSpec(train_blocks, budget))
+        heldout.append(heldout_blocks)
+    return clients, torch.cat(heldout)
 
 
 def topic_shards(num_clients: int) -> list[str]:

@@ -86,3 +86,14 @@ def test_federation_averages_what_clients_sent_within_their_budgets_and_survives
         for name, value in reference.items():
             torch.testing.assert_close(reply.arrays[name], value, rtol=1e-4, atol=1e-6)
     assert result.final.keys() == start.keys()
+
+
+def test_cli_federate_refuses_budgets_that_do_not_match_the_clients(capsys):
+    from mebp_compiler.cli import main
+
+    assert main(["federate", "--model", "tiny-llama", "--clients", "3", "--budgets", "1MB,2MB"]) == 2
+    assert "2 budgets for 3 --clients" in capsys.readouterr().err
+    assert main(["federate", "--model", "tiny-llama", "--clients", "2"]) == 2
+    assert "give --budgets for tiny-llama" in capsys.readouterr().err
+    assert main(["federate", "--model", "tiny-llama", "--budgets", "1MB,lots"]) == 2
+    assert "--budgets" in capsys.readouterr().err
