@@ -33,6 +33,10 @@ earlier graph, the backward's incoming gradients; buffers too). Not covered: par
 (`nn.Parameter`s, held by the module whether or not the model trains), optimizer state,
 and what the Python code around the graphs allocates.
 
+Under `torch.no_grad()` dynamo hands over inference graphs: nothing is kept for a backward,
+so there is nothing to decide, but the budget still holds: a graph whose predicted peak
+(computed tensors and non-parameter inputs) exceeds it raises `BudgetInfeasible`.
+
 Several graphs (graph breaks): the graphs of one compiled model run one after another in
 the forward and in reverse order in the backward, so while graph k runs, every earlier
 graph's kept tensors are held. Graph k is therefore scheduled under the budget minus what
@@ -72,6 +76,7 @@ from mebp_compiler.device import DeviceProfile, parse_size
 from mebp_compiler.heap import release_freed_memory
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, format_bytes
 from mebp_compiler.offload import OffloadStore
+from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.policies import known_starts
 from mebp_compiler.passes.schedule.from_graph import training_dag
 from mebp_compiler.passes.schedule.problem import build_problem
@@ -179,6 +184,7 @@ class MebpBackend:
         self.options = BackendOptions.parse(options)
         self.store = OffloadStore(self.options.offload_dir)
         self.graphs: list[GraphPlan] = []
+        self.inference_peaks: list[int] = []  # predicted peak of each inference graph (torch.no_grad())
         self._keys = itertools.count()  # graphs in compile order
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -190,7 +196,7 @@ class MebpBackend:
         return aot_autograd(
             fw_compiler=state.compile_forward,
             bw_compiler=boxed_nop,
-            inference_compiler=boxed_nop,
+            inference_compiler=state.compile_inference,
             partition_fn=state.partition,
         )(gm, example_inputs)
 
@@ -267,6 +273,25 @@ class _GraphState:
             self.plan.heap_trims = (insert_heap_trims(fw_module, "nn_module_stack"),
                                     insert_heap_trims(bw_module, "fwd_nn_module_stack"))
         return fw_module, bw_module
+
+    def compile_inference(self, gm: fx.GraphModule, example_inputs):
+        """Check an inference graph (run under `torch.no_grad()`) against the budget, then run it as boxed fx code.
+
+        Nothing is kept for a backward, so there is nothing to schedule: every value is
+        dropped after its last use, and the graph's predicted peak (liveness; what the budget
+        covers: computed tensors and non-parameter inputs) must fit the whole budget, or
+        BudgetInfeasible names that peak. No training step runs alongside, so no earlier
+        graph's kept tensors are counted.
+        """
+        options = self.backend.options
+        profile = liveness(joint_training_graph(gm, self.is_parameter))
+        covered = tuple(r for r in Role if r != Role.FROZEN)
+        peak = profile.peak_bytes_of(covered)
+        if peak > options.memory_budget_bytes:
+            dominated = [(f"{s.owner} (inference graph)", s.nbytes) for s in profile.live_at_peak if s.role in covered]
+            raise BudgetInfeasible(options.memory_budget_bytes, peak, dominated)
+        self.backend.inference_peaks.append(peak)
+        return boxed_nop(gm, example_inputs)
 
     def compile_forward(self, fw_module: fx.GraphModule, example_inputs):
         """Insert the offload writes into the forward, then run it as boxed fx code."""

@@ -63,8 +63,12 @@ def capture(
 
     `model` is a causal LM whose trainable parameters are the LoRA parameters (e.g. from
     `mebp_compiler.models.add_lora`); `example_batch` holds `input_ids` and `labels`,
-    int64 tensors of the same [batch, seq] shape. Values do not matter, only shapes: the
-    trace runs on fake tensors.
+    int64 tensors of the same [batch, seq] shape, and optionally `attention_mask` of that
+    shape (int64 or bool, 0 at padding). Values do not matter, only shapes: the trace runs
+    on fake tensors. A mask becomes a batch input of the graph and reaches the model as
+    `model(input_ids=..., attention_mask=..., labels=...)` does: transformers builds the
+    causal padding mask from it and numbers positions 0..seq-1 whatever the padding (as
+    its forward does without `position_ids`). Other batch keys are refused, not dropped.
 
     With `backward=False` the traced step is the forward and loss only (outputs
     `["loss"]`, no gradients), over the same inputs: what a zeroth-order method such as
@@ -93,7 +97,7 @@ def capture(
         raise CaptureError(f"vocab_slices must be 0 (off) or a positive number of slices, got {vocab_slices}")
     if head_chunks < 0 or head_chunks > example_batch["input_ids"].shape[-1]:
         raise CaptureError(f"head_chunks must be between 0 and the sequence length, got {head_chunks}")
-    input_ids, labels = _check_batch(example_batch)
+    input_ids, labels, attention_mask = _check_batch(example_batch)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise CaptureError(
             "the model has transformers' gradient checkpointing enabled; call "
@@ -108,23 +112,29 @@ def capture(
         )
     frozen = {k: p for k, p in params.items() if not p.requires_grad}
     frozen.update(dict(model.named_buffers()))
+    if head_chunks or vocab_slices:
+        _check_chunked_head(model, lora, vocab_slices)
+    batch_inputs = {"input_ids": input_ids, "labels": labels}
+    if attention_mask is not None:
+        batch_inputs["attention_mask"] = attention_mask
     specs = (
         [InputSpec("", Role.FROZEN, k) for k in frozen]
         + [InputSpec("", Role.LORA, k) for k in lora]
-        + [InputSpec("", Role.BATCH, "input_ids"), InputSpec("", Role.BATCH, "labels")]
+        + [InputSpec("", Role.BATCH, k) for k in batch_inputs]
     )
-    flat_inputs = [*frozen.values(), *lora.values(), input_ids, labels]
+    flat_inputs = [*frozen.values(), *lora.values(), *batch_inputs.values()]
     n_frozen, n_lora = len(frozen), len(lora)
-    frozen_names, lora_names = list(frozen), list(lora)
+    frozen_names, lora_names, batch_keys = list(frozen), list(lora), list(batch_inputs)
 
     def step(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         state = dict(zip(frozen_names, flat[:n_frozen]))
         state.update(zip(lora_names, flat[n_frozen : n_frozen + n_lora]))
-        ids, lbl = flat[n_frozen + n_lora :]
+        batch = dict(zip(batch_keys, flat[n_frozen + n_lora :]))
         if head_chunks or vocab_slices:
-            loss = chunked_lm_loss(model, state, ids, lbl, max(head_chunks, 1), tracer_state, vocab_slices)
+            loss = chunked_lm_loss(model, state, batch["input_ids"], batch["labels"], max(head_chunks, 1),
+                                   tracer_state, vocab_slices, batch.get("attention_mask"))
         else:
-            loss = functional_call(model, state, (), {"input_ids": ids, "labels": lbl, "use_cache": False}).loss
+            loss = functional_call(model, state, (), {**batch, "use_cache": False}).loss
         if loss is None:
             raise CaptureError("the model returned no loss for labels=...: is it a causal LM?")
         if not backward:
@@ -135,8 +145,9 @@ def capture(
 
     tracer_state = _ModuleAnnotator(model, decoder_layers(model))
     annotate_backward = tracer_state.annotate_backward
-    with (tracer_state.installed(), chunked_mlps(decoder_layers(model), mlp_chunks, tracer_state.part),
-          fx_traceback.preserve_node_meta()):
+    # preserve_node_meta outermost: an error inside the trace closes the annotations it holds first.
+    with (fx_traceback.preserve_node_meta(), tracer_state.installed(),
+          chunked_mlps(decoder_layers(model), mlp_chunks, tracer_state.part)):
         gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
     if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
         gm.graph.eliminate_dead_code()
@@ -155,6 +166,11 @@ def capture(
         batch_shape=tuple(input_ids.shape),
         meta={"head_chunks": head_chunks, "vocab_slices": vocab_slices, "mlp_chunks": mlp_chunks},
     )
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the model's input embedding: token ids and labels must lie in [0, vocab_size)."""
+    return model.get_input_embeddings().num_embeddings
 
 
 @contextlib.contextmanager
@@ -192,6 +208,7 @@ def chunked_lm_loss(
     chunks: int,
     annotator: _ModuleAnnotator,
     vocab_slices: int = 0,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal-LM loss with the LM head and cross-entropy computed chunk by chunk.
 
@@ -205,10 +222,14 @@ def chunked_lm_loss(
     decoder, head = base.model, base.get_output_embeddings()
     prefix = next(name for name, module in model.named_modules() if module is decoder) + "."
     decoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    hidden = functional_call(decoder, decoder_state, (), {"input_ids": input_ids, "use_cache": False})
+    hidden = functional_call(decoder, decoder_state, (), {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                          "use_cache": False})
     hidden = hidden.last_hidden_state
-    weight_name = next(name for name, p in model.named_parameters() if p is head.weight)
-    weight = state[weight_name]
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    weight = state[name_of[id(head.weight)]]
+    # A head with LoRA runs as its own module (peft's forward), its weights from the step's state.
+    head_state = {n: state[name_of[id(p)]] for n, p in head.named_parameters()}
+    head_trains = any(p.requires_grad for p in head.parameters())
     softcap = getattr(base.config, "final_logit_softcapping", None)
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     total = hidden.new_zeros(())
@@ -217,7 +238,8 @@ def chunked_lm_loss(
             if vocab_slices:
                 part = sliced_linear_cross_entropy(h, weight, y, vocab_slices, softcap)
             else:
-                logits = torch.nn.functional.linear(h, weight).float()
+                logits = (functional_call(head, head_state, (h,)) if head_trains
+                          else torch.nn.functional.linear(h, weight)).float()
                 if softcap is not None:
                     logits = torch.tanh(logits / softcap) * softcap
                 part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
@@ -226,19 +248,41 @@ def chunked_lm_loss(
     return total / (shift != -100).sum()
 
 
-def _check_batch(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+#: The batch keys a training step takes; `attention_mask` is optional.
+BATCH_KEYS = ("input_ids", "labels", "attention_mask")
+
+
+def _check_batch(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     missing = {"input_ids", "labels"} - set(batch)
     if missing:
         raise CaptureError(f"the batch lacks {sorted(missing)}; pass input_ids and labels")
-    input_ids, labels = batch["input_ids"], batch["labels"]
+    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    if unknown:
+        raise CaptureError(f"the batch has keys {unknown} the step does not take (it takes {', '.join(BATCH_KEYS)}); "
+                           "remove them rather than have them ignored")
+    input_ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
     for key, t in (("input_ids", input_ids), ("labels", labels)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2:
             raise CaptureError(f"batch['{key}'] must be an int64 tensor [batch, seq], got {_describe(t)}")
-    if input_ids.shape != labels.shape:
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype in (torch.int64, torch.bool)):
+        raise CaptureError(f"batch['attention_mask'] must be an int64 or bool tensor [batch, seq] (1 or True at "
+                           f"tokens, 0 or False at padding), got {_describe(mask)}")
+    for key, t in (("labels", labels), ("attention_mask", mask)):
+        if t is not None and t.shape != input_ids.shape:
+            raise CaptureError(f"input_ids {tuple(input_ids.shape)} and {key} {tuple(t.shape)} differ in shape")
+    return input_ids, labels, mask
+
+
+def _check_chunked_head(model: torch.nn.Module, lora: Mapping[str, torch.Tensor], vocab_slices: int) -> None:
+    """Refuse LoRA on the LM head where the chunked head cannot train it (a vocabulary-sliced loss)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    on_head = sorted(name for name, p in lora.items() if any(p is q for q in head.parameters()))
+    if on_head and vocab_slices:
         raise CaptureError(
-            f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape"
-        )
-    return input_ids, labels
+            f"LoRA on the LM head ({', '.join(on_head)}) cannot be trained with vocab_slices: the sliced loss "
+            "streams a frozen head weight and returns no gradient for it; drop lm_head from the LoRA targets "
+            "or use head_chunks instead")
 
 
 def _describe(value: Any) -> str:
@@ -264,10 +308,11 @@ class _ModuleAnnotator:
         self._open: list[tuple[contextlib.AbstractContextManager, int, dict[str, Any]]] = []
         self._part: int | None = None
         self._handles: list[Any] = []
+        self._block_stack: list[int | None] = [None]
 
     @contextlib.contextmanager
     def installed(self):
-        block_stack: list[int | None] = [None]
+        block_stack = self._block_stack
         for name, module in self.model.named_modules():
             block = self.block_of_layer.get(id(module))
 
@@ -311,10 +356,17 @@ class _ModuleAnnotator:
 
     @contextlib.contextmanager
     def region(self, tag: dict[str, Any]):
-        """Annotate ops traced inside the `with` block (forward and backward) like a module call."""
+        """Annotate ops traced inside the `with` block (forward and backward) like a module call.
+
+        Modules called inside it belong to the region's block (when its tag names one)."""
         start = torch.autograd._get_sequence_nr()
-        with fx_traceback.annotate(tag):
-            yield
+        blocks = [tag["block"]] if tag.get("block") is not None else []
+        self._block_stack.extend(blocks)
+        try:
+            with fx_traceback.annotate(tag):
+                yield
+        finally:
+            del self._block_stack[len(self._block_stack) - len(blocks):]
         for seq in range(start, torch.autograd._get_sequence_nr()):
             self.origin_of_seq.setdefault(seq, tag)
 

@@ -229,6 +229,13 @@ def _check_common(args) -> None:
     if args.gguf_blocks and args.model != "smollm2-135m":
         raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and only "
                          f"smollm2-135m is ({args.model} has random weights); drop --gguf-blocks or use --int4")
+    if args.int4 and not args.gguf_blocks:
+        from mebp_compiler.passes.quantize import GroupSizeError, check_group_size
+
+        try:  # the meta-device model: shapes only, nothing read or allocated
+            check_group_size(dict(models.load(args.model, device="meta").named_parameters()), args.group_size)
+        except GroupSizeError as exc:
+            raise UsageError(f"--group-size: {exc}") from None
     if args.offload_dir is not None and Path(args.offload_dir).exists() and not Path(args.offload_dir).is_dir():
         raise UsageError(f"--offload-dir {args.offload_dir} is a file, not a directory")
 
@@ -260,9 +267,6 @@ def _check_compile(args) -> None:
     """Everything `mebp compile` can check before it loads the model or touches --out."""
     _check_common(args)
     _check_out_dir(args.out)
-    if args.target and args.fuse_update:
-        raise UsageError("--fuse-update makes the LoRA updates ops inside the step, but a staged step returns the "
-                         "gradients and the driver applies the update: drop --fuse-update with --target")
     if args.target and args.gguf_blocks:
         raise UsageError("--gguf-blocks is not supported with --target: the GGUF blocks' fp16 scales are read "
                          "by reinterpreting bytes, which ONNX cannot express; use --int4 instead")
@@ -406,6 +410,7 @@ def _run_compile(args) -> int:
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.passes.cost import step_cost
     from mebp_compiler.device import DeviceProfile
+    from mebp_compiler.passes.fuse_update import OptimizerSettings
     from mebp_compiler.passes.partition import partition
     from mebp_compiler.rundir import COMPILE_ENTRIES, RunDirectory
     from mebp_compiler.targets import load_target
@@ -423,7 +428,9 @@ def _run_compile(args) -> int:
     part = None
     if target:
         _say("partitioning into stages ...")
-        part = partition(plan.graph, model=args.model, target=args.target)
+        # Fused updates run in the stages with what `mebp run` applies by default.
+        optimizer = OptimizerSettings(lr=BACKPROP_LR) if args.fuse_update else None
+        part = partition(plan.graph, model=args.model, target=args.target, optimizer=optimizer)
     print(plan.profile.report())
     _say(f"scheduled in {time.perf_counter() - start:.1f} s: predicted peak {format_bytes(plan.predicted_peak_bytes)}, "
          f"predicted step {cost.total_s:.3f} s on {args.device} ({cost.extra_s:.3f} s of recompute and I/O)")

@@ -26,9 +26,11 @@ class Role(str, enum.Enum):
     OFFLOADED = "offloaded"  # a handle to a tensor that lives in a file on disk
     DEQUANTIZED = "dequantized"  # a frozen weight decompressed from INT4 for the op about to use it
     MAPPED = "mapped"  # an INT4 frozen weight read from a memory-mapped file: clean pages, not held
+    OPTIMIZER = "optimizer"  # optimizer state (AdamW's moments, step count): a graph input of an exported fused step
+    UPDATE = "update"  # a LoRA parameter or optimizer state after its fused update: a graph output
 
 
-INPUT_ROLES = (Role.FROZEN, Role.LORA, Role.BATCH, Role.MAPPED)
+INPUT_ROLES = (Role.FROZEN, Role.LORA, Role.BATCH, Role.MAPPED, Role.OPTIMIZER)
 #: Roles whose bytes are reported but not held: clean file-backed pages the OS may drop and
 #: read again (what MeBP's memory-mapped weights rely on; iOS does not charge them to the app).
 UNHELD_ROLES = (Role.MAPPED,)

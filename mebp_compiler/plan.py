@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from mebp_compiler.capture import capture
+from mebp_compiler.capture import BATCH_KEYS, capture, vocab_size
 from mebp_compiler.ir import Role, TrainingGraph, format_bytes
 from mebp_compiler.passes.fuse_update import check_updates_follow_uses, fuse_lora_update, optimizer_updater
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
@@ -34,6 +34,7 @@ from mebp_compiler.passes.schedule.solver import (
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.runtime import Runtime, StepResult
 from mebp_compiler.schedule import Schedule
+from mebp_compiler.sliced_loss import check_labels
 
 POLICIES = ("none", "mebp", "optimal")
 #: Tensors of optimizer state per trainable parameter (AdamW: two moments; plain SGD: none).
@@ -42,6 +43,10 @@ OPTIMIZER_STATE_TENSORS = {"adamw": 2, "sgd": 0}
 
 class BatchShapeError(ValueError):
     """A batch whose shape differs from the one the plan was compiled for."""
+
+
+class BatchValueError(ValueError):
+    """A batch holding a token id or label outside the model's vocabulary."""
 
 
 class InsufficientMemory(MemoryError):
@@ -142,19 +147,52 @@ def graph_inputs(model: torch.nn.Module, graph: TrainingGraph, batch: Mapping[st
                  weights: QuantizedWeights | None = None) -> list:
     """One tensor per graph placeholder: the model's current weights (or their INT4 form) and the batch.
 
-    Raises BatchShapeError if the batch's shape is not the one the graph was captured for.
+    Raises BatchShapeError if the batch's keys, shapes or dtypes are not those the graph was
+    captured for, and BatchValueError if a token id or label lies outside the vocabulary
+    (`check_batch`), before anything runs.
     """
-    for key in ("input_ids", "labels"):
-        shape = tuple(batch[key].shape) if key in batch else None
-        if shape != graph.batch_shape:
-            raise BatchShapeError(
-                f"batch['{key}'] has shape {shape}, but the plan was compiled for "
-                f"{graph.batch_shape}; compile again with an example batch of the new shape"
-            )
+    check_batch(graph, batch, vocab_size(model))
     state = dict(model.named_parameters())
     state.update(model.named_buffers())
     state.update(weights.tensors if weights else {})
     return [batch[s.source] if s.role == Role.BATCH else state[s.source] for s in graph.inputs]
+
+
+def check_batch(graph: TrainingGraph, batch: Mapping[str, torch.Tensor], vocab_size: int) -> None:
+    """Raise unless `batch` has exactly the graph's batch inputs, each of its shape and dtype, in range.
+
+    BatchShapeError: a key missing or extra (an `attention_mask` the plan was not compiled
+    with would otherwise be dropped), or a shape or dtype other than the captured one.
+    BatchValueError: a token id outside [0, vocab_size), or a label neither -100 nor in it.
+    """
+    wanted = {s.source: graph.info[s.name] for s in graph.inputs if s.role == Role.BATCH}
+    extra = sorted(set(batch) - set(wanted))
+    if extra:
+        key = extra[0]
+        raise BatchShapeError(f"batch['{key}'] is not an input of this plan (it takes {', '.join(wanted)}); "
+                              + (f"compile with an example batch that has {key}, so the step uses it"
+                                 if key in BATCH_KEYS else "remove it"))
+    for key, info in wanted.items():
+        value = batch.get(key)
+        if not isinstance(value, torch.Tensor):
+            raise BatchShapeError(f"batch['{key}'] is missing or not a tensor, but the plan was compiled with it")
+        if tuple(value.shape) != graph.batch_shape:
+            raise BatchShapeError(
+                f"batch['{key}'] has shape {tuple(value.shape)}, but the plan was compiled for "
+                f"{graph.batch_shape}; compile again with an example batch of the new shape"
+            )
+        if str(value.dtype).removeprefix("torch.") != info.dtype:
+            raise BatchShapeError(f"batch['{key}'] is {value.dtype}, but the plan was compiled for torch.{info.dtype}; "
+                                  f"convert it (e.g. .to(torch.{info.dtype}))")
+    ids = batch["input_ids"]
+    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+        raise BatchValueError(f"batch['input_ids'] holds token ids from {ids.min().item()} to {ids.max().item()}, "
+                              f"outside the model's vocabulary of {vocab_size} (ids 0 to {vocab_size - 1}); "
+                              "tokenize with the model's own tokenizer")
+    try:
+        check_labels(batch["labels"], vocab_size)
+    except ValueError as exc:
+        raise BatchValueError(str(exc)) from None
 
 
 def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:

@@ -16,8 +16,23 @@ the forward of the graph and its hand-written backward in the backward.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 IGNORE_INDEX = -100
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int, key: str = "labels") -> None:
+    """Raise ValueError unless every label is IGNORE_INDEX or in [0, vocab_size), as cross-entropy requires.
+
+    Cross-entropy refuses such a label; the sliced loss would silently count a negative one
+    with a target logit of 0, so a batch is checked before any compute.
+    """
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        value = labels[bad][0].item()
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"batch['{key}'] holds {value} at {where}: a label must be {IGNORE_INDEX} (ignored) or a "
+                         f"token id in [0, {vocab_size}) of the model's vocabulary of {vocab_size}")
 
 
 def slice_bounds(rows: int, slices: int) -> list[tuple[int, int]]:
@@ -96,5 +111,7 @@ def sliced_linear_cross_entropy(
         raise ValueError("the vocabulary-sliced loss needs a frozen head weight (it returns no weight gradient)")
     if not 1 <= slices <= weight.shape[0]:
         raise ValueError(f"vocab slices must be between 1 and the vocabulary size {weight.shape[0]}, got {slices}")
+    if not (is_fake(labels) or labels.is_meta):  # traced: the step's batch is checked before it runs
+        check_labels(labels, weight.shape[0])
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     return _SlicedLinearCrossEntropy.apply(flat_hidden, weight, labels.reshape(-1), slices, softcap)

@@ -12,8 +12,12 @@ and whose output is a tuple of the stage's outputs. The stages, in execution ord
   "recompute the block just before its backward");
 - `embed.backward`, only if something outside the blocks needs a gradient.
 
-The LoRA update is not a stage: the driver applies it (`targets.driver`), as MeBP's
-runtime does outside the per-layer graphs.
+The LoRA update is not a stage. Without fused updates the driver applies it after the step
+(`targets.driver`), as MeBP's runtime does outside the per-layer graphs. A plan compiled
+with `fuse_update=True` updates each LoRA parameter inside the stage that finishes its
+gradient (`passes.fuse_update.functional_updates`): the optimizer state is a step input of
+kind `optimizer`, the new parameters and state are values of kind `update`, and the
+manifest's `updates` says which step input each replaces after the step.
 
 Values cross stages by name. Graph inputs (frozen weights, LoRA parameters, batch) are
 stage inputs wherever they are read. A tensor the schedule offloads is an output of its
@@ -43,11 +47,14 @@ from mebp_compiler import offload
 from mebp_compiler.checksums import seal_json
 from mebp_compiler.files import atomic_write_json
 from mebp_compiler.ir import Phase, Role, TensorInfo, TrainingGraph
+from mebp_compiler.passes import fuse_update
+from mebp_compiler.passes.fuse_update import OptimizerSettings
 from mebp_compiler.passes.liveness import liveness
 
 #: Version of the manifest's JSON layout; a driver refuses any other. Version 2 added the
-#: files' SHA-256 (`files`) and the manifest's own (`sha256`, see `checksums.seal_json`).
-MANIFEST_FORMAT_VERSION = 2
+#: files' SHA-256 (`files`) and the manifest's own (`sha256`, see `checksums.seal_json`);
+#: version 3 the fused optimizer update (value kinds `optimizer` and `update`, `updates`).
+MANIFEST_FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 
 
@@ -55,9 +62,10 @@ class PartitionError(ValueError):
     """The graph cannot be cut into stages; the message says which tensor and why."""
 
 
-#: Value kinds that are step inputs (read from the weights file or the batch), and those of
-#: them not held in RAM (INT4 weights memory-mapped from the weights file, see ir.UNHELD_ROLES).
-STEP_INPUT_KINDS = ("frozen", "lora", "batch", "mapped")
+#: Value kinds that are step inputs (read from the weights file or the batch; `optimizer`
+#: state starts at zero), and those of them not held in RAM (INT4 weights memory-mapped from
+#: the weights file, see ir.UNHELD_ROLES).
+STEP_INPUT_KINDS = ("frozen", "lora", "batch", "mapped", "optimizer")
 UNHELD_KINDS = ("mapped",)
 
 
@@ -69,7 +77,8 @@ class ManifestError(ValueError):
 class ValueSpec:
     """One tensor that crosses a stage boundary or is a step input or output.
 
-    `kind` is the TensorInfo role (frozen, lora, batch, activation, gradient, loss);
+    `kind` is the TensorInfo role (frozen, lora, batch, mapped, optimizer, activation,
+    gradient, loss, update);
     `source` names a step input (parameter qualified name or batch key). `offload` marks
     a tensor written to flash after the stage that produces it; `reload_of` names the
     offloaded value this one is read back from. `nbytes` is dense size in bytes.
@@ -118,7 +127,9 @@ class Manifest:
     `loss` and `grads` (LoRA parameter name -> value name) are the step's results.
     `predicted_peak_bytes` = max over stages of held_before_bytes + internal_peak_bytes;
     `plan_peak_bytes` is the rewritten graph's liveness peak (op-by-op), for comparison.
-    `optimizer` says how the LoRA update is applied (by the driver). `files` maps each file
+    `optimizer` says how the LoRA update is applied: by the driver after the step, or, with
+    `updates` (step input source -> the value that replaces it after the step; then `grads`
+    is empty), by the stages themselves, with the settings it records. `files` maps each file
     of the directory the stages read (artifacts, the weights file) to its SHA-256, checked
     before any compute. `vocab_size` (0 when unknown) bounds the token ids a driver accepts;
     `adapter_keys` maps each LoRA parameter's source name to its key in a peft adapter file
@@ -141,6 +152,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     vocab_size: int = 0
     adapter_keys: dict[str, str] = field(default_factory=dict)
+    updates: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -178,9 +190,13 @@ class Manifest:
             if missing:
                 raise ManifestError(f"stage {stage.name} reads {missing[:3]} before any stage produces them")
             available.update(stage.outputs)
-        results = [self.loss, *self.grads.values()]
+        results = [self.loss, *self.grads.values(), *self.updates.values()]
         if any(r not in available for r in results):
-            raise ManifestError("the manifest's loss or gradients are produced by no stage")
+            raise ManifestError("the manifest's loss, gradients or updates are produced by no stage")
+        sources = {v.source for v in self.values.values() if v.kind in ("lora", "optimizer") and not v.reload_of}
+        stray = [s for s in self.updates if s not in sources]
+        if stray:
+            raise ManifestError(f"the manifest updates {stray[:3]}, which are no LoRA or optimizer step inputs")
 
     def unique_artifacts(self) -> dict[str, str]:
         """Artifact file -> signature, one entry per distinct stage structure."""
@@ -216,16 +232,23 @@ class Partition:
         return out
 
 
-def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Partition:
+def partition(graph: TrainingGraph, *, model: str = "", target: str = "",
+              optimizer: OptimizerSettings | None = None) -> Partition:
     """Cut the rewritten (scheduled) `graph` into stages and describe them in a manifest.
 
     Artifact names are `<kind>-<signature[:12]>`, without a suffix: a target adds its own.
-    Raises PartitionError if a non-tensor value would cross a stage boundary, or if the plan
-    was compiled with an option the stages and driver do not carry (`int4=True`,
-    `fuse_update=True`). A plan with `vocab_slices` partitions like any other.
+    A plan compiled with `fuse_update=True` applies `optimizer` (default: AdamW, lr 2e-3)
+    inside its stages. Raises PartitionError if a non-tensor value would cross a stage
+    boundary, or if the plan was compiled with an option the stages do not carry.
     """
     nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
     _refuse_unsupported_options(graph, nodes)
+    plan_peak = liveness(graph).peak_bytes
+    fused = any(n.target is fuse_update.apply_lora_update for n in nodes)
+    if fused:
+        optimizer = optimizer or OptimizerSettings()
+        graph = fuse_update.functional_updates(graph, optimizer)
+        nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
     handle_of = {n.name: n.args[0] for n in nodes if n.target is offload.offload}
     key_of = _stage_keys(graph, nodes)
     names = _stage_names(nodes, key_of)
@@ -259,12 +282,15 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
         builders[producer[value]].mark_output(value)
 
     values = _value_specs(graph, builders, offloaded, reload_of)
+    updated = set(graph.outputs[1:]) if fused else set()
     # Each value is dropped after the last stage that reads it (or, if none does, after the
-    # stage that produces it); step inputs and results are held to the end.
+    # stage that produces it); step inputs and results are held to the end, except a step
+    # input a fused update replaces, which is dropped after its update.
     drop_after = {v: stages[-1] for v, stages in readers.items()}
     for value in producer.keys() & values.keys():
         drop_after.setdefault(value, producer[value])
-    for value in [*result_names, *(v for v, s in values.items() if s.kind in STEP_INPUT_KINDS)]:
+    for value in [*result_names, *(v for v, s in values.items() if s.kind in STEP_INPUT_KINDS
+                                   and s.source not in updated)]:
         drop_after.pop(value, None)
     stages = []
     held = sum(v.nbytes for v in values.values() if v.kind in STEP_INPUT_KINDS and v.kind not in UNHELD_KINDS)
@@ -292,8 +318,10 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "") -> Par
         format_version=MANIFEST_FORMAT_VERSION, model=model, policy=str(graph.meta.get("schedule", "")),
         target=target, batch_shape=list(graph.batch_shape), values=values,
         stages=[s.spec for s in stages], loss=result_names[0],
-        grads=dict(zip(graph.outputs[1:], result_names[1:], strict=True)),
-        predicted_peak_bytes=step_peak, plan_peak_bytes=liveness(graph).peak_bytes,
+        grads={} if fused else dict(zip(graph.outputs[1:], result_names[1:], strict=True)),
+        predicted_peak_bytes=step_peak, plan_peak_bytes=plan_peak,
+        optimizer={"applied_by": "stages", **optimizer.to_json()} if fused else {"applied_by": "driver"},
+        updates=dict(zip(graph.outputs[1:], result_names[1:], strict=True)) if fused else {},
         vocab_size=_vocab_size(nodes),
         adapter_keys={v.source: peft_key(v.source) for v in values.values() if v.kind == "lora" and v.source},
     )
@@ -320,12 +348,8 @@ def _vocab_size(nodes: list[fx.Node]) -> int:
 
 
 def _refuse_unsupported_options(graph: TrainingGraph, nodes: list[fx.Node]) -> None:
-    from mebp_compiler.passes import fuse_update, quantize
+    from mebp_compiler.passes import quantize
 
-    if graph.meta.get("fused_update") or any(n.target is fuse_update.apply_lora_update for n in nodes):
-        raise PartitionError("the plan was compiled with fuse_update=True (--fuse-update): its LoRA updates are "
-                             "ops inside the step, but a partitioned step returns the gradients and the driver "
-                             "applies the update; compile without fuse_update to write artifacts")
     gguf_ops = (quantize.dequantize_gguf, quantize.embedding_gguf, quantize.dequantize_gguf_rows)
     if any(n.target in gguf_ops for n in nodes):
         raise PartitionError("the plan keeps a GGUF file's own blocks (gguf_file=, --gguf-blocks): their fp16 "

@@ -23,9 +23,10 @@ The rewrite treats both encodings alike (`QuantizedWeights.encoding`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,18 +214,39 @@ class QuantizedWeights:
             os.unlink(name)
 
 
-def quantizable(weight: torch.Tensor, group_size: int) -> bool:
-    return weight.dim() == 2 and weight.is_floating_point() and weight.shape[1] % group_size == 0
+class GroupSizeError(ValueError):
+    """An INT4 group size that does not divide the input features of every weight to quantize."""
+
+
+def check_group_size(weights: Mapping[str, torch.Tensor], group_size: int) -> None:
+    """Raise GroupSizeError unless `group_size` divides the input features (columns) of every 2-D weight.
+
+    Every frozen 2-D weight is quantized (none silently stays float), so a group size that
+    leaves a remainder is refused, naming the weights and the group sizes that would do.
+    """
+    widths = {name: w.shape[1] for name, w in weights.items() if w.dim() == 2 and w.is_floating_point()}
+    left = sorted(name for name, width in widths.items() if width % group_size)
+    if not left:
+        return
+    common = math.gcd(*widths.values())
+    choices = [g for g in (16, 32, 64, 128) if common % g == 0] or [g for g in range(1, common + 1) if common % g == 0]
+    raise GroupSizeError(
+        f"INT4 group size {group_size} does not divide the {widths[left[0]]} input features of {left[0]}"
+        + (f" (nor those of {len(left) - 1} more weight(s))" if len(left) > 1 else "")
+        + f"; every frozen weight is quantized, so give a group size that divides them all: "
+        f"{', '.join(map(str, choices))}")
 
 
 def quantize_model_weights(model: torch.nn.Module, graph: TrainingGraph, group_size: int = DEFAULT_GROUP_SIZE,
                            gguf_file: str | os.PathLike | None = None) -> QuantizedWeights:
-    """Quantized copies of every quantizable frozen weight the graph takes as input.
+    """Quantized copies of every frozen 2-D float weight the graph takes as input.
 
     With `gguf_file` (the file `model` was loaded from) the weights it stores as Q4_1 or
     Q8_0 blocks keep those blocks; the others, and all without it, become symmetric INT4.
 
     Raises:
+        GroupSizeError: `group_size` does not divide the input features of a weight to
+            quantize (none stays float silently).
         WeightFileError: `gguf_file` cannot be read, or holds weights of other shapes
             than the model's (another model's file).
     """
@@ -237,6 +259,7 @@ def quantize_model_weights(model: torch.nn.Module, graph: TrainingGraph, group_s
             blocks = read_gguf_blocks(gguf_file, model.config, frozen)
         except ValueError as exc:
             raise WeightFileError(f"{exc}; pass the GGUF file the model was loaded from") from exc
+    check_group_size({source: params[source] for source in frozen if source not in blocks}, group_size)
     tensors = {}
     for source in frozen:
         if source in blocks:
@@ -245,7 +268,7 @@ def quantize_model_weights(model: torch.nn.Module, graph: TrainingGraph, group_s
                 raise WeightFileError(f"{gguf_file} stores {source} as {decoded_shape(kind, data)}, the model has "
                                       f"{tuple(params[source].shape)}; pass the GGUF file the model was loaded from")
             tensors[f"{source}.{kind}"] = data
-        elif quantizable(params[source], group_size):
+        else:
             tensors[f"{source}.qweight"], tensors[f"{source}.scales"] = quantize_int4(params[source], group_size)
     return QuantizedWeights(tensors, group_size)
 

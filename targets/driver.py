@@ -4,7 +4,9 @@ The driver is what a phone app's training loop does, in Python: it holds the ste
 (frozen weights, LoRA parameters, batch), runs the stages in the manifest's order, keeps
 each value until its last reader, writes offloaded values to memory-mapped files and maps
 them back when a later stage reads them, counts the bytes it holds, and applies the LoRA
-update (AdamW or SGD, as `mebp_compiler.train.make_optimizer`) after the step.
+update (AdamW or SGD, as `mebp_compiler.train.make_optimizer`) after the step - or, for a
+plan compiled with fused updates, carries the new LoRA parameters and optimizer state the
+stages return (the manifest's `updates`) into the next step.
 
 Everything is checked before any compute: the manifest's version, checksum and consistency,
 that every file it lists has the SHA-256 it records, that every artifact exists and (where
@@ -59,6 +61,7 @@ class DriverResult:
     staged_peak_bytes: int
     flash_bytes_written: int = 0
     flash_bytes_read: int = 0
+    updates: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def held_peak_bytes(self) -> int:
@@ -186,6 +189,7 @@ def run_stages(manifest: Manifest, stage_fns: Mapping[str, StageFn], arrays: Map
             held -= env.pop(name).nbytes
     return DriverResult(
         loss=float(env[manifest.loss]), grads={p: env[v] for p, v in manifest.grads.items()},
+        updates={source: env[v] for source, v in manifest.updates.items()},
         held_before_bytes=held_before, held_during_bytes=held_during, staged_peak_bytes=staged_peak,
         flash_bytes_written=store.bytes_written - written, flash_bytes_read=store.bytes_read - read,
     )
@@ -234,12 +238,19 @@ class Driver:
             fns = {artifact: _in_manifest_form(fn, manifest, artifact) for artifact, fn in fns.items()}
         if weights is None:
             weights = load_weights(directory, manifest)
-        arrays = dict(weights)
-        check_step_inputs(manifest, arrays, kinds=("frozen", "lora", "mapped"))
+        arrays = {**initial_optimizer_state(manifest), **weights}
+        check_step_inputs(manifest, arrays, kinds=("frozen", "lora", "mapped", "optimizer"))
         return cls(manifest, fns, arrays, OffloadStore(offload_dir))
 
     def step(self, batch: Mapping[str, np.ndarray]) -> DriverResult:
-        """Loss and LoRA gradients of one batch (`input_ids`, `labels` as int64 arrays)."""
+        """Loss and LoRA gradients of one batch (`input_ids`, `labels`, and `attention_mask` when
+        the step was compiled with one, as the manifest's arrays); a key the manifest does not
+        take raises ManifestError rather than being dropped."""
+        takes = sorted({v.source for v in self.manifest.values.values() if v.kind == "batch"})
+        extra = sorted(set(batch) - set(takes))
+        if extra:
+            raise ManifestError(f"batch input '{extra[0]}' is not an input of these artifacts (they take "
+                                f"{', '.join(takes)}); compile them with an example batch that has it, or drop it")
         arrays = {**self.arrays, **{k: np.asarray(v) for k, v in batch.items()}}
         check_step_inputs(self.manifest, arrays, kinds=("batch",))
         return run_stages(self.manifest, self.stage_fns, arrays, self.store)
@@ -247,14 +258,34 @@ class Driver:
     def lora_arrays(self) -> dict[str, np.ndarray]:
         return {v.source: self.arrays[v.source] for v in self.manifest.values.values() if v.kind == "lora"}
 
+    @property
+    def fused(self) -> bool:
+        """Whether the stages apply the LoRA updates themselves (the manifest's `updates`)."""
+        return bool(self.manifest.updates)
+
     def use_optimizer(self, name: str = "adamw", lr: float = 2e-3) -> None:
-        """Update the LoRA arrays in place after each `train_step`, with torch's AdamW or SGD."""
+        """Update the LoRA arrays in place after each `train_step`, with torch's AdamW or SGD.
+
+        Raises ValueError for a manifest whose stages apply the updates with other settings."""
+        if self.fused:
+            settings = self.manifest.optimizer
+            if (name, lr) != (settings["name"], settings["lr"]):
+                raise ValueError(f"the stages apply {settings['name']} with lr {settings['lr']:g} (compiled with "
+                                 f"fused updates); {name} with lr {lr:g} needs another compile")
+            return
         params = [torch.nn.Parameter(torch.from_numpy(a)) for a in self.lora_arrays().values()]
         self.optimizer = make_optimizer(params, name, lr)
         self.manifest.optimizer.update({"name": name, "lr": lr})
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> DriverResult:
-        """One step and the LoRA update (`use_optimizer` first; AdamW lr 2e-3 if not)."""
+        """One step and the LoRA update (`use_optimizer` first; AdamW lr 2e-3 if not). With fused
+        updates the stages' new LoRA parameters and optimizer state replace the old ones."""
+        if self.fused:
+            result = self.step(batch)
+            if not np.isfinite(result.loss):
+                raise FloatingPointError(f"the loss is {result.loss:g}; the step's updates were not kept")
+            self.arrays.update(result.updates)
+            return result
         if self.optimizer is None:
             self.use_optimizer()
         result = self.step(batch)
@@ -264,6 +295,12 @@ class Driver:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return result
+
+
+def initial_optimizer_state(manifest: Manifest) -> dict[str, np.ndarray]:
+    """Zeros for every `optimizer` step input (AdamW's moments and step count start at zero)."""
+    return {v.source: np.zeros(v.shape, dtype=v.dtype) for v in manifest.values.values()
+            if v.kind == "optimizer" and not v.reload_of}
 
 
 def _in_manifest_form(fn: StageFn, manifest: Manifest, artifact: str) -> StageFn:

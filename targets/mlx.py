@@ -15,19 +15,20 @@ decomposition, plus a few close relatives and the INT4 dequantization ops):
                        alias, detach, clone, _to_copy, lift_fresh_copy
     creation           arange (3 overloads), zeros, ones, full, scalar_tensor, new_zeros,
                        new_ones, new_full, zeros_like, ones_like, full_like
-    arithmetic         add/sub (Tensor, Scalar; alpha), mul/div (Tensor, Scalar), neg,
-                       pow.Tensor_Scalar, pow.Tensor_Tensor, rsqrt, sqrt, exp, log, sin,
-                       cos, tanh, sigmoid, where.self
+    arithmetic         add/sub (Tensor, Scalar; alpha), rsub.Scalar, mul/div (Tensor, Scalar),
+                       neg, abs, reciprocal, pow (Tensor_Scalar, Tensor_Tensor, Scalar),
+                       rsqrt, sqrt, exp, log, sin, cos, tanh, sigmoid, where.self
     comparison, logic  eq, ne, lt, le, gt, ge (Tensor, Scalar), bitwise_and/or.Tensor,
-                       logical_and, logical_or, logical_not, bitwise_not
-    reductions         sum.default, sum.dim_IntList, mean.dim, amax, cumsum
+                       logical_and, logical_or, logical_not, bitwise_not, maximum, minimum,
+                       clamp, clamp_min, clamp_max
+    reductions         sum.default, sum.dim_IntList, mean.dim, amax, all.default, cumsum
     linear algebra     mm, bmm, addmm, matmul
-    indexing, shape    embedding, index.Tensor, index_select, cat, stack,
+    indexing, shape    embedding, index.Tensor, index_select, gather, cat, stack,
                        constant_pad_nd, slice_backward
     nn                 _softmax, _log_softmax, silu, gelu (none / tanh)
     backward           _softmax_backward_data, _log_softmax_backward_data, silu_backward,
                        gelu_backward, nll_loss_forward, nll_loss_backward
-    INT4 weights       passes.quantize.dequantize_int4, passes.quantize.embedding_int4
+    INT4 weights       passes.quantize.dequantize_int4, dequantize_int4_rows, embedding_int4
 
 Any other op raises `UnsupportedStageOpError` naming it. Each op's result is cast to the
 dtype torch gives it (from the trace) and its shape is checked against the trace, so a
@@ -71,9 +72,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 aten = torch.ops.aten
 SUFFIX = ".mlxfn"
 NAME = "mlx"
-#: Plan options whose stages hold ops this target does not translate yet (vocabulary-sliced
-#: loss: aten.maximum, aten.clamp, ...).
-UNSUPPORTED_OPTIONS = ("vocab_slices",)
 
 _DTYPES = {
     torch.float32: mx.float32,
@@ -430,6 +428,10 @@ def _dequantize_int4(ctx, packed, scales, **_):
     return (q.reshape(q.shape[0], groups, -1) * mx.expand_dims(scales, -1)).reshape(q.shape)
 
 
+def _dequantize_int4_rows(ctx, packed, scales, start, end, **_):
+    return _dequantize_int4(ctx, packed[start:end], scales[start:end])
+
+
 def _embedding_int4(ctx, packed, scales, indices, **_):
     flat = indices.reshape(-1)
     rows = _dequantize_int4(ctx, mx.take(packed, flat, axis=0), mx.take(scales, flat, axis=0))
@@ -440,6 +442,15 @@ def _arange(ctx, start=0, end=None, step=1, **_):
     if end is None:
         start, end = 0, start
     return mx.arange(start, end, step, dtype=mx_dtype(ctx.dtype))
+
+
+def _clamp(ctx, input, min=None, max=None, **_):
+    x = _as(input, ctx.dtype)
+    if min is not None:
+        x = mx.maximum(x, _as(min, ctx.dtype))
+    if max is not None:
+        x = mx.minimum(x, _as(max, ctx.dtype))
+    return x
 
 
 def _identity(ctx, input, **_):
@@ -489,6 +500,10 @@ RULES: dict[object, Callable] = {
     aten.div.Tensor: _binary(mx.divide),
     aten.div.Scalar: _binary(mx.divide),
     aten.neg.default: _unary(mx.negative),
+    aten.abs.default: _unary(mx.abs),
+    aten.reciprocal.default: _unary(mx.reciprocal),
+    aten.rsub.Scalar: lambda ctx, input, other, alpha=1, **_: _as(other, ctx.dtype) - _as(input, ctx.dtype) * alpha,
+    aten.pow.Scalar: lambda ctx, input, exponent, **_: mx.power(_as(mx.array(input), ctx.dtype), _as(exponent, ctx.dtype)),
     aten.pow.Tensor_Scalar: lambda ctx, input, exponent, **_: mx.power(_as(input, ctx.dtype), exponent),
     aten.pow.Tensor_Tensor: _binary(mx.power),
     aten.rsqrt.default: _unary(mx.rsqrt),
@@ -517,6 +532,11 @@ RULES: dict[object, Callable] = {
     aten.ge.Scalar: _compare(mx.greater_equal),
     aten.bitwise_and.Tensor: _binary(mx.bitwise_and),
     aten.bitwise_or.Tensor: _binary(mx.bitwise_or),
+    aten.maximum.default: _binary(mx.maximum),
+    aten.minimum.default: _binary(mx.minimum),
+    aten.clamp.default: _clamp,
+    aten.clamp_min.default: lambda ctx, input, min, **_: _clamp(ctx, input, min=min),
+    aten.clamp_max.default: lambda ctx, input, max, **_: _clamp(ctx, input, max=max),
     aten.logical_and.default: lambda ctx, input, other, **_: mx.logical_and(input, other),
     aten.logical_or.default: lambda ctx, input, other, **_: mx.logical_or(input, other),
     aten.logical_not.default: lambda ctx, input, **_: mx.logical_not(input),
@@ -528,6 +548,7 @@ RULES: dict[object, Callable] = {
     aten.sum.dim_IntList: _reduce(_sum),
     aten.mean.dim: _reduce(_mean),
     aten.amax.default: _reduce(mx.max),
+    aten.all.default: lambda ctx, input, **_: mx.all(input),
     aten.cumsum.default: lambda ctx, input, dim, **_: mx.cumsum(_as(input, ctx.dtype), axis=dim),
     # linear algebra
     aten.mm.default: lambda ctx, input, mat2, **_: _matmul(input, mat2),
@@ -538,6 +559,8 @@ RULES: dict[object, Callable] = {
     aten.embedding.default: lambda ctx, weight, indices, **_: mx.take(weight, indices, axis=0),
     aten.index.Tensor: _index,
     aten.index_select.default: lambda ctx, input, dim, index, **_: mx.take(input, index, axis=dim),
+    aten.gather.default: lambda ctx, input, dim, index, sparse_grad=False, **_: mx.take_along_axis(
+        input, index, axis=dim),
     aten.cat.default: lambda ctx, tensors, dim=0, **_: mx.concatenate(
         [_as(t, ctx.dtype) for t in tensors], axis=dim
     ),
@@ -558,6 +581,7 @@ RULES: dict[object, Callable] = {
     aten.nll_loss_backward.default: _nll_loss_backward,
     # INT4 frozen weights (passes.quantize)
     quantize.dequantize_int4: _dequantize_int4,
+    quantize.dequantize_int4_rows: _dequantize_int4_rows,
     quantize.embedding_int4: _embedding_int4,
 }
 """ATen op (or graph function) -> MLX translation rule."""

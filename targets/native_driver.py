@@ -70,8 +70,16 @@ def build(build_dir: Path = BUILD_DIR) -> Path:
 
 
 def ensure_built() -> Path:
-    """The driver, built first if it is not there."""
-    return executable() or build()
+    """The driver, built first if it is not there or older than its sources (an in-tree build)."""
+    found = executable()
+    if found is None or (found == BUILD_DIR / EXECUTABLE and _sources_newer_than(found)):
+        return build()
+    return found
+
+
+def _sources_newer_than(built: Path) -> bool:
+    built_at = built.stat().st_mtime
+    return any(source.stat().st_mtime > built_at for source in SOURCE_DIR.iterdir() if source.is_file())
 
 
 def write_tokens(path: str | os.PathLike, batches: Iterable[Mapping[str, np.ndarray]]) -> Path:
@@ -79,6 +87,10 @@ def write_tokens(path: str | os.PathLike, batches: Iterable[Mapping[str, np.ndar
     batches = list(batches)
     if not batches:
         raise ValueError("write_tokens needs at least one batch")
+    extra = sorted({key for b in batches for key in b} - {"input_ids", "labels"})
+    if extra:
+        raise ValueError(f"a token file carries input_ids and labels only, and the batches have {extra}; run a "
+                         "padded batch (attention_mask) with the Python driver instead of dropping its mask")
     ids = np.stack([np.asarray(b["input_ids"], dtype="<i8") for b in batches])
     labels = np.stack([np.asarray(b["labels"], dtype="<i8") for b in batches])
     if ids.ndim != 3 or labels.shape != ids.shape:

@@ -295,3 +295,21 @@ def test_smollm2_gradients_equal_autograd(smollm2):
     (plan,) = backend.graphs
     assert plan.counts()["recompute"] > 0
     assert plan.last_saved_bytes <= backend.options.memory_budget_bytes
+
+
+def test_the_budget_holds_under_no_grad():
+    """An inference graph (torch.no_grad()) is checked against the budget too: a 1 KB budget is
+    refused with the graph's peak, a budget at that peak runs and gives eager's loss."""
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    with torch.no_grad(), pytest.raises(BackendCompilerFailed) as failed:
+        torch.compile(model, backend=MebpBackend(memory_budget="1KB"))(**batch)
+    assert isinstance(failed.value.inner_exception, BudgetInfeasible)
+    peak = failed.value.inner_exception.least_budget_bytes
+    assert peak > 1000
+    torch._dynamo.reset()
+    backend = MebpBackend(memory_budget=peak)
+    with torch.no_grad():
+        loss = torch.compile(model, backend=backend)(**batch).loss
+        torch.testing.assert_close(loss, model(**batch).loss)
+    assert backend.inference_peaks == [peak] and backend.graphs == []

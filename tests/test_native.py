@@ -18,6 +18,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
+import mebp_compiler
 from mebp_compiler.checksums import seal_json, sha256_path
 from mebp_compiler.passes.partition import MANIFEST_FILE, partition
 from mebp_compiler.targets import load_target, native_driver
@@ -27,6 +28,7 @@ from tests.conftest import (
     TINY_MODELS,
     assert_matches_autograd,
     autograd_reference,
+    lora_model,
     random_batch,
     safetensors_data_start,
 )
@@ -187,7 +189,7 @@ def weights_header_resealed(copy_dir, data):
 
 
 def other_version(copy_dir, data):
-    data["format_version"] = 3
+    data["format_version"] = 2
     return True
 
 
@@ -210,7 +212,7 @@ def other_stage_file(copy_dir, data):
     (remove_weights, r"weights\.safetensors is missing"),
     (corrupt_weights, r"weights\.safetensors does not match its SHA-256 in the manifest"),
     (weights_header_resealed, r"weights\.safetensors cannot be read \(header: .*\); compile the artifacts again"),
-    (other_version, r"manifest format version 3 is not 2, the version this driver reads"),
+    (other_version, r"manifest format version 2 is not 3, the version this driver reads"),
     (edited_unsealed, r"manifest\.json does not match its SHA-256 checksum"),
 ], ids=["truncated-stage", "truncated-stage-resealed", "other-stage-file", "missing-weights", "corrupt-weights",
         "corrupt-weights-header", "manifest-version", "manifest-edited"])
@@ -309,3 +311,39 @@ def test_cli_refuses_native_for_another_target(artifacts, tmp_path, capsys):
     out = broken_copy(artifacts, tmp_path, edit)
     assert main(["run", str(out), "--steps", "1", "--native", "--no-progress"]) == 1
     assert "--native runs MLX artifact directories" in capsys.readouterr().err
+
+
+def test_a_step_with_a_padding_mask_is_refused_not_run_without_it(native, tmp_path):
+    """The token file holds input_ids and labels only: a manifest whose step takes attention_mask
+    fails before any compute, and a batch with a mask is not written to a token file."""
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, :4] = 0
+    batch = {**batch, "attention_mask": mask}
+    part = partition(mebp_compiler.compile(model, batch, "mebp").graph, model="test")
+    write_artifacts(part, MLX, tmp_path / "artifacts", weights=step_weights(model, part), progress=False)
+    with pytest.raises(ValueError, match=r"input_ids and labels only.*\['attention_mask'\]"):
+        native_driver.write_tokens(tmp_path / "masked.bin", [numpy_batch(batch)])
+    tokens = native_driver.write_tokens(tmp_path / "tokens.bin", [numpy_batch(
+        {k: v for k, v in batch.items() if k != "attention_mask"})])
+    status, stderr = run_native(native, tmp_path / "artifacts", tokens, tmp_path)
+    assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "batch input 'attention_mask'" in stderr and "Python driver" in stderr
+
+
+def test_fused_updates_are_refused_in_one_line_before_any_compute(native, artifacts, tmp_path):
+    """mebp-native does not run fused optimizer updates yet (targets/driver.py does): it says so."""
+    import mebp_compiler
+    from tests.conftest import lora_model
+
+    directory, _, _ = artifacts
+    model = lora_model("tiny-llama")
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", fuse_update=True)
+    part = partition(plan.graph, model="test")
+    write_artifacts(part, MLX, tmp_path / "fused", weights=step_weights(model, part), progress=False)
+    status, stderr = run_native(native, tmp_path / "fused", directory / "tokens.bin", tmp_path)
+    assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "stages apply fused optimizer updates" in stderr and "--fuse-update" in stderr
+    assert not (tmp_path / "lora.safetensors").exists()

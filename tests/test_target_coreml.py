@@ -119,8 +119,8 @@ def test_load_stage_says_predict_needs_macos(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", [Phase.FORWARD, Phase.BACKWARD])
-def test_smollm2_block_stage_package_checks(smollm2, phase, tmp_path):
-    graph, values = captured_step(smollm2, seq=16, seed=3)
+def test_smollm2_block_stage_package_checks(smollm2_step_values, phase, tmp_path):
+    graph, values = smollm2_step_values
     stage, inputs, _ = extract_stage(graph, block_nodes(graph, 7, phase), values)
     assert_checks(coreml_target.export_stage(stage, inputs, tmp_path / "block"), stage, inputs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -19,12 +20,12 @@ from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partiti
 from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
+from tests.conftest import float64_rounding_bound, probabilistic_rounding_bound
 from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
 from tests.test_partition import (
     CountingTarget,
     as_step_result,
     assert_held_as_predicted,
-    compile_policy,
     compiled_tiny,
 )
 
@@ -81,22 +82,29 @@ def test_chunked_head_with_int4_weights_matches_torch(tmp_path):
     assert_outputs_close(run_exported(graph.module, inputs, tmp_path / "int4"), expected)
 
 
-def test_long_contraction_is_as_accurate_as_torch(tmp_path):
-    """An mm shaped like SmolLM2's lm_head backward (K = 49152, rows summing to ~0) is as close
-    to float64 as torch's own mm. MLX's CPU matmul over the whole K is ~10x further (measured
-    4.7e-6 against torch's 4.8e-7 here), which drifted SmolLM2's LoRA gradients to 1e-4."""
+def test_long_contraction_meets_the_rounding_bound_of_its_blocks(tmp_path):
+    """An mm shaped like SmolLM2's lm_head backward (K = 49152, rows summing to ~0) errs from
+    float64 by no more than the probabilistic rounding bound of blocked summation: a term
+    passes through its product, at most MATMUL_BLOCK - 1 additions inside its block (in any
+    order MLX's kernel takes) and at most K / MATMUL_BLOCK - 1 additions of the running sum.
+    The bound follows from those lengths alone, so it holds on any CPU; the float64
+    reference's own worst-case error is added to it.
+
+    MLX's CPU matmul over the whole K erred ~10x torch's mm here and drifted SmolLM2's LoRA
+    gradients to 1.1e-4 of the largest; test_smollm2_mlx_driver_matches_autograd, held to
+    1e-5 against float64, is the check that catches a return to it."""
     generator = torch.Generator().manual_seed(0)
     grad_logits = torch.softmax(torch.randn(16, 49152, generator=generator) * 3, dim=-1)
     grad_logits[torch.arange(16), torch.randint(0, 49152, (16,), generator=generator)] -= 1
     weight = torch.randn(49152, 64, generator=generator) * 0.05
     stage = make_fx(lambda a, b: (torch.mm(a, b),))(grad_logits, weight)
     (product,) = run_exported(stage, [grad_logits, weight], tmp_path / "mm")
-    exact = grad_logits.double() @ weight.double()
-
-    def error(y):
-        return ((y.double() - exact).abs().max() / exact.abs().max()).item()
-
-    assert error(product) <= 2 * error(grad_logits @ weight)
+    k = weight.shape[0]
+    length = mlx_target.MATMUL_BLOCK + math.ceil(k / mlx_target.MATMUL_BLOCK) - 1
+    bound = (probabilistic_rounding_bound(length, terms=product.numel() * k) + float64_rounding_bound(k)) \
+        * (grad_logits.double().abs() @ weight.double().abs())
+    error = (product.double() - grad_logits.double() @ weight.double()).abs()
+    assert (error <= bound).all(), f"worst error {(error / bound).max().item():.3g} x the bound"
 
 
 def test_unsupported_op_is_named(tmp_path):
@@ -113,8 +121,8 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", [Phase.FORWARD, Phase.BACKWARD])
-def test_smollm2_block_stage_matches_torch(smollm2, phase, tmp_path):
-    graph, values = captured_step(smollm2, seq=16, seed=3)
+def test_smollm2_block_stage_matches_torch(smollm2_step_values, phase, tmp_path):
+    graph, values = smollm2_step_values
     stage, inputs, expected = extract_stage(graph, block_nodes(graph, 7, phase), values)
     assert_outputs_close(run_exported(stage, inputs, tmp_path / "block"), expected)
 
@@ -210,15 +218,6 @@ def test_mlx_missing_artifact_fails_before_compute(mlx_artifacts, tmp_path):
         driver.Driver.open(edited_copy(mlx_artifacts, tmp_path, edit), CountingTarget(MLX))
 
 
-def test_mlx_refuses_a_vocab_sliced_plan(tmp_path):
-    model = lora_model("tiny-qwen2")
-    batch = random_batch(model.config.vocab_size, seq=16)
-    plan = mebp_compiler.compile(model, batch, "mebp", vocab_slices=2)
-    with pytest.raises(ValueError, match="mlx target does not support plans compiled with vocab_slices=2"):
-        write_mlx(partition(plan.graph), tmp_path, weights=False)
-    assert not list(tmp_path.iterdir())
-
-
 def test_cli_compiles_and_runs_an_mlx_directory(tmp_path, capsys):
     from mebp_compiler.cli import main
 
@@ -234,9 +233,10 @@ def test_cli_compiles_and_runs_an_mlx_directory(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mebp", "optimal"])
-def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_float64_reference, policy, tmp_path):
-    batch, mebp = smollm2_mebp
-    plan = compile_policy(smollm2, batch, policy, mebp)
+def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_plan, smollm2_float64_reference, policy,
+                                            tmp_path):
+    batch, _ = smollm2_mebp
+    plan = smollm2_plan(policy)
     part = partition(plan.graph, model="smollm2-135m")
     facts = write_mlx(part, tmp_path, weights=False)
     weights = {k: v.detach().numpy() for k, v in step_weights(smollm2, part).items()}

@@ -45,7 +45,7 @@ namespace mx = mlx::core;
 
 namespace {
 
-constexpr int kFormatVersion = 2;
+constexpr int kFormatVersion = 3;
 constexpr const char* kManifestFile = "manifest.json";
 constexpr const char* kTokenMagic = "MEBPTOK1";
 
@@ -183,6 +183,9 @@ Manifest read_manifest(const fs::path& dir) {
     if (data.has("adapter_keys"))
       for (const auto& [source, key] : data["adapter_keys"].members) m.adapter_keys[source] = key.str();
     m.optimizer = data["optimizer"];
+    if (data.has("updates") && !data["updates"].members.empty())
+      throw Failure("manifest: its stages apply fused optimizer updates (compiled with --fuse-update), which "
+                    "mebp-native does not run yet; compile without --fuse-update, or run it with `mebp run`");
   } catch (const json::Error& e) {
     throw Failure("corrupt manifest " + path.string() + ": " + e.what() + "; compile the artifacts again");
   }
@@ -202,6 +205,11 @@ Manifest read_manifest(const fs::path& dir) {
   if (!available.count(m.loss)) throw Failure("manifest: the loss is produced by no stage");
   for (const auto& [param, value] : m.grads)
     if (!available.count(value)) throw Failure("manifest: the gradient of " + param + " is produced by no stage");
+  for (const auto& [name, v] : m.values)
+    if (v.kind == "batch" && v.source != "input_ids" && v.source != "labels")
+      throw Failure("manifest: the step takes batch input '" + v.source + "', and this driver's token file carries "
+                    "input_ids and labels only; run these artifacts with the Python driver (mebp run without "
+                    "--native), or compile without it");
   if (m.weights_file.empty())
     throw Failure("the manifest names no weights file (compiled with --no-weights); the native driver reads the "
                   "weights from the directory: compile again with them");
