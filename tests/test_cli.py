@@ -60,8 +60,10 @@ BAD_TRAIN_ARGUMENTS = [
     (["--head-chunks", "auto"], "--head-chunks auto takes the fewest chunks whose step fits --budget"),
     (["--mlp-chunks", "64"], "--mlp-chunks 64 is more than the 32 tokens of --seq-len"),
     (["--vocab-slices", "1000"], "more than the 256 tokens of tiny-llama's vocabulary"),
-    (["--gguf-blocks"], "only smollm2-135m is"),
+    (["--gguf-blocks"], "tiny-llama is not loaded from one"),
     (["--model", "qwen-tiny"], "unknown model 'qwen-tiny'"),
+    (["--model", "/no/such/model"], "/no/such/model is neither a model directory nor a .gguf file"),
+    (["--model", "no-such-org/no-such-model"], "not in the local Hugging Face cache"),
     (["--method", "mezo", "--fuse-update", "--budget", "1GB"],
      "--budget, --fuse-update apply to --method backprop only"),
     (["--eps", "1e-3"], "--eps is MeZO's perturbation scale"),
@@ -184,3 +186,26 @@ def test_the_installed_command_checks_its_arguments_first_and_exits_2_with_one_l
     run = subprocess.run([MEBP, "run", str(tmp_path), "--steps", "0"], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr == "mebp run: error: argument --steps: must be 1 or more, got 0 (see mebp run --help)\n"
+
+
+def test_train_a_saved_model_by_path_and_load_its_adapter_with_peft(tmp_path, capsys):
+    """`--model DIR` trains a model saved with save_pretrained, with the tokenizer saved beside it; the
+    adapter names DIR, so peft's AutoPeftModelForCausalLM rebuilds the trained model from it alone."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    from tests.test_models import save_tiny_model_with_tokenizer
+
+    model_dir = save_tiny_model_with_tokenizer(tmp_path / "my-model")
+    assert main(["train", *TINY, "--model", str(model_dir), "--out", str(tmp_path / "run")]) == 0
+    assert "no tokenizer files" not in capsys.readouterr().err
+    adapter = tmp_path / "run" / "adapter"
+    assert (tmp_path / "run" / "history.json").is_file()
+    trained = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    assert trained.peft_config["default"].base_model_name_or_path == str(model_dir.resolve())
+    saved = load_file(adapter / "adapter_model.safetensors")
+    state = trained.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(state[key.replace(".weight", ".default.weight")], value)
+    assert any(value.abs().sum() > 0 for key, value in saved.items() if "lora_B" in key)  # it did train

@@ -46,6 +46,47 @@ def test_a_random_op_names_itself_and_its_module():
         mebp_compiler.compile(model, random_batch(model.config.vocab_size))
 
 
+def test_a_model_without_decoder_blocks_is_refused_before_tracing():
+    class Bigram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 16)
+
+        def forward(self, input_ids, labels, use_cache=False):
+            raise AssertionError("traced")
+
+    model = Bigram()
+    with pytest.raises(CaptureError, match="cannot find the decoder layers of Bigram"):
+        mebp_compiler.compile(model, random_batch(16))
+
+
+def test_a_block_shared_across_the_stack_is_refused_before_tracing():
+    model = lora_model("tiny-llama")
+    layers = model.base_model.model.model.layers
+    layers.append(layers[0])
+    model.base_model.model.config.num_hidden_layers = 3
+    with pytest.raises(CaptureError, match=r"blocks 0 and 2 of 'base_model.model.model.layers' are one module"):
+        mebp_compiler.compile(model, random_batch(model.config.vocab_size))
+
+
+def test_a_block_run_inside_another_is_refused():
+    model = lora_model("tiny-llama")
+    layers = model.base_model.model.model.layers
+    layers[1].register_forward_hook(lambda module, args, output: layers[0](output, **module.last_kwargs))
+    layers[1].register_forward_pre_hook(lambda module, args, kwargs: setattr(module, "last_kwargs", kwargs),
+                                        with_kwargs=True)
+    with pytest.raises(CaptureError, match=r"block '.*layers\.0' runs inside block '.*layers\.1'"):
+        mebp_compiler.compile(model, random_batch(model.config.vocab_size))
+
+
+def test_an_exception_while_tracing_names_its_module():
+    model = lora_model("tiny-llama")
+    mlp = model.base_model.model.model.layers[1].mlp
+    mlp.forward = lambda hidden: (_ for _ in ()).throw(RuntimeError("no"))
+    with pytest.raises(CaptureError, match=r"cannot trace module '.*layers\.1\.mlp': RuntimeError: no"):
+        mebp_compiler.compile(model, random_batch(model.config.vocab_size))
+
+
 def test_an_unknown_policy():
     model = lora_model("tiny-llama")
     with pytest.raises(ValueError, match="unknown policy 'fast'"):

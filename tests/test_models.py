@@ -171,6 +171,18 @@ def test_decoder_layers():
         models.decoder_layers(torch.nn.Linear(2, 2))
 
 
+def test_decoder_layers_found_at_any_path():
+    """GPT-2 keeps its blocks at transformer.h; an MoE's expert list inside a block is not the stack."""
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64))
+    assert models.decoder_layers(gpt2) is gpt2.transformer.h
+    moe = transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        num_local_experts=8, vocab_size=64))
+    assert models.decoder_layers(moe) is moe.model.layers
+
+
 def test_gguf_path_and_install_hint(monkeypatch):
     assert models.smollm2_gguf_path().is_file()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
@@ -206,3 +218,48 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     with torch.no_grad():
         next_id = model(input_ids=ids).logits[0, -1].argmax().item()
     assert tokenizer.decode([next_id]) == " Paris"
+
+
+def save_tiny_model_with_tokenizer(directory):
+    """tiny-llama saved with save_pretrained, with a byte-level BPE tokenizer of its vocabulary beside it."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    models.load("tiny-llama").save_pretrained(directory)
+    tokenizer = Tokenizer(tok_models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+    return directory
+
+
+def test_a_model_and_its_tokenizer_load_from_a_saved_directory(tmp_path):
+    directory = save_tiny_model_with_tokenizer(tmp_path / "saved")
+    original = models.load("tiny-llama")
+    loaded = models.load(str(directory))
+    assert loaded.name_or_path == str(directory.resolve())
+    assert loaded.config._attn_implementation == "eager" and loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), loaded.state_dict().values()))
+    assert models.config(str(directory)).vocab_size == 256
+    assert models.has_tokenizer(str(directory))
+    ids = models.load_tokenizer(str(directory))("the lazy fox")["input_ids"]
+    assert ids and max(ids) < 256
+    assert models.display_name(str(directory)) == "saved"
+
+
+def test_missing_sources_say_what_is_missing(tmp_path):
+    with pytest.raises(models.ModelNotFoundError, match="directory without config.json"):
+        models.load(str(tmp_path))
+    with pytest.raises(models.ModelNotFoundError, match="GGUF file .*missing.gguf does not exist"):
+        models.load(str(tmp_path / "missing.gguf"))
+    with pytest.raises(models.ModelNotFoundError, match="not in the local Hugging Face cache.*does not download"):
+        models.load("no-such-org/no-such-model")
+
+
+def test_a_gguf_file_is_a_model_source():
+    gguf = str(models.smollm2_gguf_path())
+    assert models.config(gguf).num_hidden_layers == 30
+    assert models.gguf_file_of(gguf) == models.smollm2_gguf_path()
+    assert models.has_tokenizer(gguf)
+    assert models.display_name(gguf) == "SmolLM2-135M-Instruct.Q4_1"

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 import mebp_compiler
 from mebp_compiler.checksums import seal_json, sha256_path
+from mebp_compiler.passes.fuse_update import OptimizerSettings
 from mebp_compiler.passes.partition import MANIFEST_FILE, partition
-from mebp_compiler.targets import load_target, native_driver
+from mebp_compiler.targets import driver, load_target, native_driver
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from mebp_compiler.train import make_optimizer
 from tests.conftest import (
@@ -332,18 +333,75 @@ def test_a_step_with_a_padding_mask_is_refused_not_run_without_it(native, tmp_pa
     assert "batch input 'attention_mask'" in stderr and "Python driver" in stderr
 
 
-def test_fused_updates_are_refused_in_one_line_before_any_compute(native, artifacts, tmp_path):
-    """mebp-native does not run fused optimizer updates yet (targets/driver.py does): it says so."""
-    import mebp_compiler
-    from tests.conftest import lora_model
+# ---------------------------------------------------------------- fused optimizer updates
 
-    directory, _, _ = artifacts
-    model = lora_model("tiny-llama")
-    batch = random_batch(model.config.vocab_size)
-    plan = mebp_compiler.compile(model, batch, "mebp", fuse_update=True)
-    part = partition(plan.graph, model="test")
-    write_artifacts(part, MLX, tmp_path / "fused", weights=step_weights(model, part), progress=False)
-    status, stderr = run_native(native, tmp_path / "fused", directory / "tokens.bin", tmp_path)
-    assert status == 1 and len(stderr.strip().splitlines()) == 1, stderr
-    assert "stages apply fused optimizer updates" in stderr and "--fuse-update" in stderr
+
+def export_fused(optimizer, directory):
+    """tiny-llama under mebp with disk checkpoints (it offloads), its stages applying `optimizer`
+    at lr LR (tests/test_fused_export.py)."""
+    from tests.test_fused_export import fused_plan
+
+    model, batch, plan = fused_plan()
+    part = partition(plan.graph, model="test", optimizer=OptimizerSettings(optimizer, lr=LR))
+    write_artifacts(part, MLX, directory, weights=step_weights(model, part), progress=False)
+    return model, batch, part
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_native_fused_updates_match_python_driver_and_torch_optim(native, optimizer, tmp_path):
+    """Two steps of stages that apply the update themselves: the native driver's losses and adapter
+    are the Python driver's on the same directory; each step's new parameters and state (written to
+    --grads-dir) are the optimizer's update of autograd's gradients at the parameters the previous
+    step made; the held bytes (optimizer state included) are the manifest's."""
+    from tests.test_fused_export import assert_fused_step_matches_autograd
+
+    model, batch, part = export_fused(optimizer, tmp_path / "artifacts")
+    batches = [batch, random_batch(model.config.vocab_size, seq=16, seed=1)]
+    tokens = native_driver.write_tokens(tmp_path / "tokens.bin", map(numpy_batch, batches))
+    out = tmp_path / "lora.safetensors"
+    result = native_driver.run(tmp_path / "artifacts", tokens, out, offload_dir=str(tmp_path / "flash"),
+                               grads_dir=str(tmp_path), driver=native)
+    assert result.optimizer == optimizer and result.lr == LR
+
+    python = driver.Driver.open(tmp_path / "artifacts", MLX)
+    python_losses = [python.train_step(numpy_batch(b)).loss for b in batches]
+    np.testing.assert_allclose(result.losses, python_losses, rtol=1e-6)
+    keys = part.manifest.adapter_keys
+    adapter = load_file(out)
+    assert adapter.keys() == {keys[source] for source in python.lora_arrays()}
+    for source, array in python.lora_arrays().items():
+        np.testing.assert_allclose(adapter[keys[source]].numpy(), array, rtol=1e-6, atol=1e-7 * LR)
+
+    settings = OptimizerSettings(optimizer, lr=LR)
+    reference = copy.deepcopy(model)
+    before = {n: p.detach().numpy().copy() for n, p in lora_parameters(reference).items()}
+    before.update(driver.initial_optimizer_state(part.manifest))
+    for step, step_batch in enumerate(batches, start=1):
+        updates = {k: t.numpy() for k, t in load_file(tmp_path / f"step{step}.safetensors").items()}
+        assert set(updates) == set(part.manifest.updates)
+        assert abs(result.losses[step - 1] - autograd_reference(reference, step_batch)[0].item()) <= 1e-5
+        assert_fused_step_matches_autograd(settings, before, updates, reference, step_batch, step)
+        with torch.no_grad():  # the next step's reference runs on the parameters the stages made
+            for n, p in lora_parameters(reference).items():
+                p.copy_(torch.from_numpy(updates[n]))
+        before = updates
+    for n, p in lora_parameters(reference).items():
+        assert torch.equal(adapter[keys[n]], p.detach())
+
+    manifest = part.manifest
+    assert result.held_before_bytes == [s.held_before_bytes for s in manifest.stages]
+    assert result.staged_peak_bytes == manifest.predicted_peak_bytes
+    assert result.flash_bytes_written > 0 and result.flash_bytes_read == result.flash_bytes_written
+
+
+def test_native_fused_updates_refuse_other_optimizer_settings(native, tmp_path):
+    """The stages' optimizer is compiled in: another one on the command line is an error, before any compute."""
+    model, batch, _ = export_fused("sgd", tmp_path / "artifacts")
+    tokens = native_driver.write_tokens(tmp_path / "tokens.bin", [numpy_batch(batch)])
+    with pytest.raises(native_driver.NativeDriverError,
+                       match=r"the stages apply sgd with lr 0\.01 .*\(compiled with fused updates\)"):
+        native_driver.run(tmp_path / "artifacts", tokens, tmp_path / "lora.safetensors", optimizer="adamw",
+                          driver=native)
     assert not (tmp_path / "lora.safetensors").exists()
+    native_driver.run(tmp_path / "artifacts", tokens, tmp_path / "lora.safetensors", optimizer="sgd", lr=LR,
+                      driver=native)  # the stages' own settings are accepted

@@ -9,8 +9,9 @@
 // SHA-256 of every file it lists, the weights file's tensors, every stage file (MLX loads it,
 // its signature matches the manifest) and the token file (shape, ids in range). Then each
 // step runs the stages in order, writes offloaded values to memory-mapped files and maps them
-// back, applies the optimizer to the LoRA parameters, and after the last step writes the
-// adapter (peft's keys) atomically. One JSON line on stdout reports the losses, the bytes
+// back, applies the optimizer to the LoRA parameters (or, for a manifest with fused updates,
+// carries the new LoRA parameters and optimizer state the stages return into the next step),
+// and after the last step writes the adapter (peft's keys) atomically. One JSON line on stdout reports the losses, the bytes
 // held, and the process's peak RSS; an error is one line on stderr and exit status 1 (2 for
 // a bad command line), and nothing is written.
 
@@ -127,6 +128,7 @@ struct Manifest {
   std::map<std::string, ValueSpec> values;
   std::vector<StageSpec> stages;
   std::vector<std::pair<std::string, std::string>> grads;  // LoRA source name -> gradient value
+  std::vector<std::pair<std::string, std::string>> updates;  // LoRA or optimizer source name -> update value
   std::map<std::string, std::string> files;                // file -> SHA-256
   std::map<std::string, std::string> adapter_keys;         // LoRA source name -> peft key
   json::Value optimizer;
@@ -134,7 +136,8 @@ struct Manifest {
 };
 
 bool is_step_input(const ValueSpec& v) {
-  return (v.kind == "frozen" || v.kind == "lora" || v.kind == "batch" || v.kind == "mapped") && v.reload_of.empty();
+  return (v.kind == "frozen" || v.kind == "lora" || v.kind == "batch" || v.kind == "mapped" || v.kind == "optimizer") &&
+         v.reload_of.empty();
 }
 
 Manifest read_manifest(const fs::path& dir) {
@@ -183,9 +186,8 @@ Manifest read_manifest(const fs::path& dir) {
     if (data.has("adapter_keys"))
       for (const auto& [source, key] : data["adapter_keys"].members) m.adapter_keys[source] = key.str();
     m.optimizer = data["optimizer"];
-    if (data.has("updates") && !data["updates"].members.empty())
-      throw Failure("manifest: its stages apply fused optimizer updates (compiled with --fuse-update), which "
-                    "mebp-native does not run yet; compile without --fuse-update, or run it with `mebp run`");
+    if (data.has("updates"))
+      for (const auto& [source, value] : data["updates"].members) m.updates.emplace_back(source, value.str());
   } catch (const json::Error& e) {
     throw Failure("corrupt manifest " + path.string() + ": " + e.what() + "; compile the artifacts again");
   }
@@ -205,6 +207,14 @@ Manifest read_manifest(const fs::path& dir) {
   if (!available.count(m.loss)) throw Failure("manifest: the loss is produced by no stage");
   for (const auto& [param, value] : m.grads)
     if (!available.count(value)) throw Failure("manifest: the gradient of " + param + " is produced by no stage");
+  std::set<std::string> updatable;
+  for (const auto& [name, v] : m.values)
+    if ((v.kind == "lora" || v.kind == "optimizer") && is_step_input(v)) updatable.insert(v.source);
+  for (const auto& [source, value] : m.updates) {
+    if (!available.count(value)) throw Failure("manifest: the update of " + source + " is produced by no stage");
+    if (!updatable.count(source))
+      throw Failure("manifest: it updates '" + source + "', which is no LoRA or optimizer step input");
+  }
   for (const auto& [name, v] : m.values)
     if (v.kind == "batch" && v.source != "input_ids" && v.source != "labels")
       throw Failure("manifest: the step takes batch input '" + v.source + "', and this driver's token file carries "
@@ -297,7 +307,7 @@ std::map<std::string, mx::array> map_weights(const fs::path& path, const Manifes
   std::map<std::string, mx::array> arrays;
   for (const auto& name : m.value_order) {
     const ValueSpec& v = m.values.at(name);
-    if (!is_step_input(v) || v.kind == "batch") continue;
+    if (!is_step_input(v) || v.kind == "batch" || v.kind == "optimizer") continue;
     if (!header.has(v.source)) throw Failure(path.string() + " has no tensor '" + v.source + "' the manifest needs");
     const json::Value& t = header[v.source];
     try {
@@ -509,7 +519,8 @@ Rss read_rss() {
 
 struct StepResult {
   float loss = 0;
-  std::map<std::string, mx::array> grads;  // LoRA source name -> gradient
+  std::map<std::string, mx::array> grads;    // LoRA source name -> gradient
+  std::map<std::string, mx::array> updates;  // LoRA or optimizer source name -> its value after the step
   std::vector<int64_t> held_before, held_during;
   int64_t staged_peak = 0;
   Rss peak;  // most anonymous and file-backed RSS seen when a stage returned
@@ -566,6 +577,11 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
     mx::array g = mx::contiguous(env.at(value));
     mx::eval(g);
     r.grads.emplace(param, g);
+  }
+  for (const auto& [source, value] : m.updates) {
+    mx::array u = mx::contiguous(env.at(value));
+    mx::eval(u);
+    r.updates.emplace(source, u);
   }
   return r;
 }
@@ -732,6 +748,12 @@ int run(const Args& args) {
   auto fns = load_stages(m, args.dir);
   Tokens tokens = read_tokens(args.tokens, m);
   Optimizer optimizer = make_optimizer(m.optimizer);
+  const bool fused = !m.updates.empty();  // the stages apply the optimizer; the driver carries its state
+  if (fused && ((args.optimizer && *args.optimizer != optimizer.name) || (args.lr && *args.lr != optimizer.lr) ||
+                (args.weight_decay && *args.weight_decay != optimizer.weight_decay)))
+    throw Failure("the stages apply " + optimizer.name + " with lr " + json::python_float(optimizer.lr) +
+                  " and weight decay " + json::python_float(optimizer.weight_decay) +
+                  " (compiled with fused updates); other settings need another compile");
   if (args.optimizer) optimizer.name = *args.optimizer;
   if (args.lr) optimizer.lr = *args.lr;
   if (args.weight_decay) optimizer.weight_decay = *args.weight_decay;
@@ -751,6 +773,15 @@ int run(const Args& args) {
   }
   for (const auto& [param, value] : m.grads)
     if (!lora.count(param)) throw Failure("manifest: gradient for '" + param + "', which is not a LoRA step input");
+  // Optimizer state (AdamW's moments and step count) starts at zeros, as torch's does.
+  for (const auto& name : m.value_order) {
+    const ValueSpec& v = m.values.at(name);
+    if (v.kind != "optimizer" || !is_step_input(v)) continue;
+    if (v.dtype != "float32") throw Failure("optimizer state '" + v.source + "' is " + v.dtype + "; the driver carries float32 state");
+    mx::array zeros = mx::zeros(v.shape, dtype_named(v.dtype).mlx);
+    mx::eval(zeros);
+    weights.insert_or_assign(v.source, zeros);
+  }
 
   OffloadStore store(args.offload_dir);
   const int64_t per_step = m.batch_shape[0] * m.batch_shape[1];
@@ -773,13 +804,22 @@ int run(const Args& args) {
           throw Failure("step " + std::to_string(step + 1) + ": the gradient of " + param +
                         " is not finite; no update applied and no adapter written; lower --lr");
     }
-    if (!args.grads_dir.empty())
-      write_safetensors(args.grads_dir / ("step" + std::to_string(step + 1) + ".safetensors"), r.grads);
+    if (!args.grads_dir.empty())  // with fused updates there are no gradients: the step's new values instead
+      write_safetensors(args.grads_dir / ("step" + std::to_string(step + 1) + ".safetensors"), fused ? r.updates : r.grads);
     mx::synchronize();
-    ++optimizer.step;
-    for (auto& [param, g] : r.grads) {
-      mx::array& p = lora.at(param);
-      optimizer.apply(param, p.data<float>(), g.data<float>(), p.size());
+    if (fused) {
+      // The stages' new LoRA parameters and optimizer state replace the old ones, for the next step.
+      for (const auto& [source, u] : r.updates) {
+        weights.insert_or_assign(source, u);
+        if (lora.count(source)) lora.insert_or_assign(source, u);
+      }
+      r.updates.clear();
+    } else {
+      ++optimizer.step;
+      for (auto& [param, g] : r.grads) {
+        mx::array& p = lora.at(param);
+        optimizer.apply(param, p.data<float>(), g.data<float>(), p.size());
+      }
     }
     losses.push_back(r.loss);
     peak.anon = std::max(peak.anon, r.peak.anon);
