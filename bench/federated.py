@@ -38,14 +38,14 @@ from mebp_compiler.train import make_optimizer, train
 BUDGETS = ("64MB", "256MB", "512MB", "1GB")
 
 
-def central_reference(settings: federated.ModelSettings, clients, heldout: torch.Tensor, rounds: int,
-                      steps_per_round: int, config: federated.TrainConfig, budget: int) -> list[dict]:
-    """All clients' blocks on one device: `steps_per_round` steps per 'round', held-out loss after each."""
+def central_reference(settings: federated.ModelSettings, clients, heldout: torch.Tensor, start: dict,
+                      rounds: int, steps_per_round: int, config: federated.TrainConfig, budget: int) -> list[dict]:
+    """All clients' blocks on one device from the federation's `start`: `steps_per_round` steps per 'round'."""
     model = models.add_lora(models.load(settings.model, seed=settings.seed),
                             models.LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha))
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in federated.initial_lora(settings).items():
+        for name, value in start.items():
             params[name].copy_(value)
     ids = torch.zeros((settings.batch_size, settings.seq_len), dtype=torch.int64)
     plan = compile(model, {"input_ids": ids, "labels": ids}, "optimal", budget=budget, device=settings.device,
@@ -159,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
                 refusals[int(reason.split()[1])] = " ".join(reason.split(":", 1)[1].split()[:12]) + " ..."
     trained = {c["client"] for r in rounds for c in r["clients"]}
     steps_per_round = args.local_steps * len(trained)
-    central = central_reference(settings, clients, heldout, args.rounds, steps_per_round, config, max(budgets))
     study = {
         "settings": {**vars(args), "lora_r": settings.lora_r, "model": settings.model, "int4": settings.int4,
                      "device": settings.device},
@@ -168,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_blocks": int(heldout.shape[0]),
         "federated": rounds,
         "federated_wall_s": federated_s,
-        "central": central,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", study)  # the federated half survives a failed reference run
+    study["central"] = central_reference(settings, clients, heldout, result.rounds[0].aggregate, args.rounds,
+                                         steps_per_round, config, max(budgets))
     atomic_write_json(out / "study.json", study)
     atomic_write_text(out / "table.md", table(study))
     figure(study, out / "loss.png")

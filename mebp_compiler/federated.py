@@ -182,10 +182,16 @@ def _array_bytes(arrays: ArrayRecord) -> int:
 
 
 @functools.cache
+def _model_and_start(settings: ModelSettings) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The process's one copy of the LoRA model, and a copy of its LoRA parameters as peft initialised them."""
+    model = models.add_lora(models.load(settings.model, seed=settings.seed),
+                            models.LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha))
+    return model, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def _lora_model(settings: ModelSettings) -> torch.nn.Module:
     """The process's one copy of the LoRA model; every plan of this process steps its parameters."""
-    model = models.load(settings.model, seed=settings.seed)
-    return models.add_lora(model, models.LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha))
+    return _model_and_start(settings)[0]
 
 
 @functools.cache
@@ -217,9 +223,8 @@ def load_lora(settings: ModelSettings, lora: dict[str, torch.Tensor]) -> torch.n
 
 
 def initial_lora(settings: ModelSettings) -> dict[str, torch.Tensor]:
-    """The starting global LoRA parameters (peft's init on the seeded model), by parameter name."""
-    model = _lora_model(settings)
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """The starting global LoRA parameters: peft's init of this process's model (whatever it holds now), by name."""
+    return {name: value.clone() for name, value in _model_and_start(settings)[1].items()}
 
 
 def client_app(settings: ModelSettings, clients: Sequence[ClientSpec], threads: int = 1) -> ClientApp:
