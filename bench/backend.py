@@ -36,7 +36,7 @@ methods:
                  torch._functorch.config.activation_memory_budget = R: PyTorch's min-cut
                  partitioner saves about R x the activation bytes it would save unconstrained
                  (a ratio, not a bound); graphs run as plain fx code, like ours
-  mebp-SIZE      torch.compile(model, backend="mebp", options={"memory_budget": SIZE}); the
+  mebp-SIZE      torch.compile(model, backend="mebp", options={"activation_budget": SIZE}); the
                  scheduler's device profile is cpu-local, or DEVICE for mebp-SIZE@DEVICE;
                  mebp-SIZE-untrimmed also sets trim_heap=False (no malloc_trim between
                  layers), to show what the heap keeps without it
@@ -99,7 +99,7 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
         spec = method[5:]
         untrimmed = spec.endswith("-untrimmed")
         budget, _, device = spec.removesuffix("-untrimmed").partition("@")
-        options = {"memory_budget": budget, "work_limit": args.work_limit, "device": device or "cpu-local",
+        options = {"activation_budget": budget, "work_limit": args.work_limit, "device": device or "cpu-local",
                    "trim_heap": not untrimmed}
         forward = torch.compile(model, backend="mebp", options=options)
         backend = backend_for(options)
@@ -157,7 +157,7 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
     rec["allocator_peak_bytes"], _ = allocator_peak(step)
     clear_grads()
     if backend is not None:
-        rec["budget_bytes"] = backend.options.memory_budget_bytes
+        rec["budget_bytes"] = backend.options.activation_budget_bytes
         rec["graphs"] = [{"budget_bytes": g.budget_bytes, "model_peak_bytes": g.model_peak_bytes,
                           "kept_bytes": g.kept_bytes, "last_saved_bytes": g.last_saved_bytes,
                           "offloaded_bytes": g.last_offloaded_bytes, "decisions": g.counts(),

@@ -96,7 +96,7 @@ def run_child(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
     lora = [p for p in model.parameters() if p.requires_grad]
-    options = {"memory_budget": args.budget, "work_limit": args.work_limit, "trim_heap": args.trim}
+    options = {"activation_budget": args.budget, "work_limit": args.work_limit, "trim_heap": args.trim}
     compiled = torch.compile(model, backend="mebp", options=options)
 
     def step() -> None:
@@ -149,7 +149,7 @@ def time_child(args: argparse.Namespace) -> dict:
     steps = {}
     for trim in (True, False):
         net = model if trim else copy.deepcopy(model)
-        options = {"memory_budget": args.budget, "work_limit": args.work_limit, "trim_heap": trim}
+        options = {"activation_budget": args.budget, "work_limit": args.work_limit, "trim_heap": trim}
         compiled = torch.compile(net, backend="mebp", options=options)
         lora = [p for p in net.parameters() if p.requires_grad]
 

@@ -1,6 +1,6 @@
 """The torch.compile backend `mebp`: memory-budgeted training inside an ordinary PyTorch loop.
 
-    model = torch.compile(model, backend="mebp", options={"memory_budget": "512MB"})
+    model = torch.compile(model, backend="mebp", options={"activation_budget": "512MB"})
     loss = model(**batch).loss
     loss.backward()
     optimizer.step()
@@ -26,12 +26,15 @@ call `malloc_trim(0)` when they start and where one transformer layer's ops end 
 next one's begin, so freed pages go back to the OS once per layer and the RSS follows the
 bytes the plan holds.
 
-What the budget covers, per graph: every tensor the graph computes (forward activations,
-the tensors kept for the backward, backward temporaries, gradients and the graph's
-outputs) plus its inputs that are not parameters (token ids, a hidden state passed from an
-earlier graph, the backward's incoming gradients; buffers too). Not covered: parameters
-(`nn.Parameter`s, held by the module whether or not the model trains), optimizer state,
-and what the Python code around the graphs allocates.
+What `activation_budget` covers, per graph: every tensor the graph computes (forward
+activations, the tensors kept for the backward, backward temporaries, gradients and the
+graph's outputs) plus its inputs that are not parameters (token ids, a hidden state passed
+from an earlier graph, the backward's incoming gradients; buffers too). Not covered:
+parameters (`nn.Parameter`s, held by the module whether or not the model trains), optimizer
+state, and what the Python code around the graphs allocates. That is why it is not called
+a budget alone: `compile(budget=...)` and `mebp train --budget` cap the whole step, weights,
+LoRA parameters and optimizer state included (README, "What a budget counts"). The option's
+old name `memory_budget` is deprecated and means the same bytes.
 
 Under `torch.no_grad()` dynamo hands over inference graphs: nothing is kept for a backward,
 so there is nothing to decide, but the budget still holds: a graph whose predicted peak
@@ -52,6 +55,7 @@ while an earlier one runs its backward (returned logits, LoRA gradients).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import warnings
@@ -83,10 +87,19 @@ from mebp_compiler.passes.schedule.problem import build_problem
 from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT, BudgetInfeasible, solve
 from mebp_compiler.schedule import Decision
 
-OPTION_NAMES = ("memory_budget", "device", "offload_dir", "work_limit", "offload", "trim_heap")
-DEPRECATED_OPTIONS = {"time_limit_s": "work_limit"}
+OPTION_NAMES = ("activation_budget", "device", "offload_dir", "work_limit", "offload", "trim_heap")
+#: Old option name -> (new name, what the warning adds).
+DEPRECATED_OPTIONS = {
+    "time_limit_s": ("work_limit", "the scheduler's limit is deterministic work; the same number is used"),
+    "memory_budget": ("activation_budget", "it counts what the compiled graphs compute and hold, not the parameters "
+                                           "or optimizer state that a whole-step budget counts; the same bytes"),
+}
 
 _LAYER = re.compile(r"layers\W*(\d+)")
+
+
+NEEDS_BUDGET = ('the mebp backend needs options={"activation_budget": ...}, e.g. "512MB": the bytes its graphs '
+                'may compute and hold, parameters and optimizer state not counted')
 
 
 class BackendError(ValueError):
@@ -97,8 +110,9 @@ class BackendError(ValueError):
 class BackendOptions:
     """What `options={...}` of `torch.compile(..., backend="mebp")` may set.
 
-    `memory_budget`: bytes or a human size ("512MB", "1.5GiB"), for all graphs of the
-    compiled model together (see the module docstring for what it covers).
+    `activation_budget`: bytes or a human size ("512MB", "1.5GiB"), for all graphs of the
+    compiled model together (see the module docstring for what it covers; `memory_budget`
+    is its deprecated name).
     `device`: a device profile name or JSON path; it turns FLOPs and bytes into the seconds
     the scheduler trades off (default `cpu-local`). `offload_dir`: where offloaded tensors
     go (default: a temporary directory). `work_limit`: the scheduler's limit per graph, in
@@ -110,7 +124,7 @@ class BackendOptions:
     `malloc_trim`).
     """
 
-    memory_budget_bytes: int
+    activation_budget_bytes: int
     device: DeviceProfile
     offload_dir: str | None = None
     work_limit: float = DEFAULT_WORK_LIMIT
@@ -120,19 +134,19 @@ class BackendOptions:
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
         options = dict(options or {})
-        for old, new in DEPRECATED_OPTIONS.items():
+        for old, (new, why) in DEPRECATED_OPTIONS.items():
             if old in options:
-                warnings.warn(f"the mebp backend option {old!r} is deprecated: use {new!r} (the scheduler's limit "
-                              "is deterministic work; the same number is used)", DeprecationWarning, stacklevel=3)
+                warnings.warn(f"the mebp backend option {old!r} is deprecated: use {new!r} ({why})",
+                              DeprecationWarning, stacklevel=3)
                 options.setdefault(new, options.pop(old))
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise BackendError(f"unknown mebp backend option(s) {unknown}; the options are {list(OPTION_NAMES)}")
-        if "memory_budget" not in options:
-            raise BackendError('the mebp backend needs options={"memory_budget": ...}, e.g. "512MB"')
-        budget = parse_size(options["memory_budget"])
+        if "activation_budget" not in options:
+            raise BackendError(NEEDS_BUDGET)
+        budget = parse_size(options["activation_budget"])
         if budget <= 0:
-            raise BackendError(f"memory_budget must be positive, got {options['memory_budget']!r}")
+            raise BackendError(f"activation_budget must be positive, got {options['activation_budget']!r}")
         work_limit = float(options.get("work_limit", DEFAULT_WORK_LIMIT))
         if not work_limit > 0:
             raise BackendError(f"work_limit must be positive, got {work_limit}")
@@ -176,7 +190,7 @@ class GraphPlan:
 class MebpBackend:
     """A torch.compile backend object; one instance plans all graphs of one compiled model.
 
-    `torch.compile(model, backend=MebpBackend(memory_budget="512MB"))` is the same as
+    `torch.compile(model, backend=MebpBackend(activation_budget="512MB"))` is the same as
     `backend="mebp", options={...}`; the instance keeps the plans (`graphs`) for inspection.
     """
 
@@ -201,7 +215,7 @@ class MebpBackend:
         )(gm, example_inputs)
 
     def summary(self) -> str:
-        lines = [f"mebp backend: budget {format_bytes(self.options.memory_budget_bytes)}, "
+        lines = [f"mebp backend: activation budget {format_bytes(self.options.activation_budget_bytes)}, "
                  f"device {self.options.device.name}, {len(self.graphs)} graph(s)"]
         for i, g in enumerate(self.graphs):
             lines.append(f"  graph {i}: share {format_bytes(g.budget_bytes)}, model peak "
@@ -236,7 +250,7 @@ class _GraphState:
             if attrs.get("output"):  # a forward output the caller holds: offloading frees nothing
                 attrs["offloadable"] = False
         held_before = sum(g.kept_bytes for g in self.earlier)
-        share = options.memory_budget_bytes - held_before
+        share = options.activation_budget_bytes - held_before
         problem = build_problem(dag)
         try:
             solution = solve(problem, max(share, 0), options.device, work_limit=options.work_limit,
@@ -246,7 +260,7 @@ class _GraphState:
             dominated = list(exc.dominated_by)
             if held_before:
                 dominated.append((f"kept by {len(self.earlier)} earlier graph(s) of this model", held_before))
-            raise BudgetInfeasible(options.memory_budget_bytes, least,
+            raise BudgetInfeasible(options.activation_budget_bytes, least,
                                    sorted(dominated, key=lambda kv: -kv[1]), exc.least, exc.least_proven) from None
 
         saved = saved_for_backward(joint, graph, solution.decisions)
@@ -287,9 +301,9 @@ class _GraphState:
         profile = liveness(joint_training_graph(gm, self.is_parameter))
         covered = tuple(r for r in Role if r != Role.FROZEN)
         peak = profile.peak_bytes_of(covered)
-        if peak > options.memory_budget_bytes:
+        if peak > options.activation_budget_bytes:
             dominated = [(f"{s.owner} (inference graph)", s.nbytes) for s in profile.live_at_peak if s.role in covered]
-            raise BudgetInfeasible(options.memory_budget_bytes, peak, dominated)
+            raise BudgetInfeasible(options.activation_budget_bytes, peak, dominated)
         self.backend.inference_peaks.append(peak)
         return boxed_nop(gm, example_inputs)
 
@@ -491,20 +505,27 @@ def _check_static(node: fx.Node) -> None:
                                "new shape then gets its own plan) or pad batches to one shape")
 
 
-_BACKENDS: dict[int, tuple[Mapping[str, Any], MebpBackend]] = {}
+_BACKENDS: dict[str, MebpBackend] = {}
 
 
 def backend_for(options: Mapping[str, Any]) -> MebpBackend:
-    """The MebpBackend that `backend="mebp", options=options` uses (one per options object)."""
-    entry = _BACKENDS.get(id(options))
-    if entry is None or entry[0] is not options:
-        entry = (options, MebpBackend(**options))
-        _BACKENDS[id(options)] = entry
-    return entry[1]
+    """The MebpBackend that `backend="mebp", options=options` uses: one per distinct options, matched by value.
+
+    Equal options give the same backend, and so one budget ledger, however often they are
+    copied on their way to dynamo (HF Trainer and accelerate copy them; each recompile
+    passes them again). Two models compiled with equal options therefore share a budget:
+    give each its own `MebpBackend(...)` object (`backend=MebpBackend(...)`) to plan them
+    apart.
+    """
+    key = json.dumps({k: options[k] for k in sorted(options)}, default=str)
+    backend = _BACKENDS.get(key)
+    if backend is None:
+        backend = _BACKENDS[key] = MebpBackend(**options)
+    return backend
 
 
 def mebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None):
     """The `mebp` backend as dynamo calls it: `torch.compile(model, backend="mebp", options={...})`."""
     if options is None:
-        raise BackendError('the mebp backend needs options={"memory_budget": ...}, e.g. "512MB"')
+        raise BackendError(NEEDS_BUDGET)
     return backend_for(options)(gm, example_inputs)

@@ -1,9 +1,16 @@
-"""The `mebp` command line."""
+"""The `mebp` command line.
+
+Only the chosen command's arguments are built, and nothing imports torch, transformers or
+peft before the arguments are checked, so `mebp --help` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
+import os
 import sys
 import textwrap
 import time
@@ -12,18 +19,21 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
 DEMO_STEPS = 60
 DEMO_SEQ_LEN = 128
 BACKPROP_LR = 2e-3
 MEZO_LR = 1e-4
 MEZO_EPS = 1e-3
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 EPILOG = """\
 examples:
   mebp train                                  # demo: LoRA on SmolLM2-135M, pydoc text, mebp policy
-  mebp train --data notes.txt --steps 200     # your own text (.txt, or .jsonl with a "text" field)
+  mebp train --data notes.txt --steps 200     # your own text (.txt, or .jsonl: text, prompt/completion, chat)
+  mebp train --data chat.jsonl --mask-prompt --eval-every 20 --lr-schedule cosine --warmup-steps 10
+  mebp eval --adapter runs/train-smollm2-135m/adapter   # held-out loss, perplexity, next-token accuracy
+  mebp generate --adapter runs/train-smollm2-135m/adapter --prompt "The capital of France is"
+  mebp merge --adapter runs/train-smollm2-135m/adapter --out merged/   # one safetensors model
   mebp compile --model smollm2-135m --budget 700MB   # optimal schedule under a hard cap
   mebp plan --model qwen2.5-0.5b --seq-len 256   # predicted memory of a real-size model (meta device)
   mebp compare                                # backprop (mebp, optimal) vs. MeZO on SmolLM2-135M (README)
@@ -71,10 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
+    debug.add_argument("--config", default=None, metavar="FILE",
+                       help="a YAML or JSON file of this command's settings, flag names as keys (e.g. "
+                            "steps: 200, lr-schedule: cosine); flags given on the command line override it")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_compile, _add_plan, _add_compare, _add_run, _add_federate):
-        add(sub, debug)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (summary, add) in COMMANDS.items():
+        if name == chosen:
+            add(sub, debug)
+        else:  # listed in `mebp --help`; its arguments are built only when it is the command
+            sub.add_parser(name, help=summary)
     try:
+        if chosen is not None:
+            argv = with_config(argv, chosen, sub.choices[chosen])
         args = parser.parse_args(argv)
     except _ArgumentError as exc:
         print(f"{exc.prog}: error: {exc}", file=sys.stderr)
@@ -83,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _phase_lines():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             if not args.debug:
                 warnings.showwarning = _show_warning
             args.check(args)
+            import torch
+
             torch.set_num_threads(args.threads)
             return args.run(args)
     except Exception as exc:
@@ -99,6 +121,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mebp {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _phase_lines():
+    """Show the library's phase lines (`mebp_compiler.progress`) on stderr as `[mebp] ...` while the command runs."""
+    logger = logging.getLogger("mebp_compiler")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[mebp] %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -117,7 +155,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _report(command: str, exc: Exception) -> int:
     """Print `exc` as one line (or, for a bug, its traceback and how to report it); the exit code."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (UsageError, *_user_errors())):
+    if isinstance(exc, UsageError) or isinstance(exc, _user_errors()):
         print(f"mebp {command}: error: {message}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     traceback.print_exception(exc)
@@ -188,10 +226,12 @@ def _head_chunks(text: str) -> int | str:
 def _model(name: str) -> str:
     """argparse type: a built-in model name, or a model source (`models.resolve`): a directory or
     .gguf file (made absolute) or a Hugging Face id in the local cache."""
+    from mebp_compiler.model_names import MODEL_NAMES
+
+    if name in MODEL_NAMES:  # checked without importing transformers
+        return name
     from mebp_compiler import models
 
-    if models.is_builtin(name):
-        return name
     try:
         source = models.resolve(name)
     except (models.UnknownModelError, models.ModelNotFoundError) as exc:
@@ -203,13 +243,95 @@ def _model(name: str) -> str:
 
 def _tokenizer(model: str):
     """The model's own tokenizer (`models.load_tokenizer`), else UTF-8 bytes (`data.ByteTokenizer`)."""
-    from mebp_compiler import data, models
+    from mebp_compiler import adapters, models
 
-    if models.has_tokenizer(model):
-        return models.load_tokenizer(model)
-    if not models.is_builtin(model):
+    if not models.is_builtin(model) and not models.has_tokenizer(model):
         _say(f"{model} has no tokenizer files; the text is fed as UTF-8 bytes (token ids 0-255)")
-    return data.ByteTokenizer()
+    return adapters.tokenizer_for(model)
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and less than 1, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
+def _directory(text: str) -> str:
+    """argparse type: an existing directory."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return text
+
+
+def with_config(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str]:
+    """`argv` with the settings of its `--config FILE` put in as flags right after `command`.
+
+    The file (YAML, or JSON by its suffix) maps flag names (`steps`, `lr-schedule` or
+    `lr_schedule`) to values: true gives a bare flag, false or null leaves it out, a list
+    repeats the values. They come before the command line's own flags, so those override
+    them, and argparse checks them as it checks flags.
+    """
+    rest = argv[argv.index(command) + 1:]
+    path = None
+    for i, token in enumerate(rest):
+        if token == "--config" and i + 1 < len(rest):
+            path = rest[i + 1]
+        elif token.startswith("--config="):
+            path = token.split("=", 1)[1]
+    if path is None:
+        return argv
+    settings = _read_config(Path(path), parser.prog)
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + str(key).replace("_", "-")
+        if flag not in parser._option_string_actions or flag in ("--config", "--help"):
+            raise _ArgumentError(parser.prog, f"--config {path}: {key!r} is not a setting of {parser.prog}")
+        if value is True:
+            flags.append(flag)
+        elif value is not False and value is not None:
+            flags += [flag, *(str(v) for v in (value if isinstance(value, list) else [value]))]
+    at = argv.index(command) + 1
+    return [*argv[:at], *flags, *argv[at:]]
+
+
+def _read_config(path: Path, prog: str) -> dict:
+    import json
+
+    if not path.is_file():
+        raise _ArgumentError(prog, f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json":
+        kind, parse, errors = "JSON", json.loads, (ValueError,)
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise _ArgumentError(prog, f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                                       "or write the settings as a .json file") from None
+        kind, parse, errors = "YAML", yaml.safe_load, (yaml.YAMLError,)
+    try:
+        settings = parse(text)
+    except errors as exc:
+        raise _ArgumentError(prog, f"--config {path}: not valid {kind} ({' '.join(str(exc).split())})") from None
+    if not isinstance(settings, dict):
+        raise _ArgumentError(prog, f"--config {path}: expected a mapping of flag names to values")
+    return settings
 
 
 def _device(name: str) -> str:
@@ -225,8 +347,6 @@ def _device(name: str) -> str:
 
 def _check_common(args) -> None:
     """Check how the options of `_add_common` combine (each one's own range is its argparse type)."""
-    from mebp_compiler import models
-
     policy = _policy(args)
     if args.budget is not None and policy != "optimal":
         raise UsageError(f"--budget caps the schedule of --policy optimal (the default when --budget is given), "
@@ -240,14 +360,17 @@ def _check_common(args) -> None:
         if chunks != "auto" and chunks > args.seq_len:
             raise UsageError(f"{flag} {chunks} is more than the {args.seq_len} tokens of --seq-len: "
                              f"give at most {args.seq_len}")
-    vocab_size = models.config(args.model).vocab_size
-    if args.vocab_slices > vocab_size:
-        raise UsageError(f"--vocab-slices {args.vocab_slices} is more than the {vocab_size} tokens of "
-                         f"{args.model}'s vocabulary: give at most {vocab_size}")
-    if args.gguf_blocks and models.gguf_file_of(args.model) is None:
-        raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and "
-                         f"{args.model} is not loaded from one (give smollm2-135m or a .gguf file); drop "
-                         "--gguf-blocks or use --int4")
+    if args.offload_dir is not None and Path(args.offload_dir).exists() and not Path(args.offload_dir).is_dir():
+        raise UsageError(f"--offload-dir {args.offload_dir} is a file, not a directory")
+    if not (args.gguf_blocks or args.int4 or args.vocab_slices):
+        return
+    from mebp_compiler import models  # last: these need the model's shapes, from transformers
+
+    if args.gguf_blocks:
+        if models.gguf_file_of(args.model) is None:
+            raise UsageError(f"--gguf-blocks keeps the blocks of the GGUF file a model is loaded from, and "
+                             f"{args.model} is not loaded from one (give smollm2-135m or a .gguf file); drop "
+                             "--gguf-blocks or use --int4")
     if args.int4 and not args.gguf_blocks:
         from mebp_compiler.passes.quantize import GroupSizeError, check_group_size
 
@@ -255,8 +378,11 @@ def _check_common(args) -> None:
             check_group_size(dict(models.load(args.model, device="meta").named_parameters()), args.group_size)
         except GroupSizeError as exc:
             raise UsageError(f"--group-size: {exc}") from None
-    if args.offload_dir is not None and Path(args.offload_dir).exists() and not Path(args.offload_dir).is_dir():
-        raise UsageError(f"--offload-dir {args.offload_dir} is a file, not a directory")
+    if args.vocab_slices:
+        vocab_size = models.config(args.model).vocab_size
+        if args.vocab_slices > vocab_size:
+            raise UsageError(f"--vocab-slices {args.vocab_slices} is more than the {vocab_size} tokens of "
+                             f"{args.model}'s vocabulary: give at most {vocab_size}")
 
 
 def _check_out_dir(out: str | None) -> None:
@@ -271,15 +397,33 @@ def _check_train(args) -> None:
                          "--optimizer": args.optimizer is not None, "--checkpoints": args.checkpoints != "ram",
                          "--head-chunks": args.head_chunks != 0, "--vocab-slices": args.vocab_slices != 0,
                          "--mlp-chunks": args.mlp_chunks != 0, "--int4": args.int4,
-                         "--gguf-blocks": args.gguf_blocks, "--fuse-update": args.fuse_update}
+                         "--gguf-blocks": args.gguf_blocks, "--fuse-update": args.fuse_update,
+                         "--grad-accum": args.grad_accum != 1, "--lr-schedule": args.lr_schedule != "constant",
+                         "--warmup-steps": args.warmup_steps != 0, "--eval-every": args.eval_every != 0,
+                         "--checkpoint-every": args.checkpoint_every != 0, "--resume": args.resume is not None}
         given = [flag for flag, is_given in backprop_only.items() if is_given]
         if given:
             raise UsageError(f"--method mezo evaluates the model's plain forward and updates by SGD: "
                              f"{', '.join(given)} apply to --method backprop only")
     elif args.eps is not None:
         raise UsageError("--eps is MeZO's perturbation scale: use it with --method mezo")
+    if args.grad_accum > 1 and args.fuse_update:
+        raise UsageError("--fuse-update applies each update inside the step, so gradients cannot be summed over "
+                         "--grad-accum batches: drop one of them")
+    if args.warmup_steps > args.steps:
+        raise UsageError(f"--warmup-steps {args.warmup_steps} is more than the {args.steps} --steps")
+    if args.resume is not None and args.fuse_update:
+        raise UsageError("--resume restores the optimizer beside the step, and --fuse-update runs it inside the "
+                         "step: drop --fuse-update")
+    _check_data(args)
     _check_common(args)
     _check_out_dir(args.out)
+
+
+def _check_data(args) -> None:
+    if args.mask_prompt and not str(args.data).lower().endswith(".jsonl"):
+        raise UsageError(f"--mask-prompt masks the prompts of a .jsonl file of prompt/completion or chat records, "
+                         f"and --data {args.data} is plain text: drop --mask-prompt or give such a file")
 
 
 def _check_compile(args) -> None:
@@ -321,8 +465,8 @@ def _check_compare(args) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from mebp_compiler.models import MODEL_NAMES
-    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+    from mebp_compiler.model_names import MODEL_NAMES
+    from mebp_compiler.passes.schedule.limits import DEFAULT_WORK_LIMIT
 
     p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
                    help=f"model to fine-tune (default: %(default)s): one of {', '.join(MODEL_NAMES)}, a "
@@ -373,17 +517,49 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "stall each other, see the README)")
 
 
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="pydoc",
+                   help="'pydoc' (CPython's bundled documentation text), a .txt file, or a .jsonl file of "
+                        '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role": ..., '
+                        '"content": ...}, ...]} records (chat through the tokenizer\'s chat template) '
+                        "(default: %(default)s)")
+    p.add_argument("--mask-prompt", action="store_true",
+                   help="with prompt/completion or chat records: learn the answers only (labels -100 on the "
+                        "prompt's tokens, every non-assistant message and each assistant header)")
+    p.add_argument("--heldout-fraction", type=_fraction, default=None, metavar="F",
+                   help="fraction of the token blocks held out for evaluation, chosen by --seed (default: 0.1 "
+                        "with --eval-every or for mebp eval, else 0)")
+
+
 def _add_train(sub, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "train", parents=[debug], help="LoRA fine-tuning under a memory plan (default: a short SmolLM2-135M demo)",
+        "train", parents=[debug], help=COMMANDS["train"][0],
         description="LoRA fine-tuning of a causal LM on real text, every step compiled and run by "
                     "mebp's CPU runtime. Writes the adapter (peft, safetensors), the loss curve "
                     "(PNG) and the per-step history (JSON) to --out.",
     )
     _add_common(p)
-    p.add_argument("--data", default="pydoc",
-                   help="'pydoc' (CPython's bundled documentation text), or a .txt / .jsonl file (default: %(default)s)")
+    _add_data(p)
     p.add_argument("--steps", type=_positive, default=DEMO_STEPS, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--grad-accum", type=_positive, default=1, metavar="K",
+                   help="sum the gradients of K batches per optimizer step, weighted by their predicted tokens: "
+                        "exactly the gradient of one K x --batch-size batch, in the memory of one (default: 1)")
+    p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,  # train.LR_SCHEDULES, without torch
+                   help="after the warmup: constant, linear decay to 0 or cosine decay to 0 over the remaining "
+                        "steps (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=_non_negative, default=0, metavar="N",
+                   help="raise the learning rate linearly over the first N steps (default: 0)")
+    p.add_argument("--eval-every", type=_non_negative, default=0, metavar="N",
+                   help="evaluate the held-out blocks (--heldout-fraction) before training, every N steps and "
+                        "at the end: loss, perplexity, next-token accuracy (default: 0, never)")
+    p.add_argument("--eval-blocks", type=_positive, default=16, metavar="B",
+                   help="at most B held-out blocks per evaluation (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=_non_negative, default=0, metavar="N",
+                   help="write --out/checkpoint (adapter, optimizer and schedule state, step, data position, RNG) "
+                        "every N steps and at the end, replaced whole each time (default: 0, never)")
+    p.add_argument("--resume", type=_directory, default=None, metavar="DIR",
+                   help="continue the run whose checkpoint is in DIR (a checkpoint directory, or a run directory "
+                        "holding one) with the same settings: the result is that of the uninterrupted run")
     p.add_argument("--method", default="backprop", choices=("backprop", "mezo"),
                    help="backprop: exact gradients by the compiled plan (--policy); mezo: zeroth-order "
                         "MeZO (Malladi et al., 2023), two forward passes per step at +-eps along a "
@@ -401,13 +577,129 @@ def _add_train(sub, debug: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_run_train, check=_check_train)
 
 
+def _add_model_and_adapter(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    from mebp_compiler.model_names import MODEL_NAMES
+
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME",
+                   help=f"the base model (default: %(default)s); one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--adapter", type=_directory, default=None, required=adapter_required, metavar="DIR",
+                   help="a LoRA adapter directory (what mebp train writes to --out/adapter)"
+                        + ("" if adapter_required else "; default: the base model alone"))
+    p.add_argument("--seed", type=int, default=0, help="random-weight seed of the tiny and planning models, "
+                   "held-out split and sampling seed (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch CPU threads (default: %(default)s)")
+
+
+def _add_eval(sub, debug: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "eval", parents=[debug], help=COMMANDS["eval"][0],
+        description="Evaluate the base model, or the base model with a LoRA adapter, on held-out text: the "
+                    "blocks mebp train holds out with the same --data, --seq-len, --heldout-fraction and "
+                    "--seed (with --heldout-fraction 0: every block). Prints the loss (nats per predicted "
+                    "token), perplexity and next-token accuracy; --mask-prompt counts the answers only.",
+    )
+    _add_model_and_adapter(p)
+    _add_data(p)
+    p.add_argument("--seq-len", type=_positive, default=DEMO_SEQ_LEN, help="tokens per block (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=4, help="blocks per forward pass (default: %(default)s)")
+    p.add_argument("--max-blocks", type=_positive, default=None, metavar="B",
+                   help="evaluate at most the first B held-out blocks (default: all)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(run=_run_eval, check=_check_data)
+
+
+def _add_generate(sub, debug: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "generate", parents=[debug], help=COMMANDS["generate"][0],
+        description="Continue a prompt with the base model, or the base model with a LoRA adapter "
+                    "(transformers' generate): greedy by default, or sampled with --temperature and --top-p "
+                    "from --seed. Prints the prompt and its continuation.",
+    )
+    _add_model_and_adapter(p)
+    p.add_argument("--prompt", default="The capital of France is", help="text to continue (default: %(default)r)")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user message through the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=_positive, default=40, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                   help="0: greedy decoding; above 0: sampling at this temperature (default: %(default)s)")
+    p.add_argument("--top-p", type=_positive_float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    p.set_defaults(run=_run_generate, check=_check_generate)
+
+
+def _add_merge(sub, debug: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "merge", parents=[debug], help=COMMANDS["merge"][0],
+        description="Fold a LoRA adapter into its base model's weights (peft's merge_and_unload) and save the "
+                    "plain transformers model (safetensors, config, and the tokenizer where the model has one) "
+                    "to --out, which transformers' from_pretrained loads without peft.",
+    )
+    _add_model_and_adapter(p, adapter_required=True)
+    p.add_argument("--out", required=True, help="output directory (replaced whole)")
+    p.set_defaults(run=_run_merge, check=_check_merge)
+
+
+def _check_merge(args) -> None:
+    _check_out_dir(args.out)
+
+
+def _check_generate(args) -> None:
+    if args.top_p > 1:
+        raise UsageError(f"--top-p {args.top_p:g} is more than 1: give a probability mass in (0, 1]")
+
+
+def _run_eval(args) -> int:
+    import json
+
+    from mebp_compiler import adapters, data
+    from mebp_compiler.evaluate import evaluate
+
+    _say(f"loading {args.model}{' with ' + args.adapter if args.adapter else ''} ...")
+    model = adapters.load_model(args.model, args.adapter, seed=args.seed)
+    ids, labels = data.labelled_blocks(adapters.tokenizer_for(args.model), args.data, args.seq_len,
+                                       mask_prompt=args.mask_prompt)
+    fraction = 0.1 if args.heldout_fraction is None else args.heldout_fraction
+    if fraction > 0:
+        _, rows = data.split_rows(ids.shape[0], fraction, seed=args.seed)
+        ids, labels = ids[rows], labels[rows]
+    ids, labels = ids[: args.max_blocks], labels[: args.max_blocks]
+    _say(f"evaluating {ids.shape[0]} {'held-out ' if fraction > 0 else ''}blocks of {args.seq_len} tokens ...")
+    result = evaluate(model, ids, labels, batch_size=args.batch_size)
+    print(json.dumps(result.to_json()) if args.json else result.describe())
+    return 0
+
+
+def _run_generate(args) -> int:
+    from mebp_compiler import adapters
+
+    model = adapters.load_model(args.model, args.adapter, seed=args.seed)
+    tokenizer = adapters.tokenizer_for(args.model)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    text = adapters.generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(f"{prompt}{text}")
+    return 0
+
+
+def _run_merge(args) -> int:
+    from mebp_compiler import adapters
+
+    _say(f"merging {args.adapter} into {args.model} ...")
+    out = adapters.merge(args.model, args.adapter, args.out)
+    _say(f"wrote {out}/ (model.safetensors, config.json): load it with "
+         "transformers.AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 def _add_compile(sub, debug: argparse.ArgumentParser) -> None:
     from mebp_compiler.targets import TARGETS
 
     targets = "\n".join(textwrap.fill(text, 88, initial_indent=f"  {name:<8}", subsequent_indent=" " * 10)
                          for name, (_, text) in TARGETS.items())
     p = sub.add_parser(
-        "compile", parents=[debug], help="schedule a training step under a memory budget and save the schedule",
+        "compile", parents=[debug], help=COMMANDS["compile"][0],
         description="Capture one training step, schedule it (by default: optimal under --budget) "
                     "and write the schedule (JSON) and its predicted memory to --out. With --target, "
                     "also cut the scheduled step into stages (embedding, each block's forward and "
@@ -427,6 +719,8 @@ def _add_compile(sub, debug: argparse.ArgumentParser) -> None:
 
 
 def _run_compile(args) -> int:
+    import torch
+
     from mebp_compiler import models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
@@ -472,6 +766,8 @@ def _run_compile(args) -> int:
 
 
 def _write_target(plan, part, model, args, target, out: Path) -> None:
+    import torch
+
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 
@@ -498,7 +794,7 @@ def _write_target(plan, part, model, args, target, out: Path) -> None:
 
 def _add_run(sub, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "run", parents=[debug], help="train with an artifact directory written by `mebp compile --target`",
+        "run", parents=[debug], help=COMMANDS["run"][0],
         description="Execute the stages of an ONNX or MLX artifact directory here (a CoreML one is checked, "
                     "then refused: Core ML predictions need macOS or iOS), as its manifest says (keep, "
                     "free, write to and read from memory-mapped files), for --steps steps on real "
@@ -595,7 +891,7 @@ def _run_native(args, manifest) -> int:
 
 def _add_plan(sub, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "plan", parents=[debug], help="predict the memory of a training step under each policy (no training)",
+        "plan", parents=[debug], help=COMMANDS["plan"][0],
         description="Capture one training step (on the meta device: no weights are allocated), "
                     "schedule it with each policy - none and mebp, and optimal under --budget - or with "
                     "--policy alone, and print the predicted memory.",
@@ -616,8 +912,7 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
 
     d = StudySettings()
     p = sub.add_parser(
-        "compare", parents=[debug],
-        help="convergence study: exact backprop under memory plans vs. MeZO, same data and memory accounting",
+        "compare", parents=[debug], help=COMMANDS["compare"][0],
         description="Fine-tune the same LoRA adapter three ways on the same text - backprop under the mebp plan, "
                     "backprop under the scheduler's optimal plan at a budget (default: the mebp plan's peak plus "
                     "AdamW's state, i.e. the same memory at the least predicted time), and MeZO (Malladi et al., "
@@ -629,7 +924,7 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
                     "2-core machine (about 15-17 expected on a quiet one; see the README).",
         formatter_class=_DefaultsHelpFormatter,
     )
-    from mebp_compiler.models import MODEL_NAMES
+    from mebp_compiler.model_names import MODEL_NAMES
 
     p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
                    help=f"one of {', '.join(MODEL_NAMES)}, a save_pretrained directory, a .gguf file or a cached "
@@ -719,21 +1014,33 @@ def _run_train(args) -> int:
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.rundir import TRAIN_ENTRIES, RunDirectory
-    from mebp_compiler.train import make_optimizer, plot_loss, save_adapter, train
+    from mebp_compiler.train import plot_loss, save_adapter
 
     out = Path(args.out or f"runs/train-{models.display_name(args.model)}")
     run = RunDirectory(out, TRAIN_ENTRIES)  # locked until the end; the old run stays until the new one is whole
-    text = data.load_text(None if args.data == "pydoc" else args.data)
-    _say(f"loading {args.model} ...")
-    model = _load_lora_model(args)
+    resumed = _load_checkpoint(args.resume) if args.resume else None
     tokenizer = _tokenizer(args.model)
-    blocks = data.token_blocks(tokenizer, text, args.seq_len)
-    _say(f"data: {len(text) / 1e3:.0f} kB of text -> {len(blocks)} sequences of {args.seq_len} tokens")
-    batches = data.batches(blocks, args.batch_size, seed=args.seed)
-    example = next(data.batches(blocks, args.batch_size, seed=args.seed))
-
+    ids, labels = data.labelled_blocks(tokenizer, args.data, args.seq_len, mask_prompt=args.mask_prompt)
+    fraction = args.heldout_fraction if args.heldout_fraction is not None else (0.1 if args.eval_every else 0.0)
+    heldout = None
+    if fraction > 0:
+        train_rows, heldout_rows = data.split_rows(ids.shape[0], fraction, seed=args.seed)
+        heldout = (ids[heldout_rows][: args.eval_blocks], labels[heldout_rows][: args.eval_blocks])
+        ids, labels = ids[train_rows], labels[train_rows]
     mezo = args.method == "mezo"
     lr = args.lr = args.lr if args.lr is not None else (MEZO_LR if mezo else BACKPROP_LR)
+    args.optimizer = None if mezo else args.optimizer or "adamw"
+    if resumed is not None:
+        resumed.check_settings(_run_settings(args, ids, labels))
+        if resumed.step >= args.steps:
+            raise UsageError(f"the checkpoint is at step {resumed.step}, and --steps {args.steps} asks for no "
+                             "more: give more --steps")
+    _say(f"data: {args.data} -> {len(ids)} training blocks of {args.seq_len} tokens"
+         + (f", {len(heldout[0])} held-out blocks evaluated" if heldout else ""))
+    _say(f"loading {args.model} ...")
+    model = _load_lora_model(args)
+    example = next(data.batches(ids, args.batch_size, seed=args.seed, labels=labels))
+
     what = "forward-only step (MeZO)" if mezo else f"training step (policy {_policy(args)})"
     _say(f"compiling the {what} ...")
     start = time.perf_counter()
@@ -742,7 +1049,6 @@ def _run_train(args) -> int:
 
         plan = compile_mezo(model, example, offload_dir=args.offload_dir)
     else:
-        args.optimizer = args.optimizer or "adamw"
         plan = _compile(model, example, args)
     _say(f"compiled in {time.perf_counter() - start:.1f} s: predicted peak "
          f"{format_bytes(plan.predicted_peak_bytes)} (computed tensors "
@@ -750,11 +1056,11 @@ def _run_train(args) -> int:
 
     if mezo:
         args.eps = args.eps or MEZO_EPS
+        batches = data.batches(ids, args.batch_size, seed=args.seed, labels=labels)
         history = train_mezo(plan, batches, args.steps, lr=lr, eps=args.eps, seed=args.seed,
                              progress=not args.no_progress)
     else:
-        optimizer = make_optimizer(plan.lora_parameters().values(), args.optimizer, lr)
-        history = train(plan, batches, args.steps, optimizer, progress=not args.no_progress)
+        history = _train_backprop(args, plan, ids, labels, heldout, resumed, out)
 
     method = "MeZO" if mezo else f"policy {_policy(args)}"
     with run.replace() as staging:
@@ -762,12 +1068,16 @@ def _run_train(args) -> int:
         plot_loss(history, staging / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, {method}")
         atomic_write_json(staging / "history.json", {"args": _jsonable(vars(args)), **history.to_json(),
                                                       "predicted_peak_bytes": plan.predicted_peak_bytes})
-    k = max(1, len(history.loss) // 5)
-    first, last = sum(history.loss[:k]) / k, sum(history.loss[-k:]) / k
+        if args.checkpoint_every:
+            os.replace(out / "checkpoint", staging / "checkpoint")  # the last step's, written by _train_backprop
+    done = history.loss[len(history.loss) - (args.steps - (resumed.step if resumed else 0)):]
+    k = max(1, len(done) // 5)
+    first, last = sum(done[:k]) / k, sum(done[-k:]) / k
     _say(f"loss {first:.3f} -> {last:.3f} (mean of first and last {k} steps); "
          f"held peak {format_bytes(max(history.held_peak_bytes))}, predicted "
          f"{format_bytes(plan.predicted_peak_bytes)}")
-    _say(f"wrote {out / 'adapter'}/, {out / 'loss.png'}, {out / 'history.json'}")
+    _say(f"wrote {out / 'adapter'}/, {out / 'loss.png'}, {out / 'history.json'}"
+         + (f", {out / 'checkpoint'}/" if args.checkpoint_every else ""))
     return 0
 
 
@@ -776,7 +1086,7 @@ def _add_federate(sub, debug: argparse.ArgumentParser) -> None:
     from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
 
     p = sub.add_parser(
-        "federate", parents=[debug], help="federated LoRA fine-tuning on Flower, each client under its own budget",
+        "federate", parents=[debug], help=COMMANDS["federate"][0],
         description="Simulate federated LoRA fine-tuning with Flower (needs the 'federated' extra): "
                     "--clients virtual clients, each holding its own shard of the pydoc text (split by "
                     "topic) and its own step-memory budget, compile their own plan under it and train "
@@ -906,7 +1216,66 @@ def _run_federate(args) -> int:
     return 0
 
 
+def _run_settings(args, ids, labels) -> dict:
+    """What a resumed run must share with the run that wrote its checkpoint to continue it exactly."""
+    import hashlib
+
+    settings = {k: getattr(args, k) for k in (
+        "model", "seq_len", "batch_size", "grad_accum", "seed", "lora_r", "lora_alpha", "optimizer", "lr",
+        "lr_schedule", "warmup_steps", "heldout_fraction", "mask_prompt", "int4", "gguf_blocks", "group_size")}
+    if args.lr_schedule != "constant" or args.warmup_steps:
+        settings["steps"] = args.steps  # the schedule's length
+    settings["data_sha256"] = hashlib.sha256(ids.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+    return settings
+
+
+def _load_checkpoint(directory: str):
+    from mebp_compiler import checkpoint
+
+    state = checkpoint.load(directory)
+    _say(f"resuming from {directory} at step {state.step}")
+    return state
+
+
+def _train_backprop(args, plan, ids, labels, heldout, resumed, out: Path):
+    """`train` with the CLI's schedule, accumulation, evaluations and checkpoints; resumed when `resumed`."""
+    from mebp_compiler import checkpoint, data
+    from mebp_compiler.evaluate import evaluate
+    from mebp_compiler.train import TrainHistory, lora_norm, make_optimizer, make_scheduler, train
+
+    lora = plan.lora_parameters()
+    optimizer = make_optimizer(lora.values(), args.optimizer, args.lr)
+    scheduler = make_scheduler(optimizer, args.lr_schedule, args.steps, args.warmup_steps)
+    settings = _run_settings(args, ids, labels)
+    start, history = 0, None
+    if resumed is not None:
+        resumed.restore(lora, optimizer, scheduler)
+        start, history = resumed.step, TrainHistory(**resumed.history)
+
+    def measure(step: int, history) -> None:
+        result = evaluate(plan.model, *heldout, batch_size=args.batch_size)
+        history.evals.append({"step": step, **result.to_json()})
+        _say(f"step {step}: held-out {result.describe()}")
+
+    def on_step(step: int, history) -> None:
+        if heldout is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            measure(step, history)
+        if args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.steps):
+            checkpoint.save(out / "checkpoint", step=step, batches_consumed=step * args.grad_accum,
+                            settings=settings, lora=lora, optimizer=optimizer, scheduler=scheduler,
+                            history=history.to_json())
+
+    if heldout is not None and args.eval_every and history is None:
+        history = TrainHistory(start_lora_norm=lora_norm(lora.values()))
+        measure(0, history)
+    batches = data.batches(ids, args.batch_size, seed=args.seed, labels=labels, skip=start * args.grad_accum)
+    return train(plan, batches, args.steps, optimizer, progress=not args.no_progress, accumulate=args.grad_accum,
+                 scheduler=scheduler, on_step=on_step, start_step=start, history=history)
+
+
 def _run_plan(args) -> int:
+    import torch
+
     from mebp_compiler.ir import format_bytes
 
     model = _load_lora_model(args, device="meta")
@@ -958,6 +1327,21 @@ def _say(message: str) -> None:
 
 def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+#: Command name -> (one-line summary for `mebp --help`, the function that builds its arguments).
+COMMANDS = {
+    "train": ("LoRA fine-tuning under a memory plan (default: a short SmolLM2-135M demo)", _add_train),
+    "eval": ("held-out loss, perplexity and next-token accuracy of a model, with or without an adapter", _add_eval),
+    "generate": ("continue a prompt with a model, with or without an adapter", _add_generate),
+    "merge": ("fold an adapter into its base model and save it as safetensors", _add_merge),
+    "compile": ("schedule a training step under a memory budget and save the schedule", _add_compile),
+    "plan": ("predict the memory of a training step under each policy (no training)", _add_plan),
+    "compare": ("convergence study: exact backprop under memory plans vs. MeZO, same data and memory accounting",
+                _add_compare),
+    "run": ("train with an artifact directory written by `mebp compile --target`", _add_run),
+    "federate": ("federated LoRA fine-tuning on Flower, each client under its own budget", _add_federate),
+}
 
 
 if __name__ == "__main__":

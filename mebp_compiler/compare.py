@@ -34,12 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import mebp_compiler
 from mebp_compiler import data
 from mebp_compiler.device import parse_size
+from mebp_compiler.evaluate import evaluate as evaluate_blocks
 from mebp_compiler.checksums import SEAL_KEY, seal_json, unseal_json
 from mebp_compiler.files import atomic_write, atomic_write_json, atomic_write_text
 from mebp_compiler.ir import format_bytes
@@ -189,24 +189,10 @@ class Study:
 
 
 def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, float]:
-    """Held-out (cross-entropy in nats per predicted token, next-token accuracy) of `model` on `blocks`.
-
-    Every position but the last of each block `[n, seq_len]` predicts the next token: the
-    loss is the mean negative log-likelihood of those tokens, the accuracy the fraction
-    whose argmax is right. Plain eager forward passes without gradients, in batches of
-    `batch_size` blocks; the model's parameters are not changed.
-    """
-    total_nll, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        for start in range(0, blocks.shape[0], batch_size):
-            ids = blocks[start : start + batch_size]
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                         reduction="sum").item()
-            correct += int((logits.argmax(-1) == targets).sum())
-            count += targets.numel()
-    return total_nll / count, correct / count
+    """Held-out (cross-entropy in nats per predicted token, next-token accuracy) of `model` on `blocks`
+    (`mebp_compiler.evaluate.evaluate`, every position but the last of each block predicting the next)."""
+    result = evaluate_blocks(model, blocks, batch_size=batch_size)
+    return result.loss, result.accuracy
 
 
 def study_blocks(blocks: torch.Tensor, settings: StudySettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ download.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 from collections.abc import Callable, Iterator
@@ -15,7 +16,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["ByteTokenizer", "batches", "load_text", "split_blocks", "token_blocks"]
+__all__ = ["IGNORE_INDEX", "ByteTokenizer", "batches", "jsonl_format", "labelled_blocks", "load_text", "split_blocks",
+           "token_blocks"]
+
+#: Label of a token the loss ignores (transformers' and torch's cross-entropy default).
+IGNORE_INDEX = -100
+#: The record formats of a `.jsonl` file, by the keys of its records.
+JSONL_FORMATS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
 
 
 def load_text(source: str | pathlib.Path | None = None) -> str:
@@ -63,6 +70,19 @@ def load_text(source: str | pathlib.Path | None = None) -> str:
 def _jsonl_texts(path: pathlib.Path) -> list[str]:
     """The ``"text"`` field of every non-blank line of a JSON-lines file."""
     texts = []
+    for number, record in _jsonl_records(path):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(
+                f'{path}, line {number}: expected a JSON object with a string "text" field'
+            )
+        texts.append(record["text"])
+    return texts
+
+
+def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) for every non-blank line of a JSON-lines file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"fine-tuning text file not found: {path}")
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
@@ -70,12 +90,9 @@ def _jsonl_texts(path: pathlib.Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(
-                f'{path}, line {number}: expected a JSON object with a string "text" field'
-            )
-        texts.append(record["text"])
-    return texts
+        if not isinstance(record, dict):
+            raise ValueError(f'{path}, line {number}: expected a JSON object with a string "text" field')
+        yield number, record
 
 
 class ByteTokenizer:
@@ -85,8 +102,19 @@ class ByteTokenizer:
     text as bytes still gives a learnable next-token task (vocabulary >= 256 required).
     """
 
+    eos_token_id = None
+
     def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
         return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: Any, **_: Any) -> str:
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, tokenize: bool = False,
+                            add_generation_prompt: bool = False, **_: Any) -> str:
+        """ChatML (`<|im_start|>role\ncontent<|im_end|>\n`, SmolLM2's own format), as text."""
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def token_blocks(
@@ -118,21 +146,134 @@ def token_blocks(
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
 
 
+def jsonl_format(path: str | pathlib.Path) -> str:
+    """The record format of a `.jsonl` file: "text", "completion" (prompt/completion) or "chat" (messages).
+
+    Decided by the first record's keys; `labelled_blocks` checks every other record.
+
+    Raises:
+        ValueError: the first record is not a JSON object with one of those field sets.
+    """
+    path = pathlib.Path(path)
+    for number, record in _jsonl_records(path):
+        for name, keys in JSONL_FORMATS.items():
+            if all(k in record for k in keys):
+                return name
+        raise ValueError(f'{path}, line {number}: expected a "text" field, "prompt" and "completion" fields, '
+                         f'or a "messages" list')
+    raise ValueError(f"{path} holds no records")
+
+
+def labelled_blocks(tokenizer: Any, source: str | pathlib.Path | None, seq_len: int, *,
+                    mask_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token blocks and their labels from any supported source.
+
+    Text (`pydoc`, `.txt`, `.jsonl` with `text`) is cut as `token_blocks` cuts it, with
+    labels equal to the tokens. A `.jsonl` of `prompt`/`completion` records or of chat
+    `messages` (rendered by the tokenizer's chat template, one message at a time so each
+    token is known to be the prompt's or the answer's) is packed: each record's tokens
+    followed by the tokenizer's end-of-sequence token (or a blank line where it has none),
+    the records one after another, cut into blocks of `seq_len`. With `mask_prompt` the
+    labels of prompt tokens (the prompt; every message not from the assistant, and each
+    assistant turn's header) are `IGNORE_INDEX`, so the loss counts only the answers;
+    blocks left with no label to learn are dropped.
+
+    Returns:
+        int64 `input_ids` and `labels`, each `[n, seq_len]`.
+
+    Raises:
+        ValueError: `mask_prompt` on text records, a record of another format than the
+            file's first, a chat file and a tokenizer without a chat template, or too little
+            text for one block (see `load_text` and `token_blocks` for the others).
+    """
+    path = None if source is None or source == "pydoc" else pathlib.Path(source)
+    kind = jsonl_format(path) if path is not None and path.suffix.lower() == ".jsonl" and path.is_file() else "text"
+    if kind == "text":
+        if mask_prompt:
+            raise ValueError(f"--mask-prompt masks the prompts of prompt/completion or chat records, and "
+                             f"{source or 'pydoc'} is plain text: drop --mask-prompt or give such a .jsonl file")
+        blocks = token_blocks(tokenizer, load_text(source), seq_len)
+        return blocks, blocks.clone()
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if kind == "chat" and not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise ValueError(f"{path} holds chat messages, and this model's tokenizer has no chat template")
+    ids: list[int] = []
+    learn: list[bool] = []
+    end = _end_of_record(tokenizer)
+    for number, record in _jsonl_records(path):
+        parts = _record_parts(tokenizer, record, kind, f"{path}, line {number}")
+        for text, is_answer in parts:
+            piece = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            ids += piece
+            learn += [is_answer or not mask_prompt] * len(piece)
+        ids += end
+        learn += [True] * len(end)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"{path} has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
+    input_ids = torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+    labels = torch.where(torch.tensor(learn[: n * seq_len]).view(n, seq_len), input_ids, IGNORE_INDEX)
+    has_target = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)  # the first label of a block is never predicted
+    if not has_target.any():
+        raise ValueError(f"every block of {path} is prompt only with --mask-prompt; use a longer --seq-len")
+    return input_ids[has_target], labels[has_target]
+
+
+def _end_of_record(tokenizer: Any) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [eos] if isinstance(eos, int) else tokenizer("\n\n", add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _record_parts(tokenizer: Any, record: dict, kind: str, where: str) -> list[tuple[str, bool]]:
+    """A record as (text, is_answer) pieces in order."""
+    if not all(k in record for k in JSONL_FORMATS[kind]):
+        keys = " and ".join(f'"{k}"' for k in JSONL_FORMATS[kind])
+        raise ValueError(f"{where}: expected {keys}, as the file's first record has")
+    if kind == "completion":
+        if not (isinstance(record["prompt"], str) and isinstance(record["completion"], str)):
+            raise ValueError(f'{where}: "prompt" and "completion" must be strings')
+        return [(record["prompt"], False), (record["completion"], True)]
+    messages = record["messages"]
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise ValueError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects')
+    parts, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":  # its header is the prompt's, its content the answer
+            header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            parts.append((header[len(done):], False))
+            done = header
+        rendered = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not rendered.startswith(done):
+            raise ValueError(f"{where}: the chat template renders message {i + 1} by changing the earlier "
+                             "ones, so its tokens cannot be told apart")
+        parts.append((rendered[len(done):], message["role"] == "assistant"))
+        done = rendered
+    return parts
+
+
 def split_blocks(
     blocks: torch.Tensor, heldout_fraction: float = 0.1, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split blocks into (train, heldout) by a seeded random choice of heldout rows.
+    """Split blocks into (train, heldout) by a seeded random choice of heldout rows (`split_rows`)."""
+    train_rows, heldout_rows = split_rows(blocks.shape[0], heldout_fraction, seed)
+    return blocks[train_rows], blocks[heldout_rows]
+
+
+def split_rows(n: int, heldout_fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (train, heldout) row indices of `n` blocks, chosen by a seeded permutation.
 
     ``round(n * heldout_fraction)`` rows (at least 1 when the fraction is > 0) are
-    held out; both parts keep the original row order. The same ``blocks`` and
-    ``seed`` always give the same split.
+    held out; both parts keep the original row order. The same ``n`` and ``seed``
+    always give the same split.
 
     Raises:
         ValueError: the fraction is outside ``[0, 1)`` or leaves no training block.
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    n = blocks.shape[0]
     n_heldout = round(n * heldout_fraction)
     if heldout_fraction > 0:
         n_heldout = max(n_heldout, 1)
@@ -143,9 +284,7 @@ def split_blocks(
         )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
-    heldout_rows = order[:n_heldout].sort().values
-    train_rows = order[n_heldout:].sort().values
-    return blocks[train_rows], blocks[heldout_rows]
+    return order[n_heldout:].sort().values, order[:n_heldout].sort().values
 
 
 def batches(
@@ -154,38 +293,47 @@ def batches(
     *,
     seed: int = 0,
     steps: int | None = None,
+    labels: torch.Tensor | None = None,
+    skip: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield causal-LM training batches drawn from ``blocks`` ``[n, seq_len]``.
 
     Each epoch visits the blocks in a fresh permutation from a ``torch.Generator``
     seeded with ``seed`` (so the whole stream is determined by ``seed``) and yields
     ``n // batch_size`` full batches; the remainder of an epoch is skipped. Each
-    batch is ``{"input_ids": LongTensor[batch_size, seq_len], "labels": a clone of
-    it}`` (the model shifts labels itself). Yields forever, or ``steps`` batches.
+    batch is ``{"input_ids": LongTensor[batch_size, seq_len], "labels": ...}``: the
+    same rows of ``labels`` (``[n, seq_len]``, e.g. from `labelled_blocks`), or a clone
+    of the tokens without it (the model shifts labels itself). Yields forever, or
+    ``steps`` batches, after passing over the stream's first ``skip`` batches (the
+    stream a resumed run continues).
 
     Raises:
-        ValueError: ``batch_size`` is < 1 or more than the number of blocks, or
-            ``steps`` is negative.
+        ValueError: ``batch_size`` is < 1 or more than the number of blocks, ``steps``
+            or ``skip`` is negative, or ``labels`` is not of the blocks' shape.
     """
     n = blocks.shape[0]
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be between 1 and the {n} blocks, got {batch_size}")
     if steps is not None and steps < 0:
         raise ValueError(f"steps must be >= 0 or None, got {steps}")
-    return _batch_stream(blocks, batch_size, seed, steps)
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    if labels is not None and labels.shape != blocks.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and blocks {tuple(blocks.shape)} differ in shape")
+    stream = _batch_stream(blocks, labels, batch_size, seed)
+    for _ in range(skip):
+        next(stream)
+    return stream if steps is None else itertools.islice(stream, steps)
 
 
 def _batch_stream(
-    blocks: torch.Tensor, batch_size: int, seed: int, steps: int | None
+    blocks: torch.Tensor, labels: torch.Tensor | None, batch_size: int, seed: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     per_epoch = blocks.shape[0] // batch_size
-    produced = 0
-    while steps is None or produced < steps:
+    while True:
         order = torch.randperm(blocks.shape[0], generator=generator)
         for i in range(per_epoch):
-            if steps is not None and produced >= steps:
-                return
-            input_ids = blocks[order[i * batch_size : (i + 1) * batch_size]].long()
-            yield {"input_ids": input_ids, "labels": input_ids.clone()}
-            produced += 1
+            rows = order[i * batch_size : (i + 1) * batch_size]
+            input_ids = blocks[rows].long()
+            yield {"input_ids": input_ids, "labels": input_ids.clone() if labels is None else labels[rows].long()}

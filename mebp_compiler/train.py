@@ -7,7 +7,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from mebp_compiler import rundir
+from mebp_compiler.data import IGNORE_INDEX
 from mebp_compiler.files import atomic_write, write_error
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.passes.fuse_update import NonFiniteGradient
@@ -29,6 +30,8 @@ DIVERGENCE_FACTOR = 2.0
 DIVERGENCE_REFERENCE_STEPS = 3
 #: LoRA parameters whose total norm exceeds this multiple of max(1, their starting norm) count as diverged.
 NORM_DIVERGENCE_FACTOR = 100.0
+#: Learning-rate schedules `make_scheduler` builds.
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class NonFiniteStep(FloatingPointError):
@@ -83,16 +86,21 @@ class TrainHistory:
     lora_norm: list[float] = field(default_factory=list)
     start_lora_norm: float = 0.0
     diverged_at_step: int | None = None
+    lr: list[float] = field(default_factory=list)  # the learning rate each step applied (backprop)
+    evals: list[dict] = field(default_factory=list)  # {"step": ..., **EvalResult.to_json()}, in step order
 
     def to_json(self) -> dict:
         return asdict(self)
 
-    def record(self, loss: float, step_s: float, held_peak_bytes: int, lora_norm: float, bar: tqdm) -> None:
+    def record(self, loss: float, step_s: float, held_peak_bytes: int, lora_norm: float, bar: tqdm,
+               lr: float | None = None) -> None:
         """Append one step, show it on the progress bar, and warn (once) if training diverges."""
         self.loss.append(loss)
         self.step_s.append(step_s)
         self.held_peak_bytes.append(held_peak_bytes)
         self.lora_norm.append(lora_norm)
+        if lr is not None:
+            self.lr.append(lr)
         bar.set_postfix(loss=f"{loss:.3f}", step=f"{step_s:.2f}s", held=format_bytes(held_peak_bytes))
         bar.update()
         if self.diverged_at_step is None:
@@ -125,6 +133,43 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_STATE_TENSORS)}")
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, steps: int,
+                   warmup_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """torch's LR scheduler for `steps` optimizer steps: a linear warmup, then `schedule`.
+
+    Step s (from 1) of the first `warmup_steps` uses lr x s / warmup_steps
+    (`LinearLR`); then "constant" keeps lr, "linear" decays it towards 0 (`LinearLR`,
+    end factor 0) and "cosine" along half a cosine towards 0 (`CosineAnnealingLR`) over
+    the remaining steps, the first of them at the full lr. None for a constant lr.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown LR schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    if not 0 <= warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be between 0 and the {steps} steps, got {warmup_steps}")
+    lr_scheduler = torch.optim.lr_scheduler
+    decay_steps = steps - warmup_steps
+    phases, milestones = [], []
+    if warmup_steps == 1:  # one step at lr x 1/1
+        phases.append(lr_scheduler.ConstantLR(optimizer, 1.0, total_iters=0))
+        milestones.append(1)
+    elif warmup_steps > 1:
+        phases.append(lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, 1.0, total_iters=warmup_steps - 1))
+        milestones.append(warmup_steps)
+    if schedule == "linear" and decay_steps > 0:
+        phases.append(lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=decay_steps))
+    elif schedule == "cosine" and decay_steps > 0:
+        phases.append(lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_steps))
+    elif phases:
+        phases.append(lr_scheduler.ConstantLR(optimizer, 1.0, total_iters=0))
+    if not phases:
+        return None
+    return phases[0] if len(phases) == 1 else lr_scheduler.SequentialLR(optimizer, phases, milestones[:1])
+
+
+#: Called after each optimizer step with (step, history): evaluation, checkpoints.
+StepCallback = Callable[[int, "TrainHistory"], None]
+
+
 def train(
     plan: Plan,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -132,12 +177,24 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     progress: bool = True,
+    accumulate: int = 1,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    on_step: StepCallback | None = None,
+    start_step: int = 0,
+    history: TrainHistory | None = None,
 ) -> TrainHistory:
-    """Run `steps` steps of `plan` over `batches`, applying `optimizer` to the LoRA parameters.
+    """Run optimizer steps `start_step + 1` to `steps` of `plan` over `batches`, applying `optimizer` to the LoRA
+    parameters.
 
     The gradients the plan returns are set as each parameter's `.grad`, then the
     optimizer steps (a plan with fused updates steps it itself, parameter by parameter,
-    inside the step); the default optimizer is AdamW with lr 1e-3.
+    inside the step); the default optimizer is AdamW with lr 1e-3. With `accumulate` = k
+    each optimizer step runs the plan on the next k batches and takes the sum of their
+    gradients weighted by each batch's share of the predicted tokens (labels other than
+    -100 after the first position), which is the gradient of the combined batch's mean
+    loss, exactly (see `accumulated`). `scheduler` steps after every optimizer step;
+    `on_step(step, history)` is called after it. `start_step` and `history` continue an
+    earlier run (`checkpoint`).
 
     Before the first step, `plan.check_memory()` raises InsufficientMemory if the step
     would not fit. A step whose loss or any gradient is NaN or infinite raises
@@ -150,33 +207,74 @@ def train(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+    if accumulate > 1 and plan.fused_update:
+        raise ValueError("a plan with fused updates applies each update inside its step, so gradients cannot be "
+                         "accumulated over batches: compile without fuse_update, or accumulate=1")
     lora = plan.lora_parameters()
     optimizer = optimizer or make_optimizer(lora.values())
     plan.check_memory()
-    history = TrainHistory(start_lora_norm=lora_norm(lora.values()))
-    bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    history = history or TrainHistory(start_lora_norm=lora_norm(lora.values()))
+    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     batch_iter = iter(batches)
     try:
-        for step in range(1, steps + 1):
-            batch = next(batch_iter)
+        for step in range(start_step + 1, steps + 1):
+            micro = [next(batch_iter) for _ in range(accumulate)]
+            lr = float(optimizer.param_groups[0]["lr"])
             start = time.perf_counter()
             if plan.fused_update:
                 try:
-                    result = plan.step(batch, optimizer)
+                    result = plan.step(micro[0], optimizer)
                 except NonFiniteGradient as exc:
                     raise NonFiniteStep(step, exc.loss, exc.parameter, fused=True) from exc
             else:
-                result = plan.step(batch)
+                result = accumulated(plan, micro)
                 _refuse_non_finite(step, result)
                 for name, param in lora.items():
                     param.grad = result.grads[name]
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
             elapsed = time.perf_counter() - start
-            history.record(float(result.loss), elapsed, result.held_peak_bytes, lora_norm(lora.values()), bar)
+            history.record(float(result.loss), elapsed, result.held_peak_bytes, lora_norm(lora.values()), bar, lr)
+            if on_step is not None:
+                on_step(step, history)
     finally:
         bar.close()
     return history
+
+
+def predicted_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """How many tokens the loss of `batch` averages over: labels after the first position that are not -100."""
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
+def accumulated(plan: Plan, batches: Sequence[Mapping[str, torch.Tensor]]) -> StepResult:
+    """The loss and LoRA gradients of `batches` taken together, from one plan step per batch.
+
+    Each batch's loss is a mean over its n_i predicted tokens (`predicted_tokens`); the
+    combined batch's is the mean over all N = sum n_i, i.e. sum (n_i / N) x loss_i, and so
+    is its gradient. `held_peak_bytes` is the most one step held plus the running sums
+    (an upper bound: the first step runs before any sum exists); no per-op `held_bytes`.
+    """
+    if len(batches) == 1:
+        return plan.step(batches[0])
+    counts = [predicted_tokens(b) for b in batches]
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("every label of the accumulated batches is -100: there is nothing to learn from")
+    loss, grads, peak = torch.zeros(()), {}, 0
+    for batch, count in zip(batches, counts, strict=True):
+        result = plan.step(batch)
+        weight = count / total
+        loss = loss + weight * result.loss.detach()
+        for name, grad in result.grads.items():
+            grads[name] = grads[name].add_(grad, alpha=weight) if name in grads else grad.mul(weight)
+        peak = max(peak, result.held_peak_bytes)
+    sums = sum(g.numel() * g.element_size() for g in grads.values())
+    return StepResult(loss=loss, grads=grads, held_peak_bytes=peak + sums, held_bytes=[], held_by_role={})
 
 
 def _refuse_non_finite(step: int, result: StepResult) -> None:

@@ -51,7 +51,7 @@ def compiled_step(compiled: torch.nn.Module, model: torch.nn.Module, batch) -> S
 def least_budget(model: torch.nn.Module, batch, **options) -> int:
     """The least feasible budget, read from the error a 1-byte budget raises."""
     with pytest.raises(BackendCompilerFailed) as info:
-        torch.compile(model, backend=MebpBackend(memory_budget=1, **options))(**batch).loss.backward()
+        torch.compile(model, backend=MebpBackend(activation_budget=1, **options))(**batch).loss.backward()
     inner = info.value.inner_exception
     assert isinstance(inner, BudgetInfeasible)
     torch._dynamo.reset()
@@ -64,7 +64,7 @@ def test_gradients_equal_autograd_at_a_tight_budget(name):
     batch = random_batch(model.config.vocab_size)
     reference = autograd_reference(model, batch)
     budget = int(least_budget(model, batch) * 1.05)
-    backend = MebpBackend(memory_budget=budget)
+    backend = MebpBackend(activation_budget=budget)
     result = compiled_step(torch.compile(model, backend=backend), model, batch)
     assert_matches_autograd(result, reference)
     (plan,) = backend.graphs
@@ -79,14 +79,14 @@ def test_budget_sweep_measured_peak_within_budget():
     batch = random_batch(model.config.vocab_size, seq=32)
     lora = lora_params(model)
     least = least_budget(model, batch, offload=False)
-    unconstrained = MebpBackend(memory_budget="1GB", offload=False)
+    unconstrained = MebpBackend(activation_budget="1GB", offload=False)
     compiled_step(torch.compile(model, backend=unconstrained), model, batch)
     full = unconstrained.graphs[0].model_peak_bytes
     torch._dynamo.reset()
     saved = []
     for budget in (int(least * 1.01), (least + full) // 2, full):
         torch._dynamo.reset()
-        backend = MebpBackend(memory_budget=budget, offload=False)
+        backend = MebpBackend(activation_budget=budget, offload=False)
         compiled = torch.compile(model, backend=backend)
         compiled_step(compiled, model, batch)  # compiles forward and backward
 
@@ -116,7 +116,7 @@ def test_offloaded_tensors_go_to_files_and_gradients_stay_exact(tmp_path):
     reference = autograd_reference(model, batch)
     offload_dir = tmp_path / "offload"
     budget = int(least_budget(model, batch, device=str(device)) * 1.1)
-    backend = MebpBackend(memory_budget=budget, device=str(device), offload_dir=str(offload_dir))
+    backend = MebpBackend(activation_budget=budget, device=str(device), offload_dir=str(offload_dir))
     result = compiled_step(torch.compile(model, backend=backend), model, batch)
     assert_matches_autograd(result, reference)
     plan = backend.graphs[0]
@@ -140,7 +140,7 @@ def test_adamw_steps_read_the_updated_parameters():
     start = {n: p.detach().clone() for n, p in lora_params(model).items()}
     batches = [random_batch(model.config.vocab_size, seed=s) for s in range(3)]
     budget = int(least_budget(model, batches[0]) * 1.1)
-    compiled = torch.compile(model, backend=MebpBackend(memory_budget=budget))
+    compiled = torch.compile(model, backend=MebpBackend(activation_budget=budget))
     optimizer = torch.optim.AdamW(lora_params(model).values(), lr=1e-2)
     for batch in batches:
         reference = autograd_reference(model, batch)  # eager, on the same parameters
@@ -161,7 +161,7 @@ def test_graph_breaks_share_the_budget():
     reference = autograd_reference(model, batch)
     budget = 1
     for _ in range(8):  # raise the budget to what the error names until every graph fits
-        options = {"memory_budget": budget, "offload": False}
+        options = {"activation_budget": budget, "offload": False}
         compiled = torch.compile(model, backend="mebp", options=options)  # through the entry point
         try:
             result = compiled_step(compiled, model, batch)
@@ -172,7 +172,7 @@ def test_graph_breaks_share_the_budget():
             torch._dynamo.reset()
     assert_matches_autograd(result, reference)
     backend = backend_for(options)
-    budget = backend.options.memory_budget_bytes
+    budget = backend.options.activation_budget_bytes
     assert len(backend.graphs) >= 2
     held = 0
     for plan in backend.graphs:
@@ -211,14 +211,14 @@ def test_heap_is_trimmed_between_layers(monkeypatch):
     reference = autograd_reference(model, batch)
     calls = []
     monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: calls.append(pad))
-    backend = MebpBackend(memory_budget="1GB")
+    backend = MebpBackend(activation_budget="1GB")
     result = compiled_step(torch.compile(model, backend=backend), model, batch)
     assert_matches_autograd(result, reference)
     (plan,) = backend.graphs
     assert plan.heap_trims == (layers + 1, layers + 1)  # at the start (embedding, loss) and per layer
     assert calls == [0] * (2 * (layers + 1)), "one malloc_trim(0) per heap_trims entry, forward and backward"
     torch._dynamo.reset()
-    untrimmed = MebpBackend(memory_budget="1GB", trim_heap=False)
+    untrimmed = MebpBackend(activation_budget="1GB", trim_heap=False)
     compiled_step(torch.compile(model, backend=untrimmed), model, batch)
     assert untrimmed.graphs[0].heap_trims == (0, 0)
     assert len(calls) == 2 * (layers + 1)
@@ -259,29 +259,29 @@ def test_infeasible_budget_names_the_least_feasible_one():
     batch = random_batch(model.config.vocab_size)
     least = least_budget(model, batch)
     with pytest.raises(BackendCompilerFailed, match="least feasible budget is"):
-        torch.compile(model, backend=MebpBackend(memory_budget=least - 1))(**batch)
+        torch.compile(model, backend=MebpBackend(activation_budget=least - 1))(**batch)
     torch._dynamo.reset()
-    backend = MebpBackend(memory_budget=least)
+    backend = MebpBackend(activation_budget=least)
     result = compiled_step(torch.compile(model, backend=backend), model, batch)
     assert_matches_autograd(result, autograd_reference(model, batch))
 
 
 def test_bad_options_are_clear():
-    with pytest.raises(BackendError, match="memory_budget"):
+    with pytest.raises(BackendError, match="activation_budget"):
         MebpBackend()
     with pytest.raises(BackendError, match="unknown mebp backend option"):
-        MebpBackend(memory_budget="1GB", budget="1GB")
+        MebpBackend(activation_budget="1GB", budget="1GB")
     with pytest.raises(ValueError, match="cannot read"):
-        MebpBackend(memory_budget="lots")
+        MebpBackend(activation_budget="lots")
     with pytest.raises(ValueError, match="no device profile"):
-        MebpBackend(memory_budget="1GB", device="toaster")
+        MebpBackend(activation_budget="1GB", device="toaster")
     with pytest.raises(BackendError, match="work_limit must be positive"):
-        MebpBackend(memory_budget="1GB", work_limit=0)
+        MebpBackend(activation_budget="1GB", work_limit=0)
 
 
 def test_the_old_time_limit_option_still_works_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="work_limit"):
-        backend = MebpBackend(memory_budget="1GB", time_limit_s=3)
+        backend = MebpBackend(activation_budget="1GB", time_limit_s=3)
     assert backend.options.work_limit == 3
 
 
@@ -289,12 +289,51 @@ def test_the_old_time_limit_option_still_works_with_a_deprecation_warning():
 def test_smollm2_gradients_equal_autograd(smollm2):
     batch = random_batch(smollm2.config.vocab_size, batch=1, seq=32)
     reference = autograd_reference(smollm2, batch)
-    backend = MebpBackend(memory_budget="64MB", offload=False)
+    backend = MebpBackend(activation_budget="64MB", offload=False)
     result = compiled_step(torch.compile(smollm2, backend=backend), smollm2, batch)
     assert_matches_autograd(result, reference)
     (plan,) = backend.graphs
     assert plan.counts()["recompute"] > 0
-    assert plan.last_saved_bytes <= backend.options.memory_budget_bytes
+    assert plan.last_saved_bytes <= backend.options.activation_budget_bytes
+
+
+def test_backend_for_matches_options_by_value_and_the_old_budget_name_warns():
+    options = {"activation_budget": "123MB", "offload": False}
+    assert backend_for(options) is backend_for(dict(options)) is backend_for(dict(reversed(options.items())))
+    assert backend_for({**options, "activation_budget": "124MB"}) is not backend_for(options)
+    with pytest.warns(DeprecationWarning, match="activation_budget"):
+        backend = MebpBackend(memory_budget="1GB")
+    assert backend.options.activation_budget_bytes == 10**9
+
+
+def test_inside_hf_trainer_by_compiling_the_model_before_passing_it(tmp_path):
+    """HF Trainer takes `model.compile(backend="mebp", ...)`d models: same LoRA parameters as an eager Trainer run."""
+    from transformers import Trainer, TrainingArguments
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 256, (8, 16), generator=generator)
+    dataset = [{"input_ids": r, "labels": r.clone()} for r in rows]
+
+    def trained(compile_options):
+        model = lora_model("tiny-llama")
+        if compile_options is not None:
+            model.compile(backend="mebp", options=compile_options, dynamic=False)
+        arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3,
+                                      learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                                      report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
+                                      dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True)
+        Trainer(model=model, args=arguments, train_dataset=dataset).train()
+        return lora_params(model)
+
+    options = {"activation_budget": "40MB", "offload": False}
+    compiled, eager = trained(options), trained(None)
+    backend = backend_for(options)
+    assert backend.graphs and all(g.forward_calls >= 3 for g in backend.graphs)
+    scale = max(p.detach().abs().max().item() for p in eager.values())
+    worst = max((compiled[n].detach() - p.detach()).abs().max().item() for n, p in eager.items())
+    assert worst <= 1e-5 * scale
+    start = lora_params(lora_model("tiny-llama"))
+    assert max((start[n].detach() - p.detach()).abs().max().item() for n, p in eager.items()) > 1e3 * worst
 
 
 def test_the_budget_holds_under_no_grad():
@@ -303,12 +342,12 @@ def test_the_budget_holds_under_no_grad():
     model = lora_model("tiny-llama")
     batch = random_batch(model.config.vocab_size)
     with torch.no_grad(), pytest.raises(BackendCompilerFailed) as failed:
-        torch.compile(model, backend=MebpBackend(memory_budget="1KB"))(**batch)
+        torch.compile(model, backend=MebpBackend(activation_budget="1KB"))(**batch)
     assert isinstance(failed.value.inner_exception, BudgetInfeasible)
     peak = failed.value.inner_exception.least_budget_bytes
     assert peak > 1000
     torch._dynamo.reset()
-    backend = MebpBackend(memory_budget=peak)
+    backend = MebpBackend(activation_budget=peak)
     with torch.no_grad():
         loss = torch.compile(model, backend=backend)(**batch).loss
         torch.testing.assert_close(loss, model(**batch).loss)

@@ -110,3 +110,22 @@ def test_whole_step_bench_runs_and_holds_what_it_predicts(tmp_path):
         assert record["held_at_peak_by_role"].get("mapped") is None  # mapped weights are not held
     optimal = data["records"][1]
     assert optimal["total_bytes"] <= optimal["budget_bytes"]
+
+
+def test_native_bench_runs_and_holds_what_the_manifest_predicts(tmp_path):
+    """bench/native.py on a tiny INT4 config: the driver's held bytes are the manifest's, and
+    the native process's anonymous RSS and step time are measured beside eager torch's."""
+    pytest.importorskip("mlx.core", reason="the native driver builds against the 'mlx' extra")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "native.py"), "--configs", "tiny-llama:int4:mebp", "--seq-len", "16",
+         "--group-size", "32", "--vocab-slices", "4", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "native-seq16-r8-slices4.json").read_text())
+    assert data["failures"] == []
+    (record,) = data["records"]
+    assert record["held_as_predicted"] and record["mapped_bytes"] > 0
+    assert 0 < record["rss_anon_peak_bytes"] <= record["vm_hwm_bytes"]
+    assert record["native_step_s"] > 0 and record["native_over_eager"] > 0
+    assert set(record["native_seconds_by_stage_kind"]) >= {"block_forward", "block_backward"}

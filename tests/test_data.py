@@ -126,3 +126,73 @@ def test_batches_forever_and_errors():
         data.batches(torch.zeros(5, 3), 6)
     with pytest.raises(ValueError, match="steps"):
         data.batches(torch.zeros(5, 3), 2, steps=-1)
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_prompt_completion_records_are_packed_and_mask_prompt_ignores_only_the_prompts(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Q1? ", "completion": "A1."},
+                                               {"prompt": "Q22? ", "completion": "A22."}])
+    tokenizer = data.ByteTokenizer()
+    stream = "Q1? A1.\n\nQ22? A22.\n\n"
+    ids, labels = data.labelled_blocks(tokenizer, path, len(stream) // 2)
+    assert bytes(ids.flatten().tolist()).decode() == stream[: ids.numel()]
+    assert torch.equal(labels, ids)
+    ids, labels = data.labelled_blocks(tokenizer, path, len(stream), mask_prompt=True)
+    learned = "".join(chr(t) if t != data.IGNORE_INDEX else "_" for t in labels.flatten().tolist())
+    assert learned == "____A1.\n\n_____A22.\n\n"
+
+
+def test_chat_records_go_through_the_chat_template_and_mask_all_but_the_answers(tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    tokenizer = data.ByteTokenizer()
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False) + "\n\n"
+    ids, labels = data.labelled_blocks(tokenizer, path, len(rendered), mask_prompt=True)
+    assert bytes(ids[0].tolist()).decode() == rendered
+    learned = bytes(t for t in labels[0].tolist() if t != data.IGNORE_INDEX).decode()
+    assert learned == "Hello.<|im_end|>\n\n\n"
+
+
+def test_chat_records_with_smollm2s_own_template(tmp_path):
+    tokenizer = models.load_tokenizer("smollm2-135m")
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}] * 4)
+    ids, _ = data.labelled_blocks(tokenizer, path, 16)
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(ids.flatten().tolist()).startswith(whole)
+    _, labels = data.labelled_blocks(tokenizer, path, 16, mask_prompt=True)
+    answers = tokenizer.decode([t for t in labels.flatten().tolist() if t != data.IGNORE_INDEX])
+    assert "4<|im_end|>" in answers and "2+2" not in answers and "user" not in answers
+
+
+@pytest.mark.parametrize("records, says", [
+    ([{"prompt": "a", "completion": "b"}, {"text": "c"}], r"line 2: expected \"prompt\" and \"completion\""),
+    ([{"messages": []}], r"line 1: \"messages\" must be a non-empty list"),
+    ([{"prompt": 1, "completion": "b"}], "must be strings"),
+    ([{"body": "x"}], "line 1: expected a \"text\" field"),
+])
+def test_bad_records_name_the_line(tmp_path, records, says):
+    with pytest.raises(ValueError, match=says):
+        data.labelled_blocks(data.ByteTokenizer(), write_jsonl(tmp_path / "bad.jsonl", records), 4)
+
+
+def test_mask_prompt_on_plain_text_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "plain text " * 10}])
+    with pytest.raises(ValueError, match="--mask-prompt masks the prompts"):
+        data.labelled_blocks(data.ByteTokenizer(), path, 8, mask_prompt=True)
+
+
+def test_batches_carry_labels_and_skip_continues_the_same_stream():
+    blocks = torch.arange(60).view(10, 6)
+    labels = blocks.clone()
+    labels[:, :3] = data.IGNORE_INDEX
+    whole = list(data.batches(blocks, 3, seed=4, steps=7, labels=labels))
+    tail = list(data.batches(blocks, 3, seed=4, steps=2, labels=labels, skip=5))
+    assert all(torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+               for a, b in zip(whole[5:], tail, strict=True))
+    assert all(torch.equal(b["labels"][:, 3:], b["input_ids"][:, 3:]) for b in whole)

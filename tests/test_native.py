@@ -33,7 +33,7 @@ from tests.conftest import (
     random_batch,
     safetensors_data_start,
 )
-from tests.test_partition import compiled_tiny
+from tests.test_partition import assert_held_as_predicted, compiled_tiny
 
 pytest.importorskip("mlx.core", reason="the native driver builds against the 'mlx' extra")
 MLX = load_target("mlx")
@@ -120,6 +120,67 @@ def test_sgd_step_is_torchs(native, tmp_path):
     set_peft_model_state_dict(trained, load_file(out))
     for n, p in lora_parameters(trained).items():
         assert torch.equal(p, params[n])
+
+
+def test_ten_native_steps_give_mebp_trains_loss_curve(native, tmp_path):
+    """`mebp train`'s loop (train.train over the CPU runtime, torch's AdamW) and the native
+    driver, from the same seeded model on the same ten batches of text: the same ten losses."""
+    import mebp_compiler
+    from mebp_compiler import data, models
+    from mebp_compiler.train import train
+
+    steps, lr = 10, 2e-3  # the CLI's default learning rate
+    model = models.add_lora(models.load("tiny-qwen2", seed=0), models.LoraSettings())
+    blocks = data.token_blocks(data.ByteTokenizer(), data.load_text(None), 24)
+    batches = list(data.batches(blocks, 2, seed=0, steps=steps))
+    plan = mebp_compiler.compile(model, batches[0], "mebp", checkpoints="disk", offload_dir=str(tmp_path / "plan"))
+    part = partition(plan.graph, model="test")
+    write_artifacts(part, MLX, tmp_path / "artifacts", weights=step_weights(model, part), progress=False)
+    tokens = native_driver.write_tokens(tmp_path / "tokens.bin", [numpy_batch(b) for b in batches])
+    result = native_driver.run(tmp_path / "artifacts", tokens, tmp_path / "lora.safetensors", optimizer="adamw",
+                               lr=lr, offload_dir=str(tmp_path / "flash"), driver=native)
+
+    history = train(plan, iter(batches), steps, make_optimizer(plan.lora_parameters().values(), "adamw", lr),
+                    progress=False)
+    assert len(result.losses) == len(result.step_seconds) == steps
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(history.loss), rtol=1e-5, atol=0)
+    assert history.loss[-1] < history.loss[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["mebp", "optimal"])
+def test_smollm2_native_step_matches_autograd_and_adamw(native, smollm2, smollm2_mebp, smollm2_plan,
+                                                         smollm2_float64_reference, policy, tmp_path):
+    """The real SmolLM2-135M (GGUF weights, seq 16) with offload: the native step's loss and
+    gradients are autograd's (float64, as tests/test_target_mlx.py holds MLX to), the adapter is
+    torch's AdamW on those gradients, and the held bytes are the manifest's."""
+    batch, _ = smollm2_mebp
+    plan = smollm2_plan(policy)
+    part = partition(plan.graph, model="smollm2-135m")
+    write_artifacts(part, MLX, tmp_path / "artifacts", weights=step_weights(smollm2, part), progress=False)
+    tokens = native_driver.write_tokens(tmp_path / "tokens.bin", [numpy_batch(batch)])
+    out = tmp_path / "lora.safetensors"
+    result = native_driver.run(tmp_path / "artifacts", tokens, out, optimizer="adamw", lr=LR,
+                               offload_dir=str(tmp_path / "flash"), grads_dir=str(tmp_path), driver=native)
+
+    grads = load_file(tmp_path / "step1.safetensors")
+    native_step = SimpleNamespace(loss=torch.tensor(result.losses[0]), grads=grads)
+    assert_matches_autograd(native_step, smollm2_float64_reference)
+    params = {n: p.detach().clone().requires_grad_() for n, p in lora_parameters(smollm2).items()}
+    for n, p in params.items():
+        p.grad = grads[n]
+    make_optimizer(params.values(), "adamw", LR).step()
+    adapter = load_file(out)
+    keys = part.manifest.adapter_keys
+    assert set(adapter) == {keys[n] for n in params}
+    for n, p in params.items():
+        assert_updated_like_torch(adapter[keys[n]], p.detach())
+
+    assert_held_as_predicted(part, plan, result)
+    manifest = part.manifest
+    offloaded = sum(manifest.values[n].nbytes for s in manifest.stages for n in s.offload_after)
+    reloaded = sum(v.nbytes for v in manifest.values.values() if v.reload_of)
+    assert result.flash_bytes_written == offloaded > 0 and result.flash_bytes_read == reloaded > 0
 
 
 # ---------------------------------------------------------------- bad artifacts and inputs

@@ -38,11 +38,11 @@ from ortools.sat.python import cp_model
 
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
+from mebp_compiler.passes.schedule.limits import DEFAULT_WORK_LIMIT
 from mebp_compiler.passes.schedule.problem import Checkpoint, HeldForRecomputation, SchedulingProblem
 from mebp_compiler.schedule import Decision
 
 NANOS = 1_000_000_000  # the objective is integer nanoseconds
-DEFAULT_WORK_LIMIT = 10.0  # CP-SAT deterministic time per solve (see the module docstring)
 DEFAULT_BLOCK_TEMPLATES = 2  # decision patterns per class of equal blocks (`solve`)
 KEEP_ALL = "keep-all"  # the start every solve has: keep what the backward reads
 

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -522,6 +523,7 @@ struct StepResult {
   std::map<std::string, mx::array> grads;    // LoRA source name -> gradient
   std::map<std::string, mx::array> updates;  // LoRA or optimizer source name -> its value after the step
   std::vector<int64_t> held_before, held_during;
+  std::vector<double> stage_seconds;  // each stage's call, evaluation and offload writes
   int64_t staged_peak = 0;
   Rss peak;  // most anonymous and file-backed RSS seen when a stage returned
 };
@@ -548,6 +550,7 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
     }
     r.held_before.push_back(held);
     r.staged_peak = std::max(r.staged_peak, held + stage.internal_peak_bytes);
+    auto started = std::chrono::steady_clock::now();
     std::vector<mx::array> args;
     for (const auto& name : stage.inputs) args.push_back(env.at(name));
     std::vector<mx::array> outputs = fns.at(stage.artifact)(args);
@@ -566,6 +569,7 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
     r.peak.anon = std::max(r.peak.anon, now.anon);
     r.peak.file = std::max(r.peak.file, now.file);
     for (const auto& name : stage.offload_after) handles[name] = store.write(env.at(name), name);
+    r.stage_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
     for (const auto& name : stage.free_after) {
       auto it = env.find(name);
       held -= int64_t(it->second.nbytes());
@@ -788,7 +792,9 @@ int run(const Args& args) {
   std::vector<double> losses;
   StepResult last;
   Rss peak;
+  std::vector<double> step_seconds;
   for (int64_t step = 0; step < tokens.steps; ++step) {
+    auto started = std::chrono::steady_clock::now();
     std::map<std::string, mx::array> inputs = weights;
     inputs.insert_or_assign("input_ids", mx::array(tokens.input_ids.data() + step * per_step, m.batch_shape, mx::int64));
     inputs.insert_or_assign("labels", mx::array(tokens.labels.data() + step * per_step, m.batch_shape, mx::int64));
@@ -804,8 +810,12 @@ int run(const Args& args) {
           throw Failure("step " + std::to_string(step + 1) + ": the gradient of " + param +
                         " is not finite; no update applied and no adapter written; lower --lr");
     }
-    if (!args.grads_dir.empty())  // with fused updates there are no gradients: the step's new values instead
+    if (!args.grads_dir.empty()) {  // a test's record, not part of the step's time
+      // With fused updates there are no gradients: the step's new values instead.
+      auto writing = std::chrono::steady_clock::now();
       write_safetensors(args.grads_dir / ("step" + std::to_string(step + 1) + ".safetensors"), fused ? r.updates : r.grads);
+      started += std::chrono::steady_clock::now() - writing;
+    }
     mx::synchronize();
     if (fused) {
       // The stages' new LoRA parameters and optimizer state replace the old ones, for the next step.
@@ -821,6 +831,7 @@ int run(const Args& args) {
         optimizer.apply(param, p.data<float>(), g.data<float>(), p.size());
       }
     }
+    step_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
     losses.push_back(r.loss);
     peak.anon = std::max(peak.anon, r.peak.anon);
     peak.file = std::max(peak.file, r.peak.file);
@@ -837,14 +848,22 @@ int run(const Args& args) {
   std::string losses_text = "[";
   for (size_t k = 0; k < losses.size(); ++k) losses_text += (k ? "," : "") + json::python_float(losses[k]);
   losses_text += "]";
-  std::cout << "{\"steps\":" << tokens.steps << ",\"losses\":" << losses_text
-            << ",\"held_before_bytes\":" << json_list(last.held_before)
+  std::string seconds_text = "[";
+  for (size_t k = 0; k < step_seconds.size(); ++k) seconds_text += (k ? "," : "") + json::python_float(step_seconds[k]);
+  seconds_text += "]";
+  std::string stage_text = "[";
+  for (size_t k = 0; k < last.stage_seconds.size(); ++k)
+    stage_text += (k ? "," : "") + json::python_float(last.stage_seconds[k]);
+  stage_text += "]";
+  std::cout << "{\"steps\":" << tokens.steps << ",\"losses\":" << losses_text << ",\"step_seconds\":" << seconds_text
+            << ",\"stage_seconds\":" << stage_text << ",\"held_before_bytes\":" << json_list(last.held_before)
             << ",\"held_peak_bytes\":" << *std::max_element(last.held_during.begin(), last.held_during.end())
             << ",\"staged_peak_bytes\":" << last.staged_peak
             << ",\"predicted_peak_bytes\":" << m.predicted_peak_bytes
             << ",\"flash_bytes_written\":" << store.bytes_written << ",\"flash_bytes_read\":" << store.bytes_read
             << ",\"vm_hwm_bytes\":" << end.hwm << ",\"rss_anon_peak_bytes\":" << peak.anon
-            << ",\"rss_file_peak_bytes\":" << peak.file << ",\"optimizer\":\"" << optimizer.name << "\",\"lr\":"
+            << ",\"rss_file_peak_bytes\":" << peak.file << ",\"mlx_peak_bytes\":" << mx::get_peak_memory()
+            << ",\"mlx_cache_bytes\":" << mx::get_cache_memory() << ",\"optimizer\":\"" << optimizer.name << "\",\"lr\":"
             << json::python_float(optimizer.lr) << "}" << std::endl;
   return 0;
 }
