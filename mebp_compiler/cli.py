@@ -40,6 +40,7 @@ examples:
   mebp compile --model smollm2-135m --target onnx -o out/   # per-stage training graphs + manifest
   mebp run out/ --steps 10                    # train with those artifacts here
   mebp compile --model smollm2-135m --target coreml -o pkg/ # .mlpackage stages, each checked here
+  mebp federate --int4 --clients 4 --budgets 64MB,256MB,512MB,1GB   # Flower simulation, a budget per client
 """
 
 
@@ -1080,6 +1081,141 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_federate(sub, debug: argparse.ArgumentParser) -> None:
+    from mebp_compiler.models import MODEL_NAMES
+    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+
+    p = sub.add_parser(
+        "federate", parents=[debug], help=COMMANDS["federate"][0],
+        description="Simulate federated LoRA fine-tuning with Flower (needs the 'federated' extra): "
+                    "--clients virtual clients, each holding its own shard of the pydoc text (split by "
+                    "topic) and its own step-memory budget, compile their own plan under it and train "
+                    "--local-steps steps per round; Flower's FedAvg averages their LoRA parameters. A "
+                    "client whose budget fits no schedule says so and is left out. Writes the final "
+                    "adapter (peft) and the per-round history (JSON) to --out.",
+    )
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME",
+                   help=f"model to fine-tune (default: %(default)s); one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--clients", type=_positive, default=4, help="virtual clients (default: %(default)s)")
+    p.add_argument("--budgets", default=None, metavar="SIZE,...",
+                   help="one step-memory budget per client (whole step and AdamW state, as --budget of "
+                        "mebp compile), e.g. 64MB,256MB,512MB,1GB (default for smollm2-135m: that with "
+                        "--int4, else 768MB,1GB,1.5GB,2GB; spread over the clients)")
+    p.add_argument("--rounds", type=_positive, default=3, help="federated rounds (default: %(default)s)")
+    p.add_argument("--local-steps", type=_positive, default=4,
+                   help="optimizer steps each client trains per round (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=BACKPROP_LR,
+                   help="clients' AdamW learning rate (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive, default=64, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step (default: %(default)s)")
+    p.add_argument("--lora-r", type=_positive, default=8, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=_positive, default=16, help="LoRA alpha (default: %(default)s)")
+    p.add_argument("--int4", action="store_true",
+                   help="clients keep the frozen weights as memory-mapped INT4 (not held), as a phone would")
+    p.add_argument("--heldout-blocks", type=_non_negative, default=8,
+                   help="held-out sequences per client the server evaluates the aggregate on after each "
+                        "round; 0: no evaluation (default: %(default)s)")
+    p.add_argument("--parallel", type=_positive, default=2,
+                   help="clients that train at once (Ray actors, one CPU each) (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="iphone15promax",
+                   help="device profile for the scheduler's cost model (default: %(default)s)")
+    p.add_argument("--work-limit", type=_positive_float, default=DEFAULT_WORK_LIMIT, metavar="W",
+                   help="the scheduler's search limit per solve, CP-SAT deterministic time (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="data order and random-weight seed (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/federate-MODEL)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's own INFO log")
+    p.set_defaults(run=_run_federate, check=_check_federate)
+
+
+#: Default --budgets of `mebp federate` for the real model: phone-small to phone-large step memory.
+FEDERATE_BUDGETS = {True: ("64MB", "256MB", "512MB", "1GB"),  # --int4: weights memory-mapped, not held
+                    False: ("768MB", "1GB", "1.5GB", "2GB")}  # fp32 weights (538 MB) held in the step
+
+
+def _federate_budgets(args) -> list[int]:
+    """--budgets as bytes, one per client; for smollm2-135m by default a spread from FEDERATE_BUDGETS."""
+    from mebp_compiler.device import parse_size
+
+    if args.budgets is not None:
+        return [_size(text.strip()) for text in args.budgets.split(",")]
+    if args.model != "smollm2-135m":
+        raise UsageError(f"give --budgets for {args.model}, one per client (the default spread is for smollm2-135m)")
+    sizes = FEDERATE_BUDGETS[args.int4]
+    return [parse_size(sizes[i * len(sizes) // args.clients]) for i in range(args.clients)]
+
+
+def _check_federate(args) -> None:
+    """Everything `mebp federate` can check before it loads Flower, the model or the data."""
+    import importlib.util
+
+    try:
+        budgets = _federate_budgets(args)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--budgets: {exc}") from None
+    if len(budgets) != args.clients:
+        raise UsageError(f"--budgets gives {len(budgets)} budgets for {args.clients} --clients: give one per client")
+    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
+        raise UsageError("mebp federate runs on Flower's simulation runtime, which is not installed: "
+                         "pip install -e '.[federated]'")
+    _check_out_dir(args.out)
+
+
+def _run_federate(args) -> int:
+    from mebp_compiler import data, federated, models
+    from mebp_compiler.files import atomic_write_json
+    from mebp_compiler.ir import format_bytes
+    from mebp_compiler.rundir import FEDERATE_ENTRIES, RunDirectory
+    from mebp_compiler.train import save_adapter
+
+    out = Path(args.out or f"runs/federate-{args.model}")
+    run = RunDirectory(out, FEDERATE_ENTRIES)  # locked until the end; the old run stays until the new one is whole
+    settings = federated.ModelSettings(model=args.model, seed=args.seed, lora_r=args.lora_r,
+                                       lora_alpha=args.lora_alpha, seq_len=args.seq_len, batch_size=args.batch_size,
+                                       device=args.device, work_limit=args.work_limit, int4=args.int4)
+    tokenizer = models.load_tokenizer(args.model) if args.model == "smollm2-135m" else data.ByteTokenizer()
+    budgets = _federate_budgets(args)
+    clients, heldout = federated.shard_clients(tokenizer, federated.topic_shards(args.clients), budgets,
+                                               args.seq_len, seed=args.seed)
+    heldout = heldout[:args.heldout_blocks * args.clients] if args.heldout_blocks else None
+    for k, client in enumerate(clients):
+        _say(f"client {k}: {len(client.blocks)} sequences of {args.seq_len} tokens, budget "
+             f"{format_bytes(client.budget_bytes)}")
+    config = federated.TrainConfig(local_steps=args.local_steps, lr=args.lr)
+    start = time.perf_counter()
+    said: set[str] = set()
+
+    def progress(record) -> None:
+        loss = "" if record.heldout_loss is None else f"held-out loss {record.heldout_loss:.4f}; "
+        if record.round == 0:
+            _say(f"start: {loss}{args.clients} clients, {args.rounds} rounds (Flower simulation, "
+                 f"{args.parallel} at once)")
+            return
+        peaks = ", ".join(f"{int(r.metrics['client'])}: {format_bytes(int(r.metrics['held-peak-bytes']))}/"
+                          f"{format_bytes(int(r.metrics['budget-bytes']))}" for r in record.replies)
+        _say(f"round {record.round}/{args.rounds}: {loss}{len(record.replies)} replied (held/budget {peaks}), "
+             f"{len(record.failures)} failed; sent {format_bytes(record.uplink_bytes)} up, "
+             f"{format_bytes(record.broadcast_bytes)} down; {time.perf_counter() - start:.0f} s")
+        for reason in set(record.failures.values()) - said:
+            _say(f"  left out: {' '.join(reason.split())}")
+            said.add(reason)
+
+    _say(f"starting Flower's simulation runtime ({args.model}, FedAvg) ...")
+    result = federated.run_federation(settings, clients, args.rounds, config, heldout=heldout,
+                                      parallel=args.parallel, on_round=progress, verbose=args.verbose)
+    if not any(record.replies for record in result.rounds):
+        print("mebp federate: error: no client trained in any round (each failed or refused, see above), so "
+              "there is no adapter to write; give budgets that fit (--budgets)", file=sys.stderr)
+        return 1
+    model = federated.load_lora(settings, result.final)
+    with run.replace() as staging:
+        save_adapter(model, staging / "adapter")
+        atomic_write_json(staging / "history.json", {"args": _jsonable(vars(args)),
+                                                     "rounds": [r.to_json() for r in result.rounds]})
+    _say(f"wrote {out / 'adapter'}/ and {out / 'history.json'}")
+    return 0
+
+
 def _run_settings(args, ids, labels) -> dict:
     """What a resumed run must share with the run that wrote its checkpoint to continue it exactly."""
     import hashlib
@@ -1204,6 +1340,7 @@ COMMANDS = {
     "compare": ("convergence study: exact backprop under memory plans vs. MeZO, same data and memory accounting",
                 _add_compare),
     "run": ("train with an artifact directory written by `mebp compile --target`", _add_run),
+    "federate": ("federated LoRA fine-tuning on Flower, each client under its own budget", _add_federate),
 }
 
 
