@@ -130,7 +130,7 @@ def test_cli_refuses_gguf_blocks_for_a_model_without_a_gguf_file(tmp_path, capsy
 
     assert main(["train", "--model", "tiny-llama", "--steps", "1", "--seq-len", "16", "--gguf-blocks",
                  "--out", str(tmp_path), "--no-progress"]) != 0
-    assert "only smollm2-135m" in capsys.readouterr().err
+    assert "tiny-llama is not loaded from one (give smollm2-135m or a .gguf file)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

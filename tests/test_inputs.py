@@ -165,9 +165,11 @@ def test_every_frozen_weight_is_quantized_at_a_group_size_that_divides_them():
 
 
 def test_an_error_inside_the_traced_model_surfaces_as_itself():
-    """The chunked head traces the decoder on its own; an error there reaches the caller unchanged,
-    not as a KeyError from closing the trace's annotations (as before)."""
+    """The chunked head traces the decoder on its own; an error there reaches the caller with its
+    own message, as a CaptureError naming the module and chained from it, not as a KeyError
+    from closing the trace's annotations (as before)."""
     from mebp_compiler import models
+    from mebp_compiler.capture import CaptureError
 
     model = lora_model("tiny-llama")
 
@@ -175,8 +177,9 @@ def test_an_error_inside_the_traced_model_surfaces_as_itself():
         raise RuntimeError("the model's own error")
 
     models.decoder_layers(model)[0].register_forward_pre_hook(refuse)
-    with pytest.raises(RuntimeError, match="the model's own error"):
+    with pytest.raises(CaptureError, match="module .*RuntimeError: the model's own error") as info:
         mebp_compiler.compile(model, random_batch(model.config.vocab_size), "mebp", vocab_slices=3)
+    assert isinstance(info.value.__cause__, RuntimeError)
 
 
 def test_the_onnx_target_carries_the_mask_and_never_drops_one(tmp_path):
