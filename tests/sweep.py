@@ -15,7 +15,6 @@ Used by tests/test_sweep.py (a fast subset in CI) and bench/exactness_sweep.py (
 
 from __future__ import annotations
 
-import copy
 import random
 import tempfile
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import mebp_compiler
 from mebp_compiler import models
 from mebp_compiler.passes.schedule.solver import BudgetInfeasible
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, randomize_lora_b
+from tests.test_quantize import dequantized_copy
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Divides every width a case draws (multiples of 16), so no INT4 weight stays float.
@@ -218,13 +218,3 @@ def step(plan, batch) -> SimpleNamespace:
                            held_peak_bytes=result.held_peak_bytes)
 
 
-def dequantized_copy(model: torch.nn.Module, plan) -> torch.nn.Module:
-    """The model with every quantized weight replaced by its dequantized value (what the INT4 step computes with)."""
-    twin = copy.deepcopy(model)
-    params = dict(twin.named_parameters())
-    with torch.no_grad():
-        for source in plan.weights.sources:
-            encoding = plan.weights.encoding(source)
-            tensors = [plan.weights.tensors[name] for name in encoding.tensor_names]
-            params[source].copy_(encoding.dequantize(*tensors, *encoding.constants))
-    return twin
