@@ -71,7 +71,7 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from mebp_compiler import models
+    from mebp_compiler.app import models
 
     method = args.method
     rec: dict[str, Any] = {"method": method, "failures": []}
@@ -236,7 +236,7 @@ def cross_checks(records: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+    from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")

@@ -58,7 +58,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     import mebp_compiler.backend as mebp_backend
-    from mebp_compiler import models
+    from mebp_compiler.app import models
 
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _MallInfo2
@@ -140,7 +140,7 @@ def time_child(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from mebp_compiler import models
+    from mebp_compiler.app import models
 
     torch.manual_seed(0)
     model = models.add_lora(models.load(args.model))
@@ -171,7 +171,7 @@ def time_child(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+    from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import mebp_compiler  # noqa: E402
-from mebp_compiler import models  # noqa: E402
+from mebp_compiler.app import models  # noqa: E402
 from mebp_compiler.ir import format_bytes  # noqa: E402
 from mebp_compiler.offload import OffloadStore  # noqa: E402
 from mebp_compiler.passes.partition import partition  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from mebp_compiler import models  # noqa: E402
+from mebp_compiler.app import models  # noqa: E402
 from mebp_compiler.capture import capture  # noqa: E402
 from mebp_compiler.ir import Phase, format_bytes  # noqa: E402
 from mebp_compiler.targets import coreml as coreml_target  # noqa: E402

@@ -207,9 +207,9 @@ def _with_lora(model):
 def check_family(model_type: str, seed: int = 0) -> dict:
     """Build, LoRA, autograd, then capture once, schedule under each policy, run and compare with autograd;
     a result row (see module doc). The steps are `mebp_compiler.compile`'s own passes, run on one capture."""
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.capture import capture
-    from mebp_compiler.cli import _user_errors
+    from mebp_compiler.app.cli import _user_errors
     from mebp_compiler.device import DeviceProfile
     from mebp_compiler.passes.liveness import liveness
     from mebp_compiler.passes.policies import mebp_schedule, none_schedule, optimal_schedule

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from mebp_compiler import data, federated, models
+from mebp_compiler.app import data, federated, models
 from mebp_compiler.device import parse_size
 from mebp_compiler.files import atomic_write, atomic_write_json, atomic_write_text
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.plan import compile
-from mebp_compiler.train import make_optimizer, train
+from mebp_compiler.app.train import train
+from mebp_compiler.plan import make_optimizer
 
 BUDGETS = ("64MB", "256MB", "512MB", "1GB")
 

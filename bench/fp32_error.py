@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import mebp_compiler  # noqa: E402
-from mebp_compiler import models  # noqa: E402
+from mebp_compiler.app import models  # noqa: E402
 from mebp_compiler.passes.partition import partition  # noqa: E402
 from mebp_compiler.targets import driver, load_target  # noqa: E402
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts  # noqa: E402

@@ -200,7 +200,7 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
     probe = allocator_probe()
 
     import mebp_compiler
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.ir import INPUT_ROLES, Role
 
     method = args.method
@@ -492,7 +492,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
     import transformers
 
-    from mebp_compiler import models
+    from mebp_compiler.app import models
 
     if args.model not in models.MODEL_NAMES:
         print(f"bench/memory.py: error: {models.UnknownModelError(args.model)}", file=sys.stderr)
@@ -619,7 +619,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="smollm2-135m", help="a name from mebp_compiler.models.MODEL_NAMES")
+    parser.add_argument("--model", default="smollm2-135m", help="a name from mebp_compiler.app.models.MODEL_NAMES")
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (batch is 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after 1 warm-up step (default 3)")
     parser.add_argument("--out", default="bench/results", help="folder for the .md and .json (default bench/results)")

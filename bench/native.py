@@ -134,7 +134,7 @@ def build(args: argparse.Namespace, model_name: str, weights: str, plan_name: st
     import torch
 
     import mebp_compiler
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.device import DeviceProfile
     from mebp_compiler.passes.partition import partition
     from mebp_compiler.passes.policies import least_feasible_budget
@@ -178,7 +178,7 @@ def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: 
     from mebp_compiler.plan import optimizer_state_bytes
     from mebp_compiler.targets import load_target, native_driver
     from mebp_compiler.targets.artifacts import step_weights, write_artifacts
-    from mebp_compiler.train import make_optimizer
+    from mebp_compiler.plan import make_optimizer
 
     start = time.perf_counter()
     model, batch, plan, part, budget = build(args, model_name, weights, plan_name, scratch / "plan")
@@ -349,7 +349,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+    from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated MODEL:fp32|int4:mebp|optimal")

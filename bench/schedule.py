@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mebp_compiler import models
+from mebp_compiler.app import models
 from mebp_compiler.capture import capture
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
@@ -37,8 +37,8 @@ from mebp_compiler.passes.policies import (
     optimal_schedule,
     scheduling_problem,
 )
-from mebp_compiler.passes.schedule import pareto
-from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+from mebp_compiler.passes.scheduler import pareto
+from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 
 
 def evaluate(graph, schedule, device, budget=None) -> dict:

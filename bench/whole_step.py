@@ -82,13 +82,13 @@ def run_plan(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     import mebp_compiler
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.device import DeviceProfile, parse_size
     from mebp_compiler.ir import UNHELD_ROLES, Role
     from mebp_compiler.passes.policies import least_feasible_budget
     from mebp_compiler.passes.quantize import release_float_weights
     from mebp_compiler.plan import optimizer_state_bytes
-    from mebp_compiler.train import make_optimizer
+    from mebp_compiler.plan import make_optimizer
 
     torch.manual_seed(0)
     model = models.add_lora(models.load(args.model), models.LoraSettings(r=args.lora_r, alpha=2 * args.lora_r))
@@ -164,7 +164,7 @@ def predict(model_name: str, args: argparse.Namespace) -> list[dict]:
     import torch
 
     import mebp_compiler
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.device import DeviceProfile
     from mebp_compiler.ir import Role
     from mebp_compiler.passes.policies import least_feasible_budget
@@ -283,10 +283,10 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+    from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name from mebp_compiler.models.MODEL_NAMES")
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name from mebp_compiler.app.models.MODEL_NAMES")
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (batch is 1)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank, alpha = 2r (default 8, MeSP's)")
     parser.add_argument("--group-size", type=int, default=64, help="INT4 group size (default 64, MeSP's)")

@@ -1,6 +1,6 @@
 """mebp-compiler: exact, memory-budgeted LoRA backpropagation, compiled for phones.
 
-The names below are imported on first use (PEP 562), so `import mebp_compiler.cli` and
+The names below are imported on first use (PEP 562), so `import mebp_compiler.app.cli` and
 `mebp --help` do not load torch.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "DeviceProfile": "mebp_compiler.device", "parse_size": "mebp_compiler.device",
-    "BudgetInfeasible": "mebp_compiler.passes.schedule.solver", "ScheduleNotFound": "mebp_compiler.passes.schedule.solver",
+    "BudgetInfeasible": "mebp_compiler.passes.scheduler.solver", "ScheduleNotFound": "mebp_compiler.passes.scheduler.solver",
     "POLICIES": "mebp_compiler.plan", "BatchShapeError": "mebp_compiler.plan", "InsufficientMemory": "mebp_compiler.plan",
     "Plan": "mebp_compiler.plan", "compile": "mebp_compiler.plan",
 }

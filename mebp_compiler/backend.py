@@ -7,7 +7,7 @@
 
 Each graph dynamo hands over goes through AOTAutograd (`aot_module_simplified`) with a
 partition function driven by our scheduler: the joint forward+backward graph becomes the
-scheduler's plain DAG (`passes.schedule.from_graph.training_dag`), CP-SAT decides for every
+scheduler's plain DAG (`passes.scheduler.from_graph.training_dag`), CP-SAT decides for every
 forward storage whether the forward keeps it for the backward, the backward recomputes it,
 or it is offloaded (written to a memory-mapped file after its last forward use and mapped
 back for the backward, so its pages are read from flash only when the backward touches them),
@@ -82,9 +82,9 @@ from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, 
 from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.policies import known_starts
-from mebp_compiler.passes.schedule.from_graph import training_dag
-from mebp_compiler.passes.schedule.problem import build_problem
-from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT, BudgetInfeasible, solve
+from mebp_compiler.passes.scheduler.from_graph import training_dag
+from mebp_compiler.passes.scheduler.problem import build_problem
+from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT, BudgetInfeasible, solve
 from mebp_compiler.schedule import Decision
 
 OPTION_NAMES = ("activation_budget", "device", "offload_dir", "work_limit", "offload", "trim_heap")
@@ -117,7 +117,7 @@ class BackendOptions:
     the scheduler trades off (default `cpu-local`). `offload_dir`: where offloaded tensors
     go (default: a temporary directory). `work_limit`: the scheduler's limit per graph, in
     CP-SAT deterministic time (work, not seconds: the plan does not depend on machine load;
-    `passes.schedule.solver`); `time_limit_s` is its deprecated name.
+    `passes.scheduler.solver`); `time_limit_s` is its deprecated name.
     `offload`: allow offloading at all (default True). `trim_heap`: return freed heap
     pages to the OS at the start of both graphs and at every transformer-layer boundary
     (default True; see the module docstring; a no-op where the C library has no

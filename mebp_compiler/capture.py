@@ -30,7 +30,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_flatten
 
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
-from mebp_compiler.models import NoDecoderBlocksError, block_mlp, decoder_layers
+from mebp_compiler.blocks import NoDecoderBlocksError, block_mlp, decoder_layers
 from mebp_compiler.sliced_loss import slice_bounds, sliced_linear_cross_entropy
 
 #: Largest tensor allowed as a constant inside the graph; anything bigger is a weight
@@ -64,7 +64,7 @@ def capture(
     """Trace one training step of `model` on a batch shaped like `example_batch`.
 
     `model` is a causal LM whose trainable parameters are the LoRA parameters (e.g. from
-    `mebp_compiler.models.add_lora`); `example_batch` holds `input_ids` and `labels`,
+    `mebp_compiler.app.models.add_lora`); `example_batch` holds `input_ids` and `labels`,
     int64 tensors of the same [batch, seq] shape, and optionally `attention_mask` of that
     shape (int64 or bool, 0 at padding). Values do not matter, only shapes: the trace runs
     on fake tensors. A mask becomes a batch input of the graph and reaches the model as
@@ -110,7 +110,7 @@ def capture(
     if not lora:
         raise CaptureError(
             "the model has no trainable parameters: add LoRA adapters first, e.g. "
-            "mebp_compiler.models.add_lora(model)"
+            "mebp_compiler.app.models.add_lora(model)"
         )
     frozen = {k: p for k, p in params.items() if not p.requires_grad}
     frozen.update(dict(model.named_buffers()))
@@ -251,7 +251,7 @@ def _switched_attention(base: torch.nn.Module, used: set[str]):
 
 
 def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList | torch.nn.Sequential:
-    """The model's decoder blocks (`models.decoder_layers`); CaptureError, before any tracing, if it has none."""
+    """The model's decoder blocks (`blocks.decoder_layers`); CaptureError, before any tracing, if it has none."""
     try:
         layers = decoder_layers(model)
     except NoDecoderBlocksError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,7 +25,7 @@ from mebp_compiler.passes.quantize import (
     quantize_model_weights,
     rewrite_int4,
 )
-from mebp_compiler.passes.schedule.solver import (
+from mebp_compiler.passes.scheduler.solver import (
     DEFAULT_WORK_LIMIT,
     BudgetInfeasible,
     ProgressCallback,
@@ -196,6 +196,17 @@ def check_batch(graph: TrainingGraph, batch: Mapping[str, torch.Tensor], vocab_s
         raise BatchValueError(str(exc)) from None
 
 
+def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-3,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """An optimizer over the LoRA parameters: "adamw" (torch.optim.AdamW) or "sgd"."""
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_STATE_TENSORS)}")
+
+
 def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:
     """Bytes of optimizer state for the model's trainable (LoRA) parameters."""
     if optimizer not in OPTIMIZER_STATE_TENSORS:
@@ -255,7 +266,7 @@ def compile(
     parameters, which the trainer holds outside the graph. The scheduler starts from
     MeBP's decisions or keep-all when one fits and returns the best schedule it finds
     within `work_limit` (CP-SAT deterministic time per solve, so the plan does not depend
-    on machine load; see `passes.schedule.solver`), or raises `ScheduleNotFound` when the
+    on machine load; see `passes.scheduler.solver`), or raises `ScheduleNotFound` when the
     budget is below every known schedule and the search neither found one nor proved there
     is none; `solver_progress` is called with its `Progress` as it searches. `time_limit_s`
     is the deprecated name of `work_limit`.

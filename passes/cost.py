@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import TrainingGraph
-from mebp_compiler.passes.schedule.from_graph import op_seconds
+from mebp_compiler.passes.scheduler.from_graph import op_seconds
 from mebp_compiler.schedule import Schedule, StepKind
 
 

@@ -155,7 +155,7 @@ def check_updates_follow_uses(graph: TrainingGraph) -> None:
 @dataclass(frozen=True)
 class OptimizerSettings:
     """The optimizer a fused update applies inside exported stages: torch's AdamW or SGD (no
-    momentum), as `mebp_compiler.train.make_optimizer` makes them. Units: lr per step."""
+    momentum), as `mebp_compiler.plan.make_optimizer` makes them. Units: lr per step."""
 
     name: str = "adamw"
     lr: float = 2e-3

@@ -2,7 +2,7 @@
 
 - `none`: keep every tensor the backward reads (plain autograd's memory).
 - `optimal`: the scheduler's least-time keep / recompute / offload decisions under a
-  hard memory budget (`passes.schedule`).
+  hard memory budget (`passes.scheduler`).
 - `mebp`: keep only what crosses a transformer-block boundary (each block's input, and
   tensors computed outside the blocks); recompute everything else inside a block just
   before the backward needs it (MeBP, Song & Tang 2025, block-level checkpointing).
@@ -21,9 +21,9 @@ from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import Phase, Role, TrainingGraph
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.rewrite import rewrite
-from mebp_compiler.passes.schedule.from_graph import training_dag
-from mebp_compiler.passes.schedule.problem import SchedulingProblem, build_problem
-from mebp_compiler.passes.schedule.solver import (
+from mebp_compiler.passes.scheduler.from_graph import training_dag
+from mebp_compiler.passes.scheduler.problem import SchedulingProblem, build_problem
+from mebp_compiler.passes.scheduler.solver import (
     DEFAULT_BLOCK_TEMPLATES,
     DEFAULT_WORK_LIMIT,
     BudgetInfeasible,
@@ -213,7 +213,7 @@ def optimal_schedule(
 
     The search falls back on MeBP's decisions (RAM or disk checkpoints) or keep-all, the
     fastest that fits, and returns the best schedule found within `work_limit` (CP-SAT
-    deterministic time, `passes.schedule.solver`); `stats` carry its predicted time, the
+    deterministic time, `passes.scheduler.solver`); `stats` carry its predicted time, the
     proven bound and the gap. Raises `BudgetInfeasible` when no schedule fits is proven,
     naming the least budget the scheduler can meet and the tensors live at that schedule's
     peak, and `ScheduleNotFound` when the budget is below every known schedule and the

@@ -4,7 +4,7 @@ The driver is what a phone app's training loop does, in Python: it holds the ste
 (frozen weights, LoRA parameters, batch), runs the stages in the manifest's order, keeps
 each value until its last reader, writes offloaded values to memory-mapped files and maps
 them back when a later stage reads them, counts the bytes it holds, and applies the LoRA
-update (AdamW or SGD, as `mebp_compiler.train.make_optimizer`) after the step - or, for a
+update (AdamW or SGD, as `mebp_compiler.plan.make_optimizer`) after the step - or, for a
 plan compiled with fused updates, carries the new LoRA parameters and optimizer state the
 stages return (the manifest's `updates`) into the next step.
 
@@ -37,7 +37,7 @@ from mebp_compiler.passes.partition import (
     ManifestError,
     Partition,
 )
-from mebp_compiler.train import make_optimizer
+from mebp_compiler.plan import make_optimizer
 
 StageFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 #: (input (shape, dtype) list, output (shape, dtype) list) of a stage artifact.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mebp_compiler import models
+from mebp_compiler.app import models
 
 # One thread: on a shared 2-core machine two torch threads stall each other badly.
 torch.set_num_threads(1)

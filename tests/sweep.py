@@ -24,8 +24,8 @@ import torch
 import transformers
 
 import mebp_compiler
-from mebp_compiler import models
-from mebp_compiler.passes.schedule.solver import BudgetInfeasible
+from mebp_compiler.app import models
+from mebp_compiler.passes.scheduler.solver import BudgetInfeasible
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, randomize_lora_b
 from tests.test_quantize import dequantized_copy
 

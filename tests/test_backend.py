@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
-from mebp_compiler import heap, models
+from mebp_compiler import heap
+from mebp_compiler.app import models
 from mebp_compiler.backend import BackendError, MebpBackend, backend_for
 from mebp_compiler.heap import release_freed_memory
-from mebp_compiler.passes.schedule.solver import BudgetInfeasible
+from mebp_compiler.passes.scheduler.solver import BudgetInfeasible
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 
 _spec = importlib.util.spec_from_file_location(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import mebp_compiler
-from mebp_compiler import cli
-from mebp_compiler.cli import main
+from mebp_compiler.app import cli
+from mebp_compiler.app.cli import main
 
 TINY = ["--model", "tiny-llama", "--seq-len", "32", "--steps", "2", "--no-progress"]
 MEBP = Path(sys.executable).with_name("mebp")

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from mebp_compiler import data
-from mebp_compiler.cli import main
-from mebp_compiler.compare import StudySettings, eval_steps, evaluate, redraw, run_study, study_blocks, write_study
+from mebp_compiler.app import data
+from mebp_compiler.app.cli import main
+from mebp_compiler.app.compare import StudySettings, eval_steps, evaluate, redraw, run_study, study_blocks, write_study
 from tests.conftest import lora_model
 
 SEQ = 16

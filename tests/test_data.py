@@ -1,4 +1,4 @@
-"""Tests for mebp_compiler.data: corpus loading, token blocks, splits and batches."""
+"""Tests for mebp_compiler.app.data: corpus loading, token blocks, splits and batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from mebp_compiler import data, models
+from mebp_compiler.app import data, models
 
 
 def char_tokenizer(text, add_special_tokens=False, verbose=False):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mebp_compiler
-from mebp_compiler import models
+from mebp_compiler.app import models
 from mebp_compiler.capture import CaptureError, UnsupportedOpError
 from mebp_compiler.offload import OffloadError, OffloadStore
 from mebp_compiler.runtime import _HeldStorages

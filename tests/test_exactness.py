@@ -100,7 +100,7 @@ def test_smollm2_chunked_head_matches_autograd(smollm2):
 def test_chunked_head_removes_the_seq_by_vocab_peak():
     """SmolLM2's real architecture (meta device): before, [seq x vocab] tensors are live at
     the mebp plan's peak; with 8 chunks none is, and the peak of computed tensors falls."""
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.capture import capture
     from mebp_compiler.passes.liveness import liveness
     from mebp_compiler.passes.policies import mebp_schedule
@@ -185,7 +185,7 @@ def test_chunked_mlps_lower_the_least_budget():
     least budget; in 4 sequence chunks, each restored on its own, the least budget falls."""
     import transformers
 
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.capture import capture
     from mebp_compiler.device import DeviceProfile
     from mebp_compiler.passes.policies import least_feasible_budget

@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mebp_compiler import faults, rundir
-from mebp_compiler.cli import main
+from mebp_compiler import faults
+from mebp_compiler.app import rundir
+from mebp_compiler.app.cli import main
 from mebp_compiler.offload import OffloadError, OffloadStore
 from mebp_compiler.passes.partition import ManifestError
 from mebp_compiler.schedule import Schedule, ScheduleError
@@ -37,8 +38,8 @@ from tests.conftest import flipped_byte, safetensors_data_start
 
 SKIPPED = 77  # a child's exit code: the case cannot run on this machine
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["mebp_compiler.cli", "mebp_compiler.models", "mebp_compiler.plan",
-                                 "mebp_compiler.train", "mebp_compiler.targets.driver", "tests.test_faults"])
+_CONTEXT.set_forkserver_preload(["mebp_compiler.app.cli", "mebp_compiler.app.models", "mebp_compiler.plan",
+                                 "mebp_compiler.app.train", "mebp_compiler.targets.driver", "tests.test_faults"])
 TINY = ["--model", "tiny-llama", "--seq-len", "32"]
 
 

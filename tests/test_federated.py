@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from mebp_compiler import data, federated, models
-from mebp_compiler.train import make_optimizer
+from mebp_compiler.app import data, federated, models
+from mebp_compiler.plan import make_optimizer
 
 SETTINGS = federated.ModelSettings(model="tiny-llama", lora_r=4, lora_alpha=8, seq_len=32, batch_size=1)
 CONFIG = federated.TrainConfig(local_steps=2, lr=5e-3)
@@ -89,7 +89,7 @@ def test_federation_averages_what_clients_sent_within_their_budgets_and_survives
 
 
 def test_cli_federate_refuses_budgets_that_do_not_match_the_clients(capsys):
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     assert main(["federate", "--model", "tiny-llama", "--clients", "3", "--budgets", "1MB,2MB"]) == 2
     assert "2 budgets for 3 --clients" in capsys.readouterr().err

@@ -19,7 +19,8 @@ from mebp_compiler.passes.fuse_update import (
     using_updater,
 )
 from mebp_compiler.schedule import ScheduleError
-from mebp_compiler.train import NonFiniteStep, make_optimizer
+from mebp_compiler.app.train import NonFiniteStep
+from mebp_compiler.plan import make_optimizer
 from tests.conftest import TINY_MODELS, assert_matches_autograd, lora_model, random_batch
 
 

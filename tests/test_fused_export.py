@@ -22,7 +22,7 @@ from mebp_compiler.passes.partition import partition
 from mebp_compiler.plan import optimizer_state_bytes
 from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
-from mebp_compiler.train import make_optimizer
+from mebp_compiler.plan import make_optimizer
 from tests.conftest import autograd_reference, lora_model, random_batch
 from tests.test_partition import step_arrays
 
@@ -157,7 +157,7 @@ def test_fused_artifacts_train_two_steps_like_autograd(target_name, optimizer, p
 
 
 def test_cli_compiles_and_runs_fused_updates(tmp_path, capsys):
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     target_module("mlx")
     out = tmp_path / "out"

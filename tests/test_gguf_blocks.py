@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mebp_compiler
-from mebp_compiler import models
+from mebp_compiler.app import models
 from mebp_compiler.passes.gguf_blocks import dequantize_gguf, dequantize_gguf_rows, embedding_gguf
 from mebp_compiler.passes.quantize import WeightFileError, dequantize_int4
 from tests.conftest import assert_matches_autograd, autograd_reference, flipped_byte, lora_model, random_batch
@@ -126,7 +126,7 @@ def test_weights_missing_from_the_gguf_file_are_quantized_to_int4(tmp_path):
 
 
 def test_cli_refuses_gguf_blocks_for_a_model_without_a_gguf_file(tmp_path, capsys):
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     assert main(["train", "--model", "tiny-llama", "--steps", "1", "--seq-len", "16", "--gguf-blocks",
                  "--out", str(tmp_path), "--no-progress"]) != 0

@@ -168,7 +168,7 @@ def test_an_error_inside_the_traced_model_surfaces_as_itself():
     """The chunked head traces the decoder on its own; an error there reaches the caller with its
     own message, as a CaptureError naming the module and chained from it, not as a KeyError
     from closing the trace's annotations (as before)."""
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.capture import CaptureError
 
     model = lora_model("tiny-llama")

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import mebp_compiler
-from mebp_compiler import checkpoint, data
-from mebp_compiler.evaluate import evaluate
-from mebp_compiler.train import accumulated, make_optimizer, make_scheduler, train
+from mebp_compiler.app import checkpoint, data
+from mebp_compiler.app.evaluate import evaluate
+from mebp_compiler.app.train import accumulated, make_scheduler, train
+from mebp_compiler.plan import make_optimizer
 from tests.conftest import assert_matches_autograd, autograd_reference, lora_model, random_batch, randomize_lora_b
 
 

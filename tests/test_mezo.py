@@ -8,8 +8,8 @@ import json
 import torch
 
 import mebp_compiler
-from mebp_compiler.cli import main
-from mebp_compiler.mezo import compile_mezo, direction, mezo_step, train_mezo
+from mebp_compiler.app.cli import main
+from mebp_compiler.app.mezo import compile_mezo, direction, mezo_step, train_mezo
 from tests.conftest import lora_model, random_batch
 
 EPS = 1e-2

@@ -1,4 +1,4 @@
-"""Tests for mebp_compiler.models: configs, random and real weights, LoRA wrapping."""
+"""Tests for mebp_compiler.app.models: configs, random and real weights, LoRA wrapping."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import peft
 import pytest
 import torch
 
-from mebp_compiler import models
-from mebp_compiler.models import LoraSettings, UnknownModelError
+from mebp_compiler.app import models
+from mebp_compiler.app.models import LoraSettings, UnknownModelError
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
 

@@ -24,7 +24,7 @@ from mebp_compiler.passes.fuse_update import OptimizerSettings
 from mebp_compiler.passes.partition import MANIFEST_FILE, partition
 from mebp_compiler.targets import driver, load_target, native_driver
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
-from mebp_compiler.train import make_optimizer
+from mebp_compiler.plan import make_optimizer
 from tests.conftest import (
     TINY_MODELS,
     assert_matches_autograd,
@@ -126,8 +126,8 @@ def test_ten_native_steps_give_mebp_trains_loss_curve(native, tmp_path):
     """`mebp train`'s loop (train.train over the CPU runtime, torch's AdamW) and the native
     driver, from the same seeded model on the same ten batches of text: the same ten losses."""
     import mebp_compiler
-    from mebp_compiler import data, models
-    from mebp_compiler.train import train
+    from mebp_compiler.app import data, models
+    from mebp_compiler.app.train import train
 
     steps, lr = 10, 2e-3  # the CLI's default learning rate
     model = models.add_lora(models.load("tiny-qwen2", seed=0), models.LoraSettings())
@@ -345,7 +345,7 @@ def test_command_line_errors_exit_2(native, artifacts, tmp_path):
 
 def test_cli_runs_an_mlx_directory_natively(native, tmp_path, capsys):
     """`mebp run --native` trains on the same batches as `mebp run`: the same losses, an adapter of the same keys."""
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     out = tmp_path / "out"
     assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",
@@ -365,7 +365,7 @@ def test_cli_runs_an_mlx_directory_natively(native, tmp_path, capsys):
 
 
 def test_cli_refuses_native_for_another_target(artifacts, tmp_path, capsys):
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     def edit(copy_dir, data):
         data["target"] = "onnx"

@@ -16,7 +16,7 @@ from mebp_compiler.checksums import seal_json
 from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partition
 from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
-from mebp_compiler.train import make_optimizer
+from mebp_compiler.plan import make_optimizer
 from tests.conftest import (
     TINY_MODELS,
     assert_matches_autograd,
@@ -204,7 +204,7 @@ def test_a_directory_without_manifest(tmp_path):
 
 
 def test_cli_compiles_and_runs_an_onnx_directory(tmp_path, capsys):
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     out = tmp_path / "out"
     assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mebp_compiler
-from mebp_compiler import models
+from mebp_compiler.app import models
 from mebp_compiler.capture import capture
 from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.partition import Manifest, ManifestError, PartitionError, partition

@@ -159,7 +159,7 @@ def test_smollm2_int4_with_sliced_head_equals_autograd_on_the_dequantized_model(
 
 
 def test_cli_trains_with_int4_weights(tmp_path):
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     assert main(["train", "--model", "tiny-llama", "--steps", "2", "--seq-len", "16", "--int4",
                  "--group-size", "32", "--head-chunks", "2", "--vocab-slices", "4", "--fuse-update", "--out", str(tmp_path), "--no-progress"]) == 0
@@ -169,7 +169,7 @@ def test_weight_residency_is_a_costed_scheduling_decision():
     """Keep a decompressed weight from forward to backward, or read and decompress it again."""
     from mebp_compiler.device import DeviceProfile
     from mebp_compiler.passes.policies import least_feasible_budget
-    from mebp_compiler.passes.schedule.from_graph import op_seconds
+    from mebp_compiler.passes.scheduler.from_graph import op_seconds
     from mebp_compiler.plan import optimizer_state_bytes
     from mebp_compiler.schedule import Decision
 

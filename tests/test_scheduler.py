@@ -16,9 +16,9 @@ from mebp_compiler.passes.cost import step_cost
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.policies import known_starts, mebp_schedule, none_schedule, optimal_schedule
 from mebp_compiler.passes.rewrite import rewrite
-from mebp_compiler.passes.schedule.pareto import pareto_frontier
-from mebp_compiler.passes.schedule.problem import ProblemError, build_problem
-from mebp_compiler.passes.schedule.solver import (
+from mebp_compiler.passes.scheduler.pareto import pareto_frontier
+from mebp_compiler.passes.scheduler.problem import ProblemError, build_problem
+from mebp_compiler.passes.scheduler.solver import (
     BudgetInfeasible,
     ScheduleNotFound,
     complete_decisions,
@@ -27,7 +27,7 @@ from mebp_compiler.passes.schedule.solver import (
     model_peak,
     solve,
 )
-from mebp_compiler.passes.schedule.synthetic import random_layered_dag, transformer_like_dag
+from mebp_compiler.passes.scheduler.synthetic import random_layered_dag, transformer_like_dag
 from mebp_compiler.runtime import Runtime
 from mebp_compiler.schedule import Decision
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
@@ -245,8 +245,8 @@ def test_the_old_time_limit_still_works_with_a_deprecation_warning():
 
 
 def test_the_cli_says_in_one_line_when_no_schedule_was_found_within_the_work_limit(tmp_path, capsys):
-    from mebp_compiler import models
-    from mebp_compiler.cli import main
+    from mebp_compiler.app import models
+    from mebp_compiler.app.cli import main
     from mebp_compiler.passes.policies import least_memory
     from mebp_compiler.plan import optimizer_state_bytes
 

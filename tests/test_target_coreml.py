@@ -181,7 +181,7 @@ def test_a_failed_check_is_reported_and_raised(tiny_packages, tmp_path):
 
 
 def test_cli_compiles_checks_and_refuses_to_run_a_coreml_directory(tmp_path, capsys):
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     out = tmp_path / "out"
     assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",

@@ -219,7 +219,7 @@ def test_mlx_missing_artifact_fails_before_compute(mlx_artifacts, tmp_path):
 
 
 def test_cli_compiles_and_runs_an_mlx_directory(tmp_path, capsys):
-    from mebp_compiler.cli import main
+    from mebp_compiler.app.cli import main
 
     out = tmp_path / "out"
     assert main(["compile", "--model", "tiny-qwen2", "--seq-len", "16", "--checkpoints", "disk",

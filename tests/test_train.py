@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 import mebp_compiler
 import mebp_compiler.schedule
-from mebp_compiler import models
-from mebp_compiler.cli import main
-from mebp_compiler.train import (
+from mebp_compiler.app import models
+from mebp_compiler.app.cli import main
+from mebp_compiler.app.train import (
     NORM_DIVERGENCE_FACTOR,
     DivergenceWarning,
     NonFiniteStep,
@@ -192,7 +192,7 @@ def test_a_nan_in_a_lora_parameter_stops_training_before_any_update(fuse_update)
     assert not optimizer.state  # no parameter was stepped
 
 
-@pytest.mark.filterwarnings("ignore::mebp_compiler.train.DivergenceWarning")
+@pytest.mark.filterwarnings("ignore::mebp_compiler.app.train.DivergenceWarning")
 @pytest.mark.parametrize("fuse_update", [False, True], ids=["unfused", "fused"])
 def test_a_run_that_turns_nan_keeps_the_parameters_of_its_last_good_step(fuse_update):
     """lr 1e30: step 1 is finite and sends the parameters to ~1e30, so step 2's loss is NaN."""

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mebp_compiler import adapters, data
-from mebp_compiler.cli import LR_SCHEDULES, main
-from mebp_compiler.train import LR_SCHEDULES as TRAIN_LR_SCHEDULES
+from mebp_compiler.app import adapters, data
+from mebp_compiler.app.cli import LR_SCHEDULES, main
+from mebp_compiler.app.train import LR_SCHEDULES as TRAIN_LR_SCHEDULES
 from tests.conftest import lora_model
 
 TINY = ["--model", "tiny-llama", "--seq-len", "32", "--no-progress"]
@@ -158,7 +158,7 @@ HEAVY = ("torch", "transformers", "peft", "ortools")
                                   ["train", "--policy", "optimal"], ["compile", "--budget", "12XB"],
                                   ["eval", "--heldout-fraction", "1"], ["generate", "--top-p", "2"]])
 def test_help_and_argument_errors_load_no_heavy_library(argv):
-    code = ("import sys\nfrom mebp_compiler.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom mebp_compiler.app.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "print('loaded:', *(m for m in %r if m in sys.modules))" % (argv, HEAVY))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.splitlines()[-1] == "loaded:", run.stdout[-300:]

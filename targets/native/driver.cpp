@@ -592,7 +592,7 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
 
 // ------------------------------------------------------------------ the optimizer
 
-// torch.optim.AdamW / SGD (no momentum), as mebp_compiler.train.make_optimizer makes them:
+// torch.optim.AdamW / SGD (no momentum), as mebp_compiler.plan.make_optimizer makes them:
 // torch's single-tensor AdamW op by op in float32, the step's scalars in double (lerp_ as a
 // fused multiply-add, as torch's CPU kernel). Not bit-exact: torch takes the square root with
 // MKL's vector math (measured: 1 ulp off the rounded root for 17% of elements here).

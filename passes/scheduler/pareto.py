@@ -21,7 +21,7 @@ from mebp_compiler.passes.policies import (
     scheduling_problem,
 )
 from mebp_compiler.passes.rewrite import rewrite
-from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 from mebp_compiler.schedule import Schedule
 
 
@@ -57,7 +57,7 @@ def pareto_frontier(
 ) -> list[ParetoPoint]:
     """`points` optimal schedules at budgets evenly spread from the least feasible to `none`'s
     peak, followed by the `none` and `mebp` policies' own points. `work_limit` is per solve
-    (CP-SAT deterministic time, `passes.schedule.solver`)."""
+    (CP-SAT deterministic time, `passes.scheduler.solver`)."""
     if points < 2:
         raise ValueError(f"points must be at least 2, got {points}")
     problem = scheduling_problem(graph, device)

@@ -226,11 +226,11 @@ def _head_chunks(text: str) -> int | str:
 def _model(name: str) -> str:
     """argparse type: a built-in model name, or a model source (`models.resolve`): a directory or
     .gguf file (made absolute) or a Hugging Face id in the local cache."""
-    from mebp_compiler.model_names import MODEL_NAMES
+    from mebp_compiler.app.model_names import MODEL_NAMES
 
     if name in MODEL_NAMES:  # checked without importing transformers
         return name
-    from mebp_compiler import models
+    from mebp_compiler.app import models
 
     try:
         source = models.resolve(name)
@@ -243,7 +243,7 @@ def _model(name: str) -> str:
 
 def _tokenizer(model: str):
     """The model's own tokenizer (`models.load_tokenizer`), else UTF-8 bytes (`data.ByteTokenizer`)."""
-    from mebp_compiler import adapters, models
+    from mebp_compiler.app import adapters, models
 
     if not models.is_builtin(model) and not models.has_tokenizer(model):
         _say(f"{model} has no tokenizer files; the text is fed as UTF-8 bytes (token ids 0-255)")
@@ -364,7 +364,7 @@ def _check_common(args) -> None:
         raise UsageError(f"--offload-dir {args.offload_dir} is a file, not a directory")
     if not (args.gguf_blocks or args.int4 or args.vocab_slices):
         return
-    from mebp_compiler import models  # last: these need the model's shapes, from transformers
+    from mebp_compiler.app import models  # last: these need the model's shapes, from transformers
 
     if args.gguf_blocks:
         if models.gguf_file_of(args.model) is None:
@@ -465,8 +465,8 @@ def _check_compare(args) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from mebp_compiler.model_names import MODEL_NAMES
-    from mebp_compiler.passes.schedule.limits import DEFAULT_WORK_LIMIT
+    from mebp_compiler.app.model_names import MODEL_NAMES
+    from mebp_compiler.passes.scheduler.limits import DEFAULT_WORK_LIMIT
 
     p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
                    help=f"model to fine-tune (default: %(default)s): one of {', '.join(MODEL_NAMES)}, a "
@@ -578,7 +578,7 @@ def _add_train(sub, debug: argparse.ArgumentParser) -> None:
 
 
 def _add_model_and_adapter(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
-    from mebp_compiler.model_names import MODEL_NAMES
+    from mebp_compiler.app.model_names import MODEL_NAMES
 
     p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME",
                    help=f"the base model (default: %(default)s); one of {', '.join(MODEL_NAMES)}")
@@ -650,8 +650,8 @@ def _check_generate(args) -> None:
 def _run_eval(args) -> int:
     import json
 
-    from mebp_compiler import adapters, data
-    from mebp_compiler.evaluate import evaluate
+    from mebp_compiler.app import adapters, data
+    from mebp_compiler.app.evaluate import evaluate
 
     _say(f"loading {args.model}{' with ' + args.adapter if args.adapter else ''} ...")
     model = adapters.load_model(args.model, args.adapter, seed=args.seed)
@@ -669,7 +669,7 @@ def _run_eval(args) -> int:
 
 
 def _run_generate(args) -> int:
-    from mebp_compiler import adapters
+    from mebp_compiler.app import adapters
 
     model = adapters.load_model(args.model, args.adapter, seed=args.seed)
     tokenizer = adapters.tokenizer_for(args.model)
@@ -684,7 +684,7 @@ def _run_generate(args) -> int:
 
 
 def _run_merge(args) -> int:
-    from mebp_compiler import adapters
+    from mebp_compiler.app import adapters
 
     _say(f"merging {args.adapter} into {args.model} ...")
     out = adapters.merge(args.model, args.adapter, args.out)
@@ -721,14 +721,14 @@ def _add_compile(sub, debug: argparse.ArgumentParser) -> None:
 def _run_compile(args) -> int:
     import torch
 
-    from mebp_compiler import models
+    from mebp_compiler.app import models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
     from mebp_compiler.passes.cost import step_cost
     from mebp_compiler.device import DeviceProfile
     from mebp_compiler.passes.fuse_update import OptimizerSettings
     from mebp_compiler.passes.partition import partition
-    from mebp_compiler.rundir import COMPILE_ENTRIES, RunDirectory
+    from mebp_compiler.app.rundir import COMPILE_ENTRIES, RunDirectory
     from mebp_compiler.targets import load_target
 
     target = load_target(args.target) if args.target else None
@@ -822,7 +822,7 @@ def _run_artifacts(args) -> int:
     from tqdm.auto import tqdm
 
     from mebp_compiler.ir import format_bytes
-    from mebp_compiler.rundir import RunFile
+    from mebp_compiler.app.rundir import RunFile
     from mebp_compiler.targets import load_target
     from mebp_compiler.targets.driver import Driver, load_manifest
 
@@ -854,7 +854,7 @@ def _run_artifacts(args) -> int:
 
 def _training_batches(manifest, args):
     """`args.steps` batches of real text in the manifest's batch shape, as `mebp run` trains on."""
-    from mebp_compiler import data
+    from mebp_compiler.app import data
 
     batch_size, seq_len = manifest.batch_shape
     tokenizer = _tokenizer(manifest.model)
@@ -908,7 +908,7 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
-    from mebp_compiler.compare import StudySettings
+    from mebp_compiler.app.compare import StudySettings
 
     d = StudySettings()
     p = sub.add_parser(
@@ -924,7 +924,7 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
                     "2-core machine (about 15-17 expected on a quiet one; see the README).",
         formatter_class=_DefaultsHelpFormatter,
     )
-    from mebp_compiler.model_names import MODEL_NAMES
+    from mebp_compiler.app.model_names import MODEL_NAMES
 
     p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
                    help=f"one of {', '.join(MODEL_NAMES)}, a save_pretrained directory, a .gguf file or a cached "
@@ -966,7 +966,7 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
 
 
 def _compare_settings(args):
-    from mebp_compiler.compare import StudySettings
+    from mebp_compiler.app.compare import StudySettings
 
     return StudySettings(
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, mezo_steps=args.mezo_steps,
@@ -978,8 +978,8 @@ def _compare_settings(args):
 
 
 def _run_compare(args) -> int:
-    from mebp_compiler import data, models
-    from mebp_compiler.compare import redraw, run_study, write_study
+    from mebp_compiler.app import data, models
+    from mebp_compiler.app.compare import redraw, run_study, write_study
 
     if args.redraw:
         paths = redraw(args.out or f"runs/compare-{models.display_name(args.model)}")
@@ -1003,18 +1003,18 @@ def _run_compare(args) -> int:
 
 
 def _load_lora_model(args, device: str = "cpu"):
-    from mebp_compiler import models
+    from mebp_compiler.app import models
 
     model = models.load(args.model, device=device, seed=getattr(args, "seed", 0))
     return models.add_lora(model, models.LoraSettings(r=args.lora_r, alpha=args.lora_alpha))
 
 
 def _run_train(args) -> int:
-    from mebp_compiler import data, models
+    from mebp_compiler.app import data, models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
-    from mebp_compiler.rundir import TRAIN_ENTRIES, RunDirectory
-    from mebp_compiler.train import plot_loss, save_adapter
+    from mebp_compiler.app.rundir import TRAIN_ENTRIES, RunDirectory
+    from mebp_compiler.app.train import plot_loss, save_adapter
 
     out = Path(args.out or f"runs/train-{models.display_name(args.model)}")
     run = RunDirectory(out, TRAIN_ENTRIES)  # locked until the end; the old run stays until the new one is whole
@@ -1045,7 +1045,7 @@ def _run_train(args) -> int:
     _say(f"compiling the {what} ...")
     start = time.perf_counter()
     if mezo:
-        from mebp_compiler.mezo import compile_mezo, train_mezo
+        from mebp_compiler.app.mezo import compile_mezo, train_mezo
 
         plan = compile_mezo(model, example, offload_dir=args.offload_dir)
     else:
@@ -1082,8 +1082,8 @@ def _run_train(args) -> int:
 
 
 def _add_federate(sub, debug: argparse.ArgumentParser) -> None:
-    from mebp_compiler.models import MODEL_NAMES
-    from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+    from mebp_compiler.app.models import MODEL_NAMES
+    from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 
     p = sub.add_parser(
         "federate", parents=[debug], help=COMMANDS["federate"][0],
@@ -1162,11 +1162,11 @@ def _check_federate(args) -> None:
 
 
 def _run_federate(args) -> int:
-    from mebp_compiler import data, federated, models
+    from mebp_compiler.app import data, federated, models
     from mebp_compiler.files import atomic_write_json
     from mebp_compiler.ir import format_bytes
-    from mebp_compiler.rundir import FEDERATE_ENTRIES, RunDirectory
-    from mebp_compiler.train import save_adapter
+    from mebp_compiler.app.rundir import FEDERATE_ENTRIES, RunDirectory
+    from mebp_compiler.app.train import save_adapter
 
     out = Path(args.out or f"runs/federate-{args.model}")
     run = RunDirectory(out, FEDERATE_ENTRIES)  # locked until the end; the old run stays until the new one is whole
@@ -1230,7 +1230,7 @@ def _run_settings(args, ids, labels) -> dict:
 
 
 def _load_checkpoint(directory: str):
-    from mebp_compiler import checkpoint
+    from mebp_compiler.app import checkpoint
 
     state = checkpoint.load(directory)
     _say(f"resuming from {directory} at step {state.step}")
@@ -1239,9 +1239,10 @@ def _load_checkpoint(directory: str):
 
 def _train_backprop(args, plan, ids, labels, heldout, resumed, out: Path):
     """`train` with the CLI's schedule, accumulation, evaluations and checkpoints; resumed when `resumed`."""
-    from mebp_compiler import checkpoint, data
-    from mebp_compiler.evaluate import evaluate
-    from mebp_compiler.train import TrainHistory, lora_norm, make_optimizer, make_scheduler, train
+    from mebp_compiler.app import checkpoint, data
+    from mebp_compiler.app.evaluate import evaluate
+    from mebp_compiler.app.train import TrainHistory, lora_norm, make_scheduler, train
+    from mebp_compiler.plan import make_optimizer
 
     lora = plan.lora_parameters()
     optimizer = make_optimizer(lora.values(), args.optimizer, args.lr)
@@ -1297,7 +1298,7 @@ def _policy(args) -> str:
 def _compile(model, example, args, policy: str | None = None):
     """`mebp_compiler.compile` with the options of `_add_common` (policy: `_policy(args)` unless given)."""
     import mebp_compiler
-    from mebp_compiler import models
+    from mebp_compiler.app import models
 
     policy = policy or _policy(args)
     return mebp_compiler.compile(model, example, policy, checkpoints=args.checkpoints,

@@ -1,4 +1,4 @@
-"""The names of the model zoo (`mebp_compiler.models`), importable without torch or transformers.
+"""The names of the model zoo (`mebp_compiler.app.models`), importable without torch or transformers.
 
 The command line lists and checks them before it loads anything heavy.
 """

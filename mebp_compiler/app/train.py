@@ -15,12 +15,12 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from mebp_compiler import rundir
-from mebp_compiler.data import IGNORE_INDEX
+from mebp_compiler.app import rundir
+from mebp_compiler.app.data import IGNORE_INDEX
 from mebp_compiler.files import atomic_write, write_error
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.passes.fuse_update import NonFiniteGradient
-from mebp_compiler.plan import OPTIMIZER_STATE_TENSORS, Plan
+from mebp_compiler.plan import Plan, make_optimizer
 from mebp_compiler.runtime import StepResult
 
 
@@ -120,17 +120,6 @@ class TrainHistory:
         self.diverged_at_step = step
         warnings.warn(DivergenceWarning(f"step {step}: {why}: training is diverging; lower the learning rate (--lr)"),
                       stacklevel=4)
-
-
-def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-3,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """An optimizer over the LoRA parameters: "adamw" (torch.optim.AdamW) or "sgd"."""
-    params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_STATE_TENSORS)}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, steps: int,

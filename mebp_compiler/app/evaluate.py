@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from mebp_compiler.data import IGNORE_INDEX
+from mebp_compiler.app.data import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mebp_compiler import models, rundir
+from mebp_compiler.app import models, rundir
 from mebp_compiler.files import write_error
 
 
@@ -31,7 +31,7 @@ def load_model(name: str, adapter: str | os.PathLike | None = None, *, seed: int
 
 def tokenizer_for(name: str) -> Any:
     """The model's own tokenizer (`models.load_tokenizer`), or UTF-8 bytes (`data.ByteTokenizer`) where it has none."""
-    from mebp_compiler.data import ByteTokenizer
+    from mebp_compiler.app.data import ByteTokenizer
 
     return models.load_tokenizer(name) if models.has_tokenizer(name) else ByteTokenizer()
 

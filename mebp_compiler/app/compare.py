@@ -37,16 +37,16 @@ import torch
 from tqdm.auto import tqdm
 
 import mebp_compiler
-from mebp_compiler import data
+from mebp_compiler.app import data
 from mebp_compiler.device import parse_size
-from mebp_compiler.evaluate import evaluate as evaluate_blocks
+from mebp_compiler.app.evaluate import evaluate as evaluate_blocks
 from mebp_compiler.checksums import SEAL_KEY, seal_json, unseal_json
 from mebp_compiler.files import atomic_write, atomic_write_json, atomic_write_text
 from mebp_compiler.ir import format_bytes
-from mebp_compiler.mezo import compile_mezo, mezo_step
-from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT
+from mebp_compiler.app.mezo import compile_mezo, mezo_step
+from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 from mebp_compiler.plan import optimizer_state_bytes
-from mebp_compiler.train import make_optimizer
+from mebp_compiler.plan import make_optimizer
 
 METHODS = ("mebp", "optimal", "mezo")
 LABELS = {
@@ -190,7 +190,7 @@ class Study:
 
 def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, float]:
     """Held-out (cross-entropy in nats per predicted token, next-token accuracy) of `model` on `blocks`
-    (`mebp_compiler.evaluate.evaluate`, every position but the last of each block predicting the next)."""
+    (`mebp_compiler.app.evaluate.evaluate`, every position but the last of each block predicting the next)."""
     result = evaluate_blocks(model, blocks, batch_size=batch_size)
     return result.loss, result.accuracy
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mebp_compiler import rundir
+from mebp_compiler.app import rundir
 from mebp_compiler.checksums import (
     check_safetensors,
     placeholder_metadata,

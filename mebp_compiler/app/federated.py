@@ -39,12 +39,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from mebp_compiler import data, models
+from mebp_compiler.app import data, models
 from mebp_compiler.faults import fault_point
-from mebp_compiler.passes.schedule.solver import DEFAULT_WORK_LIMIT, BudgetInfeasible, ScheduleNotFound
+from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT, BudgetInfeasible, ScheduleNotFound
 from mebp_compiler.plan import Plan, compile, lora_parameters
 from mebp_compiler.schedule import Decision
-from mebp_compiler.train import make_optimizer, train
+from mebp_compiler.app.train import train
+from mebp_compiler.plan import make_optimizer
 
 #: `Error.code` of a client that refuses to train because no schedule fits its budget.
 BUDGET_INFEASIBLE = 1001

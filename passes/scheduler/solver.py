@@ -38,8 +38,8 @@ from ortools.sat.python import cp_model
 
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
-from mebp_compiler.passes.schedule.limits import DEFAULT_WORK_LIMIT
-from mebp_compiler.passes.schedule.problem import Checkpoint, HeldForRecomputation, SchedulingProblem
+from mebp_compiler.passes.scheduler.limits import DEFAULT_WORK_LIMIT
+from mebp_compiler.passes.scheduler.problem import Checkpoint, HeldForRecomputation, SchedulingProblem
 from mebp_compiler.schedule import Decision
 
 NANOS = 1_000_000_000  # the objective is integer nanoseconds

@@ -40,7 +40,7 @@ from mebp_compiler.ir import Phase, Role, TrainingGraph
 from mebp_compiler.passes.liveness import MemoryProfile, liveness
 from mebp_compiler.plan import check_memory, graph_inputs, lora_parameters
 from mebp_compiler.runtime import Runtime, StepResult
-from mebp_compiler.train import TrainHistory, lora_norm
+from mebp_compiler.app.train import TrainHistory, lora_norm
 
 
 def _mix(*parts: int) -> int:
