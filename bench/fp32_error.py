@@ -4,12 +4,12 @@
     python bench/fp32_error.py [--seeds 0,1,2,3] [--seq-len 16] [--targets onnx,mlx] [--out DIR]
     python bench/fp32_error.py --sweep-kernels [...]   # each setting of KERNEL_SETTINGS in a fresh process
 
-The tests hold every float32 step of the real SmolLM2 (torch eager, the ONNX and MLX
-drivers) to the project's tolerance - max gradient error <= 1e-5 x the largest gradient -
+The tests hold the float32 steps of the real SmolLM2 (the ONNX, MLX and native drivers)
+to a tolerance - max gradient error <= SMOLLM2_FLOAT64_TOLERANCE x the largest gradient -
 against float64 autograd on the same weights, the step without float32 rounding. The
 tolerance is not derived from the arithmetic (a worst-case rounding bound over 30 blocks
-and a 49,152-long vocabulary contraction is orders of magnitude looser); it is a margin,
-and this script measures it: the error of each float32 implementation relative to 1e-5,
+and a 49,152-long vocabulary contraction is orders of magnitude looser); it is twice the
+worst error this script measures: that of each float32 implementation in units of 1e-5,
 for several batches (seeds) and for every kernel path this machine offers (threads, MKL's
 instruction sets, ATen's CPU capability). Each kernel setting runs in a fresh process,
 since the libraries read their settings once. Results go to DIR/fp32-error.json and a

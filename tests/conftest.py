@@ -161,6 +161,13 @@ def assert_matches_autograd(result, reference, tol: float = 1e-5) -> None:
     assert abs(result.loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item()))
 
 
+#: The whole SmolLM2-135M float32 step against float64 autograd: max gradient error over the
+#: largest gradient. Measured by bench/fp32_error.py over 4 batches, 2 random-number streams
+#: and 6 kernel settings: at most 1.46e-5 (torch eager 1.21e-5, ONNX 0.81e-5, MLX 1.46e-5);
+#: this is twice that worst case (docs/tolerances.md). The tiny configs' steps, with reductions
+#: ~200x shorter, are held to the project's 1e-5.
+SMOLLM2_FLOAT64_TOLERANCE = 3e-5
+
 #: Unit roundoff of IEEE float32 and float64 with rounding to nearest.
 FLOAT32_UNIT_ROUNDOFF, FLOAT64_UNIT_ROUNDOFF = 2.0**-24, 2.0**-53
 
@@ -264,10 +271,9 @@ def smollm2_float64_reference(smollm2, smollm2_mebp):
     """Loss and LoRA gradients of float64 autograd on SmolLM2's weights and the `smollm2_mebp`
     batch: the step without float32 rounding.
 
-    A float32 target (ONNX, MLX) is held to the project's tolerance against this, not
-    against torch's float32 step: the two float32 errors would add, and torch's depends on
-    the CPU's kernels (MKL, oneDNN). The margin to the tolerance is measured over seeds and
-    kernel settings by bench/fp32_error.py (docs/tolerances.md).
+    A float32 target (ONNX, MLX, native) is held to `SMOLLM2_FLOAT64_TOLERANCE` against
+    this, not against torch's float32 step: the two float32 errors would add, and torch's
+    depends on the CPU's kernels (MKL, oneDNN).
     """
     import copy
 

@@ -26,6 +26,7 @@ from mebp_compiler.targets import driver, load_target, native_driver
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from mebp_compiler.plan import make_optimizer
 from tests.conftest import (
+    SMOLLM2_FLOAT64_TOLERANCE,
     TINY_MODELS,
     assert_matches_autograd,
     autograd_reference,
@@ -143,6 +144,9 @@ def test_ten_native_steps_give_mebp_trains_loss_curve(native, tmp_path):
     history = train(plan, iter(batches), steps, make_optimizer(plan.lora_parameters().values(), "adamw", lr),
                     progress=False)
     assert len(result.losses) == len(result.step_seconds) == steps
+    # Losses, not parameters: AdamW can move a parameter by up to lr where a gradient entry is
+    # at rounding level, but the loss's sensitivity to that parameter is then that same
+    # rounding-level entry, so the losses stay within the project's tolerance of each other.
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(history.loss), rtol=1e-5, atol=0)
     assert history.loss[-1] < history.loss[0]
 
@@ -165,7 +169,7 @@ def test_smollm2_native_step_matches_autograd_and_adamw(native, smollm2, smollm2
 
     grads = load_file(tmp_path / "step1.safetensors")
     native_step = SimpleNamespace(loss=torch.tensor(result.losses[0]), grads=grads)
-    assert_matches_autograd(native_step, smollm2_float64_reference)
+    assert_matches_autograd(native_step, smollm2_float64_reference, tol=SMOLLM2_FLOAT64_TOLERANCE)
     params = {n: p.detach().clone().requires_grad_() for n, p in lora_parameters(smollm2).items()}
     for n, p in params.items():
         p.grad = grads[n]
@@ -426,6 +430,9 @@ def test_native_fused_updates_match_python_driver_and_torch_optim(native, optimi
 
     python = driver.Driver.open(tmp_path / "artifacts", MLX)
     python_losses = [python.train_step(numpy_batch(b)).loss for b in batches]
+    # Both drivers run the same .mlxfn files through the same libmlx (the wheel's) and the
+    # stages apply the updates: the same kernels on the same inputs, so agreement to a few
+    # float32 ulps (rtol 1e-6 is ~8) is what the arithmetic gives, not a tuned margin.
     np.testing.assert_allclose(result.losses, python_losses, rtol=1e-6)
     keys = part.manifest.adapter_keys
     adapter = load_file(out)

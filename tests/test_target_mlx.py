@@ -20,7 +20,7 @@ from mebp_compiler.passes.partition import MANIFEST_FILE, ManifestError, partiti
 from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
-from tests.conftest import float64_rounding_bound, probabilistic_rounding_bound
+from tests.conftest import SMOLLM2_FLOAT64_TOLERANCE, float64_rounding_bound, probabilistic_rounding_bound
 from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
 from tests.test_partition import (
     CountingTarget,
@@ -41,7 +41,16 @@ def run_exported(stage, inputs, path):
 
 
 def assert_outputs_close(outputs, expected, tol=1e-5):
-    """Each output equals torch's: same shape and dtype, max abs diff <= tol x its largest entry."""
+    """Each output equals torch's: same shape and dtype, max abs diff <= tol x its largest entry.
+
+    Both sides are float32, so they differ by at most the sum of their errors from float64.
+    Over seeds and every kernel setting of this machine kind, each float32 implementation
+    (torch, ONNX, MLX) stays within a fraction of 1e-5 of float64 on SmolLM2's whole step,
+    whose reductions are the longest in the suite, within 1.5e-5 of float64 (bench/fp32_error.py,
+    docs/tolerances.md). One stage on identical inputs carries only its own part of that error
+    (a block, not 30 blocks and the loss), and the tiny stages reduce over 64-256 terms, not
+    576-49,152, so the two stages' difference stays inside 1e-5.
+    """
     assert len(outputs) == len(expected)
     for i, (y, ref) in enumerate(zip(outputs, expected)):
         assert y.shape == ref.shape and y.dtype == ref.dtype, f"output {i}: {y.dtype}{tuple(y.shape)}"
@@ -92,7 +101,7 @@ def test_long_contraction_meets_the_rounding_bound_of_its_blocks(tmp_path):
 
     MLX's CPU matmul over the whole K erred ~10x torch's mm here and drifted SmolLM2's LoRA
     gradients to 1.1e-4 of the largest; test_smollm2_mlx_driver_matches_autograd, held to
-    1e-5 against float64, is the check that catches a return to it."""
+    SMOLLM2_FLOAT64_TOLERANCE (3e-5) against float64, is the check that catches a return to it."""
     generator = torch.Generator().manual_seed(0)
     grad_logits = torch.softmax(torch.randn(16, 49152, generator=generator) * 3, dim=-1)
     grad_logits[torch.arange(16), torch.randint(0, 49152, (16,), generator=generator)] -= 1
@@ -243,7 +252,7 @@ def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_plan
     result = driver.Driver.open(tmp_path, MLX, weights=weights).step(numpy_batch(batch))
     # MLX's unblocked matmul over the vocabulary erred 1.1e-4 of the largest gradient here
     # (targets/mlx.py MATMUL_BLOCK); blocked, what is left is float32 rounding.
-    assert_matches_autograd(as_step_result(result), smollm2_float64_reference)
+    assert_matches_autograd(as_step_result(result), smollm2_float64_reference, tol=SMOLLM2_FLOAT64_TOLERANCE)
     assert_held_as_predicted(part, plan, result)
     assert result.flash_bytes_written > 0
     assert len(part.manifest.stages) == 63 and len(facts) <= 12  # the 30 blocks share their files
