@@ -223,6 +223,34 @@ def _head_chunks(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'auto', got {text!r}") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated module names, at least one."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+    return names
+
+
+def _lora_targets(text: str) -> tuple[str, ...] | str:
+    """argparse type: 'all-linear', or comma-separated names of linear layers."""
+    return text if text == "all-linear" else _names(text)
+
+
+def _layer_indices(text: str) -> tuple[int, ...]:
+    """argparse type: block indices from 0, comma-separated, with ranges such as 0-3 (inclusive)."""
+    indices: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        first, _, last = part.partition("-")
+        try:
+            start, end = int(first), int(last or first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected block indices such as 0,2 or 0-3, got {text!r}") from None
+        if start < 0 or end < start:
+            raise argparse.ArgumentTypeError(f"expected block indices >= 0 and ranges low-high, got {part!r}")
+        indices += range(start, end + 1)
+    return tuple(sorted(set(indices)))
+
+
 def _model(name: str) -> str:
     """argparse type: a built-in model name, or a model source (`models.resolve`): a directory or
     .gguf file (made absolute) or a Hugging Face id in the local cache."""
@@ -512,9 +540,32 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "gradient is final, instead of holding every gradient to the end (same parameters)")
     p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=_positive, default=32, help="LoRA alpha (default: %(default)s)")
+    _add_lora_placement(p)
     p.add_argument("--threads", type=_positive, default=1,
                    help="torch CPU threads (default: %(default)s; on a busy 2-core machine two threads "
                         "stall each other, see the README)")
+
+
+def _add_lora_placement(p: argparse.ArgumentParser) -> None:
+    """Where LoRA goes and what else trains: peft's target_modules, layers_to_transform, modules_to_save."""
+    p.add_argument("--lora-targets", type=_lora_targets, default=None, metavar="NAMES|all-linear",
+                   help="comma-separated linear layers that get LoRA, or all-linear for every linear layer but "
+                        "the LM head (default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    p.add_argument("--lora-layers", type=_layer_indices, default=None, metavar="INDICES",
+                   help="decoder blocks that get LoRA, e.g. 0,2 or 8-15 (from 0; default: all)")
+    p.add_argument("--modules-to-save", type=_names, default=(), metavar="NAMES",
+                   help="comma-separated modules trained in full beside LoRA and saved in the adapter, e.g. "
+                        "lm_head or embed_tokens (a head tied to the embedding trains one shared copy)")
+
+
+def _lora_settings(args):
+    """`models.LoraSettings` of the LoRA options (`--lora-r`, `--lora-alpha`, `_add_lora_placement`)."""
+    from mebp_compiler.app import models
+
+    placement = {"target_modules": args.lora_targets} if getattr(args, "lora_targets", None) else {}
+    return models.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, **placement,
+                               layers_to_transform=getattr(args, "lora_layers", None),
+                               modules_to_save=getattr(args, "modules_to_save", ()))
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -1006,7 +1057,10 @@ def _load_lora_model(args, device: str = "cpu"):
     from mebp_compiler.app import models
 
     model = models.load(args.model, device=device, seed=getattr(args, "seed", 0))
-    return models.add_lora(model, models.LoraSettings(r=args.lora_r, alpha=args.lora_alpha))
+    try:
+        return models.add_lora(model, _lora_settings(args))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _run_train(args) -> int:
@@ -1223,6 +1277,9 @@ def _run_settings(args, ids, labels) -> dict:
     settings = {k: getattr(args, k) for k in (
         "model", "seq_len", "batch_size", "grad_accum", "seed", "lora_r", "lora_alpha", "optimizer", "lr",
         "lr_schedule", "warmup_steps", "heldout_fraction", "mask_prompt", "int4", "gguf_blocks", "group_size")}
+    placement = {"lora_targets": args.lora_targets, "lora_layers": args.lora_layers,
+                 "modules_to_save": args.modules_to_save}  # only where given: older checkpoints lack them
+    settings.update({k: v if isinstance(v, str) else list(v) for k, v in placement.items() if v})
     if args.lr_schedule != "constant" or args.warmup_steps:
         settings["steps"] = args.steps  # the schedule's length
     settings["data_sha256"] = hashlib.sha256(ids.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
