@@ -109,3 +109,20 @@ def test_cli_buckets_need_records_and_backprop(tmp_path, capsys):
     assert main(["train", "--model", "tiny-llama", "--data", str(records), "--buckets", "2", "--steps", "1",
                  "--method", "mezo"]) == 2
     assert "--buckets apply to --method backprop only" in capsys.readouterr().err
+
+
+def test_cli_train_with_buckets_resumes_bitwise(tmp_path):
+    """The bucketed stream skips what a checkpoint consumed: 2 steps, then 2 resumed from their
+    checkpoint, end with the adapter of 4 uninterrupted steps."""
+    from safetensors.torch import load_file
+
+    records = tmp_path / "records.jsonl"
+    write_records(records, [4, 6, 9, 13, 15, 22, 27, 31])
+    common = ["train", "--model", "tiny-llama", "--data", str(records), "--buckets", "2", "--seq-len", "32",
+              "--batch-size", "2", "--no-progress", "--lr", "1e-2"]
+    assert main([*common, "--steps", "4", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--steps", "2", "--checkpoint-every", "2", "--out", str(tmp_path / "first")]) == 0
+    assert main([*common, "--steps", "4", "--resume", str(tmp_path / "first" / "checkpoint"),
+                 "--out", str(tmp_path / "resumed")]) == 0
+    whole, resumed = (load_file(tmp_path / r / "adapter" / "adapter_model.safetensors") for r in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
