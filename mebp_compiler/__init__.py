@@ -14,6 +14,7 @@ _EXPORTS = {
     "BudgetInfeasible": "mebp_compiler.passes.scheduler.solver", "ScheduleNotFound": "mebp_compiler.passes.scheduler.solver",
     "POLICIES": "mebp_compiler.plan", "BatchShapeError": "mebp_compiler.plan", "InsufficientMemory": "mebp_compiler.plan",
     "Plan": "mebp_compiler.plan", "compile": "mebp_compiler.plan",
+    "PlanCache": "mebp_compiler.plan_cache", "TooManyShapes": "mebp_compiler.plan_cache",
 }
 
 __all__ = sorted(_EXPORTS)

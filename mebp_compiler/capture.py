@@ -383,15 +383,17 @@ def _check_batch(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 def _check_chunked_head(model: torch.nn.Module, lora: Mapping[str, torch.Tensor], vocab_slices: int) -> None:
-    """Refuse LoRA on the LM head where the chunked head cannot train it (a vocabulary-sliced loss)."""
+    """Refuse a trainable LM head (LoRA on it, or peft's `modules_to_save` copy of it or of the
+    input embedding it is tied to) where the chunked head cannot train it (a vocabulary-sliced loss)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     on_head = sorted(name for name, p in lora.items() if any(p is q for q in head.parameters()))
     if on_head and vocab_slices:
         raise CaptureError(
-            f"LoRA on the LM head ({', '.join(on_head)}) cannot be trained with vocab_slices: the sliced loss "
+            f"a trainable LM head ({', '.join(on_head)}) cannot be trained with vocab_slices: the sliced loss "
             "streams a frozen head weight and returns no gradient for it; drop lm_head from the LoRA targets "
-            "or use head_chunks instead")
+            "and from modules_to_save (embed_tokens too where the head is tied to it), or use head_chunks "
+            "instead")
 
 
 def _describe(value: Any) -> str:

@@ -331,9 +331,12 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "",
 
 
 def peft_key(name: str) -> str:
-    """The key peft's adapter file gives LoRA parameter `name`: without the adapter's name after
+    """The key peft's adapter file gives trainable parameter `name`: without the adapter's name after
     `lora_A`/`lora_B` (`peft.get_peft_model_state_dict` drops it; `set_peft_model_state_dict`
-    inserts it again), e.g. `...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`."""
+    inserts it again), e.g. `...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`, and for
+    a module trained in full (`modules_to_save`) the module's own key, e.g.
+    `...embed_tokens.modules_to_save.default.weight` -> `...embed_tokens.weight`."""
+    name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
     return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
 
 

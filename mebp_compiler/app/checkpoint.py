@@ -72,7 +72,8 @@ class Checkpoint:
         """Put the saved LoRA values, optimizer and scheduler state and RNG state back in place."""
         if set(lora) != set(self.lora):
             raise CheckpointError("the checkpoint holds other LoRA parameters than this model's; resume with the "
-                                  "same --model, --lora-r and --lora-alpha")
+                                  "same --model, --lora-r, --lora-alpha, --lora-targets, --lora-layers and "
+                                  "--modules-to-save")
         with torch.no_grad():
             for name, param in lora.items():
                 param.copy_(self.lora[name])

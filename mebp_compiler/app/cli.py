@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -223,6 +224,34 @@ def _head_chunks(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or 'auto', got {text!r}") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated module names, at least one."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+    return names
+
+
+def _lora_targets(text: str) -> tuple[str, ...] | str:
+    """argparse type: 'all-linear', or comma-separated names of linear layers."""
+    return text if text == "all-linear" else _names(text)
+
+
+def _layer_indices(text: str) -> tuple[int, ...]:
+    """argparse type: block indices from 0, comma-separated, with ranges such as 0-3 (inclusive)."""
+    indices: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        first, _, last = part.partition("-")
+        try:
+            start, end = int(first), int(last or first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected block indices such as 0,2 or 0-3, got {text!r}") from None
+        if start < 0 or end < start:
+            raise argparse.ArgumentTypeError(f"expected block indices >= 0 and ranges low-high, got {part!r}")
+        indices += range(start, end + 1)
+    return tuple(sorted(set(indices)))
+
+
 def _model(name: str) -> str:
     """argparse type: a built-in model name, or a model source (`models.resolve`): a directory or
     .gguf file (made absolute) or a Hugging Face id in the local cache."""
@@ -400,7 +429,8 @@ def _check_train(args) -> None:
                          "--gguf-blocks": args.gguf_blocks, "--fuse-update": args.fuse_update,
                          "--grad-accum": args.grad_accum != 1, "--lr-schedule": args.lr_schedule != "constant",
                          "--warmup-steps": args.warmup_steps != 0, "--eval-every": args.eval_every != 0,
-                         "--checkpoint-every": args.checkpoint_every != 0, "--resume": args.resume is not None}
+                         "--checkpoint-every": args.checkpoint_every != 0, "--resume": args.resume is not None,
+                         "--buckets": args.buckets != 0}
         given = [flag for flag, is_given in backprop_only.items() if is_given]
         if given:
             raise UsageError(f"--method mezo evaluates the model's plain forward and updates by SGD: "
@@ -415,6 +445,9 @@ def _check_train(args) -> None:
     if args.resume is not None and args.fuse_update:
         raise UsageError("--resume restores the optimizer beside the step, and --fuse-update runs it inside the "
                          "step: drop --fuse-update")
+    if args.buckets and not str(args.data).lower().endswith(".jsonl"):
+        raise UsageError(f"--buckets pads the records of a .jsonl file to a few lengths, and --data {args.data} is "
+                         "plain text, packed into blocks of --seq-len already: drop --buckets or give such a file")
     _check_data(args)
     _check_common(args)
     _check_out_dir(args.out)
@@ -512,9 +545,32 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "gradient is final, instead of holding every gradient to the end (same parameters)")
     p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=_positive, default=32, help="LoRA alpha (default: %(default)s)")
+    _add_lora_placement(p)
     p.add_argument("--threads", type=_positive, default=1,
                    help="torch CPU threads (default: %(default)s; on a busy 2-core machine two threads "
                         "stall each other, see the README)")
+
+
+def _add_lora_placement(p: argparse.ArgumentParser) -> None:
+    """Where LoRA goes and what else trains: peft's target_modules, layers_to_transform, modules_to_save."""
+    p.add_argument("--lora-targets", type=_lora_targets, default=None, metavar="NAMES|all-linear",
+                   help="comma-separated linear layers that get LoRA, or all-linear for every linear layer but "
+                        "the LM head (default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    p.add_argument("--lora-layers", type=_layer_indices, default=None, metavar="INDICES",
+                   help="decoder blocks that get LoRA, e.g. 0,2 or 8-15 (from 0; default: all)")
+    p.add_argument("--modules-to-save", type=_names, default=(), metavar="NAMES",
+                   help="comma-separated modules trained in full beside LoRA and saved in the adapter, e.g. "
+                        "lm_head or embed_tokens (a head tied to the embedding trains one shared copy)")
+
+
+def _lora_settings(args):
+    """`models.LoraSettings` of the LoRA options (`--lora-r`, `--lora-alpha`, `_add_lora_placement`)."""
+    from mebp_compiler.app import models
+
+    placement = {"target_modules": args.lora_targets} if getattr(args, "lora_targets", None) else {}
+    return models.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, **placement,
+                               layers_to_transform=getattr(args, "lora_layers", None),
+                               modules_to_save=getattr(args, "modules_to_save", ()))
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -549,6 +605,11 @@ def _add_train(sub, debug: argparse.ArgumentParser) -> None:
                         "steps (default: %(default)s)")
     p.add_argument("--warmup-steps", type=_non_negative, default=0, metavar="N",
                    help="raise the learning rate linearly over the first N steps (default: 0)")
+    p.add_argument("--buckets", type=_non_negative, default=0, metavar="K",
+                   help="with a .jsonl file: train on each record as an example of its own (cut at --seq-len), "
+                        "padded (attention mask, labels -100) to at most K lengths, one plan compiled per length "
+                        "on first use, each under the same --budget (default: 0, records packed into blocks of "
+                        "--seq-len)")
     p.add_argument("--eval-every", type=_non_negative, default=0, metavar="N",
                    help="evaluate the held-out blocks (--heldout-fraction) before training, every N steps and "
                         "at the end: loss, perplexity, next-token accuracy (default: 0, never)")
@@ -1006,7 +1067,10 @@ def _load_lora_model(args, device: str = "cpu"):
     from mebp_compiler.app import models
 
     model = models.load(args.model, device=device, seed=getattr(args, "seed", 0))
-    return models.add_lora(model, models.LoraSettings(r=args.lora_r, alpha=args.lora_alpha))
+    try:
+        return models.add_lora(model, _lora_settings(args))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _run_train(args) -> int:
@@ -1020,13 +1084,12 @@ def _run_train(args) -> int:
     run = RunDirectory(out, TRAIN_ENTRIES)  # locked until the end; the old run stays until the new one is whole
     resumed = _load_checkpoint(args.resume) if args.resume else None
     tokenizer = _tokenizer(args.model)
-    ids, labels = data.labelled_blocks(tokenizer, args.data, args.seq_len, mask_prompt=args.mask_prompt)
-    fraction = args.heldout_fraction if args.heldout_fraction is not None else (0.1 if args.eval_every else 0.0)
-    heldout = None
-    if fraction > 0:
-        train_rows, heldout_rows = data.split_rows(ids.shape[0], fraction, seed=args.seed)
-        heldout = (ids[heldout_rows][: args.eval_blocks], labels[heldout_rows][: args.eval_blocks])
-        ids, labels = ids[train_rows], labels[train_rows]
+    if args.buckets:
+        ids, labels, heldout, buckets = _bucketed_data(args, tokenizer)
+        stream = functools.partial(data.bucket_batches, buckets, args.batch_size, seed=args.seed)
+    else:
+        ids, labels, heldout = _packed_data(args, tokenizer)
+        stream = functools.partial(data.batches, ids, args.batch_size, seed=args.seed, labels=labels)
     mezo = args.method == "mezo"
     lr = args.lr = args.lr if args.lr is not None else (MEZO_LR if mezo else BACKPROP_LR)
     args.optimizer = None if mezo else args.optimizer or "adamw"
@@ -1035,24 +1098,32 @@ def _run_train(args) -> int:
         if resumed.step >= args.steps:
             raise UsageError(f"the checkpoint is at step {resumed.step}, and --steps {args.steps} asks for no "
                              "more: give more --steps")
-    _say(f"data: {args.data} -> {len(ids)} training blocks of {args.seq_len} tokens"
-         + (f", {len(heldout[0])} held-out blocks evaluated" if heldout else ""))
+    what = (f"{sum(len(b) for b in buckets)} training examples padded to lengths "
+            f"{', '.join(str(b.length) for b in buckets)}" if args.buckets
+            else f"{len(ids)} training blocks of {args.seq_len} tokens")
+    _say(f"data: {args.data} -> {what}" + (f", {len(heldout[0])} held-out blocks evaluated" if heldout else ""))
     _say(f"loading {args.model} ...")
     model = _load_lora_model(args)
-    example = next(data.batches(ids, args.batch_size, seed=args.seed, labels=labels))
 
-    what = "forward-only step (MeZO)" if mezo else f"training step (policy {_policy(args)})"
-    _say(f"compiling the {what} ...")
-    start = time.perf_counter()
-    if mezo:
-        from mebp_compiler.app.mezo import compile_mezo, train_mezo
+    if args.buckets:
+        from mebp_compiler.plan_cache import PlanCache
 
-        plan = compile_mezo(model, example, offload_dir=args.offload_dir)
+        _say(f"compiling a training step (policy {_policy(args)}) per length, on its first batch")
+        plan = PlanCache(model, _policy(args), _compile_options(args, _policy(args)), max_shapes=len(buckets))
     else:
-        plan = _compile(model, example, args)
-    _say(f"compiled in {time.perf_counter() - start:.1f} s: predicted peak "
-         f"{format_bytes(plan.predicted_peak_bytes)} (computed tensors "
-         f"{format_bytes(plan.predicted_peak_activation_bytes)})")
+        what = "forward-only step (MeZO)" if mezo else f"training step (policy {_policy(args)})"
+        _say(f"compiling the {what} ...")
+        start = time.perf_counter()
+        example = next(stream())
+        if mezo:
+            from mebp_compiler.app.mezo import compile_mezo, train_mezo
+
+            plan = compile_mezo(model, example, offload_dir=args.offload_dir)
+        else:
+            plan = _compile(model, example, args)
+        _say(f"compiled in {time.perf_counter() - start:.1f} s: predicted peak "
+             f"{format_bytes(plan.predicted_peak_bytes)} (computed tensors "
+             f"{format_bytes(plan.predicted_peak_activation_bytes)})")
 
     if mezo:
         args.eps = args.eps or MEZO_EPS
@@ -1060,14 +1131,15 @@ def _run_train(args) -> int:
         history = train_mezo(plan, batches, args.steps, lr=lr, eps=args.eps, seed=args.seed,
                              progress=not args.no_progress)
     else:
-        history = _train_backprop(args, plan, ids, labels, heldout, resumed, out)
+        history = _train_backprop(args, plan, stream, ids, labels, heldout, resumed, out)
+    shapes = {"compiled_shapes": [list(p.batch_shape) for p in plan.plans.values()]} if args.buckets else {}
 
     method = "MeZO" if mezo else f"policy {_policy(args)}"
     with run.replace() as staging:
         save_adapter(model, staging / "adapter")
         plot_loss(history, staging / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, {method}")
         atomic_write_json(staging / "history.json", {"args": _jsonable(vars(args)), **history.to_json(),
-                                                      "predicted_peak_bytes": plan.predicted_peak_bytes})
+                                                      "predicted_peak_bytes": plan.predicted_peak_bytes, **shapes})
         if args.checkpoint_every:
             os.replace(out / "checkpoint", staging / "checkpoint")  # the last step's, written by _train_backprop
     done = history.loss[len(history.loss) - (args.steps - (resumed.step if resumed else 0)):]
@@ -1223,6 +1295,11 @@ def _run_settings(args, ids, labels) -> dict:
     settings = {k: getattr(args, k) for k in (
         "model", "seq_len", "batch_size", "grad_accum", "seed", "lora_r", "lora_alpha", "optimizer", "lr",
         "lr_schedule", "warmup_steps", "heldout_fraction", "mask_prompt", "int4", "gguf_blocks", "group_size")}
+    if args.buckets:  # only where given: older checkpoints lack it
+        settings["buckets"] = args.buckets
+    placement = {"lora_targets": args.lora_targets, "lora_layers": args.lora_layers,
+                 "modules_to_save": args.modules_to_save}  # only where given: older checkpoints lack them
+    settings.update({k: v if isinstance(v, str) else list(v) for k, v in placement.items() if v})
     if args.lr_schedule != "constant" or args.warmup_steps:
         settings["steps"] = args.steps  # the schedule's length
     settings["data_sha256"] = hashlib.sha256(ids.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
@@ -1237,8 +1314,54 @@ def _load_checkpoint(directory: str):
     return state
 
 
-def _train_backprop(args, plan, ids, labels, heldout, resumed, out: Path):
-    """`train` with the CLI's schedule, accumulation, evaluations and checkpoints; resumed when `resumed`."""
+def _packed_data(args, tokenizer):
+    """(input_ids, labels, held-out (input_ids, labels) or None) of --data packed into blocks of --seq-len."""
+    from mebp_compiler.app import data
+
+    ids, labels = data.labelled_blocks(tokenizer, args.data, args.seq_len, mask_prompt=args.mask_prompt)
+    fraction = args.heldout_fraction if args.heldout_fraction is not None else (0.1 if args.eval_every else 0.0)
+    heldout = None
+    if fraction > 0:
+        train_rows, heldout_rows = data.split_rows(ids.shape[0], fraction, seed=args.seed)
+        heldout = (ids[heldout_rows][: args.eval_blocks], labels[heldout_rows][: args.eval_blocks])
+        ids, labels = ids[train_rows], labels[train_rows]
+    return ids, labels, heldout
+
+
+def _bucketed_data(args, tokenizer):
+    """(every training token and label in one row each, held-out (input_ids, labels) or None, the
+    length buckets) of --data's records, each its own example (`data.length_buckets`, --buckets).
+
+    Held-out examples are padded on the right to --seq-len with labels -100: a causal LM's
+    predictions of the tokens before the padding do not see it, so evaluating them without a
+    mask is exact."""
+    import torch
+
+    from mebp_compiler.app import data
+
+    examples = data.labelled_examples(tokenizer, args.data, args.seq_len, mask_prompt=args.mask_prompt)
+    pad = data.pad_id(tokenizer)
+    fraction = args.heldout_fraction if args.heldout_fraction is not None else (0.1 if args.eval_every else 0.0)
+    heldout = None
+    if fraction > 0:
+        train_rows, heldout_rows = data.split_rows(len(examples), fraction, seed=args.seed)
+        rows = data.padded([examples[i] for i in heldout_rows[: args.eval_blocks]], args.seq_len, pad)
+        heldout = (rows["input_ids"], rows["labels"])
+        examples = [examples[i] for i in train_rows]
+    try:
+        buckets = data.length_buckets(examples, args.buckets, args.batch_size, pad)
+    except ValueError as exc:
+        raise UsageError(f"--batch-size {args.batch_size}: {exc}") from None
+    ids = torch.cat([b.rows["input_ids"].flatten() for b in buckets]).unsqueeze(0)
+    labels = torch.cat([b.rows["labels"].flatten() for b in buckets]).unsqueeze(0)
+    return ids, labels, heldout, buckets
+
+
+def _train_backprop(args, plan, stream, ids, labels, heldout, resumed, out: Path):
+    """`train` with the CLI's schedule, accumulation, evaluations and checkpoints; resumed when `resumed`.
+
+    `stream(skip=n)` gives the training batches after the first n; `ids` and `labels` are the
+    training data the checkpoint's settings fingerprint."""
     from mebp_compiler.app import checkpoint, data
     from mebp_compiler.app.evaluate import evaluate
     from mebp_compiler.app.train import TrainHistory, lora_norm, make_scheduler, train
@@ -1269,7 +1392,7 @@ def _train_backprop(args, plan, ids, labels, heldout, resumed, out: Path):
     if heldout is not None and args.eval_every and history is None:
         history = TrainHistory(start_lora_norm=lora_norm(lora.values()))
         measure(0, history)
-    batches = data.batches(ids, args.batch_size, seed=args.seed, labels=labels, skip=start * args.grad_accum)
+    batches = stream(skip=start * args.grad_accum)
     return train(plan, batches, args.steps, optimizer, progress=not args.no_progress, accumulate=args.grad_accum,
                  scheduler=scheduler, on_step=on_step, start_step=start, history=history)
 
@@ -1298,19 +1421,22 @@ def _policy(args) -> str:
 def _compile(model, example, args, policy: str | None = None):
     """`mebp_compiler.compile` with the options of `_add_common` (policy: `_policy(args)` unless given)."""
     import mebp_compiler
-    from mebp_compiler.app import models
 
     policy = policy or _policy(args)
-    return mebp_compiler.compile(model, example, policy, checkpoints=args.checkpoints,
-                                 offload_dir=args.offload_dir, device=args.device,
-                                 budget=args.budget if policy == "optimal" else None,
-                                 optimizer=getattr(args, "optimizer", None) or "adamw",
-                                 head_chunks=args.head_chunks, vocab_slices=args.vocab_slices,
-                                 mlp_chunks=args.mlp_chunks,
-                                 int4=args.int4 or args.gguf_blocks, group_size=args.group_size,
-                                 gguf_file=models.gguf_file_of(args.model) if args.gguf_blocks else None,
-                                 fuse_update=args.fuse_update, work_limit=args.work_limit,
-                                 solver_progress=_solver_status)
+    return mebp_compiler.compile(model, example, policy, **_compile_options(args, policy))
+
+
+def _compile_options(args, policy: str) -> dict:
+    """The keyword arguments of `mebp_compiler.compile` that the options of `_add_common` give."""
+    from mebp_compiler.app import models
+
+    return dict(checkpoints=args.checkpoints, offload_dir=args.offload_dir, device=args.device,
+                budget=args.budget if policy == "optimal" else None,
+                optimizer=getattr(args, "optimizer", None) or "adamw",
+                head_chunks=args.head_chunks, vocab_slices=args.vocab_slices, mlp_chunks=args.mlp_chunks,
+                int4=args.int4 or args.gguf_blocks, group_size=args.group_size,
+                gguf_file=models.gguf_file_of(args.model) if args.gguf_blocks else None,
+                fuse_update=args.fuse_update, work_limit=args.work_limit, solver_progress=_solver_status)
 
 
 def _solver_status(progress) -> None:

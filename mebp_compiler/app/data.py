@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "ByteTokenizer", "batches", "jsonl_format", "labelled_blocks", "load_text", "split_blocks",
-           "token_blocks"]
+__all__ = ["IGNORE_INDEX", "Bucket", "ByteTokenizer", "batches", "bucket_batches", "jsonl_format", "labelled_blocks",
+           "labelled_examples", "length_buckets", "load_text", "pad_id", "padded", "split_blocks", "token_blocks"]
 
 #: Label of a token the loss ignores (transformers' and torch's cross-entropy default).
 IGNORE_INDEX = -100
@@ -200,15 +202,9 @@ def labelled_blocks(tokenizer: Any, source: str | pathlib.Path | None, seq_len: 
         raise ValueError(f"{path} holds chat messages, and this model's tokenizer has no chat template")
     ids: list[int] = []
     learn: list[bool] = []
-    end = _end_of_record(tokenizer)
-    for number, record in _jsonl_records(path):
-        parts = _record_parts(tokenizer, record, kind, f"{path}, line {number}")
-        for text, is_answer in parts:
-            piece = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            ids += piece
-            learn += [is_answer or not mask_prompt] * len(piece)
-        ids += end
-        learn += [True] * len(end)
+    for record_ids, record_learn in _record_tokens(tokenizer, path, kind, mask_prompt):
+        ids += record_ids
+        learn += record_learn
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(f"{path} has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
@@ -218,6 +214,20 @@ def labelled_blocks(tokenizer: Any, source: str | pathlib.Path | None, seq_len: 
     if not has_target.any():
         raise ValueError(f"every block of {path} is prompt only with --mask-prompt; use a longer --seq-len")
     return input_ids[has_target], labels[has_target]
+
+
+def _record_tokens(tokenizer: Any, path: pathlib.Path, kind: str,
+                   mask_prompt: bool) -> Iterator[tuple[list[int], list[bool]]]:
+    """Each record's token ids followed by the end-of-record tokens, and whether each is learnt."""
+    end = _end_of_record(tokenizer)
+    for number, record in _jsonl_records(path):
+        ids: list[int] = []
+        learn: list[bool] = []
+        for text, is_answer in _record_parts(tokenizer, record, kind, f"{path}, line {number}"):
+            piece = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            ids += piece
+            learn += [is_answer or not mask_prompt] * len(piece)
+        yield ids + end, learn + [True] * len(end)
 
 
 def _end_of_record(tokenizer: Any) -> list[int]:
@@ -230,6 +240,10 @@ def _record_parts(tokenizer: Any, record: dict, kind: str, where: str) -> list[t
     if not all(k in record for k in JSONL_FORMATS[kind]):
         keys = " and ".join(f'"{k}"' for k in JSONL_FORMATS[kind])
         raise ValueError(f"{where}: expected {keys}, as the file's first record has")
+    if kind == "text":
+        if not isinstance(record["text"], str):
+            raise ValueError(f'{where}: "text" must be a string')
+        return [(record["text"], True)]
     if kind == "completion":
         if not (isinstance(record["prompt"], str) and isinstance(record["completion"], str)):
             raise ValueError(f'{where}: "prompt" and "completion" must be strings')
@@ -337,3 +351,149 @@ def _batch_stream(
             rows = order[i * batch_size : (i + 1) * batch_size]
             input_ids = blocks[rows].long()
             yield {"input_ids": input_ids, "labels": input_ids.clone() if labels is None else labels[rows].long()}
+
+
+#: One example: its token ids and labels, int64 tensors [length].
+Example = tuple[torch.Tensor, torch.Tensor]
+
+
+def labelled_examples(tokenizer: Any, source: str | pathlib.Path, seq_len: int, *,
+                      mask_prompt: bool = False) -> list[Example]:
+    """Each record of a `.jsonl` file as an example of its own (not packed with the others).
+
+    A record's tokens are those `labelled_blocks` packs (the text, the prompt and completion,
+    or the rendered chat; then the end-of-sequence token), with the same labels (prompt
+    tokens `IGNORE_INDEX` under `mask_prompt`). A record longer than `seq_len` is cut into
+    pieces of `seq_len` tokens and a shorter last one. Pieces with no label to predict (one
+    token, or every label after the first ignored) are dropped.
+
+    Raises:
+        ValueError: `source` is not a `.jsonl` file, `seq_len` < 1, no example is left, or
+            the file's records are malformed (see `labelled_blocks`).
+    """
+    path = pathlib.Path(source) if source not in (None, "pydoc") else None
+    if path is None or path.suffix.lower() != ".jsonl":
+        raise ValueError(f"examples of their own lengths come from the records of a .jsonl file, and "
+                         f"{source or 'pydoc'} is plain text, which is packed into blocks of one length already")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    kind = jsonl_format(path)
+    if mask_prompt and kind == "text":
+        raise ValueError(f"--mask-prompt masks the prompts of prompt/completion or chat records, and {path} holds "
+                         "text records")
+    if kind == "chat" and not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise ValueError(f"{path} holds chat messages, and this model's tokenizer has no chat template")
+    examples = []
+    for ids, learn in _record_tokens(tokenizer, path, kind, mask_prompt):
+        for start in range(0, len(ids), seq_len):
+            piece = torch.tensor(ids[start:start + seq_len], dtype=torch.int64)
+            labels = torch.where(torch.tensor(learn[start:start + seq_len]), piece, IGNORE_INDEX)
+            if (labels[1:] != IGNORE_INDEX).any():
+                examples.append((piece, labels))
+    if not examples:
+        raise ValueError(f"{path} leaves no example with a token to predict")
+    return examples
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The token id padding is filled with: the tokenizer's pad token, else its end-of-sequence token, else 0.
+
+    Its value changes nothing: padded positions have attention_mask 0 and label `IGNORE_INDEX`."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def padded(examples: Sequence[Example], length: int, pad: int = 0) -> dict[str, torch.Tensor]:
+    """`examples` padded on the right to `length` tokens: `input_ids` (padding `pad`), `labels`
+    (padding `IGNORE_INDEX`) and `attention_mask` (1 at tokens, 0 at padding), each [n, length]."""
+    n = len(examples)
+    batch = {"input_ids": torch.full((n, length), pad, dtype=torch.int64),
+             "labels": torch.full((n, length), IGNORE_INDEX, dtype=torch.int64),
+             "attention_mask": torch.zeros((n, length), dtype=torch.int64)}
+    for row, (ids, labels) in enumerate(examples):
+        if len(ids) > length:
+            raise ValueError(f"an example of {len(ids)} tokens does not fit a length of {length}")
+        batch["input_ids"][row, :len(ids)] = ids
+        batch["labels"][row, :len(ids)] = labels
+        batch["attention_mask"][row, :len(ids)] = 1
+    return batch
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Examples padded to one `length` (`padded`): `rows` maps `input_ids`, `labels` and
+    `attention_mask`, each [n, length]."""
+
+    length: int
+    rows: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.rows["input_ids"].shape[0]
+
+
+def length_buckets(examples: Sequence[Example], buckets: int, batch_size: int, pad: int = 0) -> list[Bucket]:
+    """At most `buckets` lengths the examples are padded to, shortest first, each holding at least one batch.
+
+    The lengths are the example lengths at the quantiles 1/k, 2/k, ..., 1 of their sorted
+    lengths (k = `buckets`), so each length holds about as many examples; each example goes
+    to the shortest length that fits it. A length left with fewer than `batch_size` examples
+    gives them to the next longer one (the longest, to the one below it, which grows to the
+    longest's length). So every example is trained on and padding stays within a bucket.
+
+    Raises:
+        ValueError: `buckets` or `batch_size` < 1, or fewer than `batch_size` examples.
+    """
+    if buckets < 1 or batch_size < 1:
+        raise ValueError(f"buckets and batch_size must be 1 or more, got {buckets} and {batch_size}")
+    if len(examples) < batch_size:
+        raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
+    lengths = sorted(len(ids) for ids, _ in examples)
+    edges = sorted({lengths[math.ceil(i * len(lengths) / buckets) - 1] for i in range(1, buckets + 1)})
+    members: list[list[Example]] = [[] for _ in edges]
+    for example in examples:
+        members[next(i for i, edge in enumerate(edges) if len(example[0]) <= edge)].append(example)
+    i = 0
+    while i < len(edges) - 1:  # too few for a batch: move them up to the next longer length
+        if len(members[i]) < batch_size:
+            members[i + 1] = members[i] + members[i + 1]
+            del members[i], edges[i]
+        else:
+            i += 1
+    if len(members) > 1 and len(members[-1]) < batch_size:  # the longest: down into the one below it
+        longest, length = members.pop(), edges.pop()
+        members[-1], edges[-1] = members[-1] + longest, length
+    return [Bucket(edge, padded(group, edge, pad)) for edge, group in zip(edges, members, strict=True)]
+
+
+def bucket_batches(buckets: Sequence[Bucket], batch_size: int, *, seed: int = 0,
+                   skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield training batches forever, each `batch_size` rows of one bucket (one shape).
+
+    Each epoch cuts every bucket, in a fresh permutation of its rows, into its full batches
+    (the remainder of each is skipped), and visits all of them in a permutation of their
+    own; every draw comes from one `torch.Generator` seeded with `seed`, so the stream is
+    determined by `seed`. The stream's first `skip` batches are passed over (a resumed run).
+    """
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    if any(len(b) < batch_size for b in buckets):
+        raise ValueError(f"every bucket must hold at least one batch of {batch_size} (see length_buckets)")
+    stream = _bucket_stream(buckets, batch_size, seed)
+    for _ in range(skip):
+        next(stream)
+    return stream
+
+
+def _bucket_stream(buckets: Sequence[Bucket], batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        epoch = []
+        for bucket in buckets:
+            order = torch.randperm(len(bucket), generator=generator)
+            epoch += [(bucket, order[i * batch_size:(i + 1) * batch_size]) for i in range(len(bucket) // batch_size)]
+        for k in torch.randperm(len(epoch), generator=generator).tolist():
+            bucket, rows = epoch[k]
+            yield {key: value[rows] for key, value in bucket.rows.items()}

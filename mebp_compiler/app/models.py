@@ -38,10 +38,13 @@ from transformers import (
     Qwen2Config,
 )
 
+from transformers.pytorch_utils import Conv1D
+
 from mebp_compiler.app.model_names import MODEL_NAMES, UnknownModelError
 from mebp_compiler.blocks import NoDecoderBlocksError, block_mlp, decoder_layers
 
 __all__ = [
+    "ALL_LINEAR",
     "MODEL_NAMES",
     "SMOLLM2_GGUF_FILE",
     "LoraSettings",
@@ -57,6 +60,7 @@ __all__ = [
     "gguf_file_of",
     "has_tokenizer",
     "is_builtin",
+    "linear_layer_names",
     "load",
     "load_tokenizer",
     "resolve",
@@ -556,13 +560,26 @@ def load_tokenizer(name: str = "smollm2-135m") -> transformers.PreTrainedTokeniz
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
+#: `LoraSettings.target_modules` value for every linear layer but the LM head (peft's shorthand).
+ALL_LINEAR = "all-linear"
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA hyperparameters: rank ``r``, scale ``alpha / r``, target linear layers by name."""
+    """LoRA hyperparameters: rank ``r``, scale ``alpha / r``, where the adapters go, what else trains.
+
+    ``target_modules`` names the linear layers that get LoRA (by their last name component,
+    as peft matches them), or is :data:`ALL_LINEAR` for every linear layer but the LM head.
+    ``layers_to_transform`` (decoder block indices, from 0) puts LoRA in those blocks only;
+    None means every block. ``modules_to_save`` names modules (e.g. ``lm_head``,
+    ``embed_tokens``, ``norm``) that train in full: peft's fully trained copy of each, whose
+    weights are trainable parameters beside the LoRA ones, returned with gradients by the
+    step and saved in the adapter.
+    """
 
     r: int = 16
     alpha: int = 32
-    target_modules: tuple[str, ...] = (
+    target_modules: tuple[str, ...] | str = (
         "q_proj",
         "k_proj",
         "v_proj",
@@ -572,12 +589,15 @@ class LoraSettings:
         "down_proj",
     )
     dropout: float = 0.0
+    layers_to_transform: tuple[int, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
 
 
 def add_lora(
     model: transformers.PreTrainedModel, settings: LoraSettings = LoraSettings()
 ) -> peft.PeftModel:
-    """Wrap ``model`` with LoRA adapters (peft); only ``lora_A``/``lora_B`` are trainable.
+    """Wrap ``model`` with LoRA adapters (peft); only ``lora_A``/``lora_B`` (and the copies of
+    ``settings.modules_to_save``) are trainable.
 
     Modifies ``model`` in place (its target linears become ``lora.Linear``) and
     returns the wrapping :class:`peft.PeftModel`. Works on meta-device models: the
@@ -585,13 +605,60 @@ def add_lora(
     even when the base model is in a lower precision (peft's default
     ``autocast_adapter_dtype``). ``lora_B`` starts at zero, so the wrapped model
     initially computes the same function as ``model``.
+
+    In a model whose LM head is tied to its input embedding, a module to save that is
+    either of them trains one copy shared by both (peft's ``ensure_weight_tying``), so the
+    trained model stays tied.
+
+    Raises:
+        ValueError: a block index of ``layers_to_transform`` outside the model's blocks, or
+            a ``modules_to_save`` name that matches no module (each message names the option).
     """
+    targets = settings.target_modules
+    targets = targets if isinstance(targets, str) else list(targets)
+    layers = None
+    if settings.layers_to_transform is not None:
+        layers = sorted(set(settings.layers_to_transform))
+        count = len(decoder_layers(model))
+        outside = [i for i in layers if not 0 <= i < count]
+        if outside or not layers:
+            raise ValueError(f"layers_to_transform {list(settings.layers_to_transform)} names no block or blocks "
+                             f"outside {type(model).__name__}'s {count} (0 to {count - 1})")
+        if targets == ALL_LINEAR:  # peft takes layers_to_transform with a list of names only
+            targets = linear_layer_names(model)
+    names = [n for n, _ in model.named_modules()]
+    for wanted in settings.modules_to_save:
+        if not any(n == wanted or n.endswith(f".{wanted}") for n in names):
+            raise ValueError(f"modules_to_save {wanted!r} matches no module of {type(model).__name__}; give the "
+                             "name of a module (its last name component, e.g. lm_head or embed_tokens)")
     lora_config = peft.LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
-        target_modules=list(settings.target_modules),
+        target_modules=targets,
         lora_dropout=settings.dropout,
         bias="none",
         task_type=peft.TaskType.CAUSAL_LM,
+        layers_to_transform=layers,
+        modules_to_save=list(settings.modules_to_save) or None,
+        ensure_weight_tying=_saves_a_tied_layer(model, settings.modules_to_save),
     )
     return peft.get_peft_model(model, lora_config)
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """The last name components of the model's linear layers (``nn.Linear`` and transformers'
+    ``Conv1D``) other than its LM head: what peft's ``"all-linear"`` targets, as a list."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = (torch.nn.Linear, Conv1D)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear) and m is not head})
+
+
+def _saves_a_tied_layer(model: torch.nn.Module, modules_to_save: tuple[str, ...]) -> bool:
+    """Whether the model's LM head shares its weight with the input embedding and
+    ``modules_to_save`` names one of them (by the end of its name, as peft matches)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or embed is None or head.weight is not embed.weight:
+        return False
+    tied = [n for n, m in model.named_modules() if m is head or m is embed]
+    return any(n.endswith(wanted) for n in tied for wanted in modules_to_save)

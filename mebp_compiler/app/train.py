@@ -21,6 +21,7 @@ from mebp_compiler.files import atomic_write, write_error
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.passes.fuse_update import NonFiniteGradient
 from mebp_compiler.plan import Plan, make_optimizer
+from mebp_compiler.plan_cache import PlanCache
 from mebp_compiler.runtime import StepResult
 
 
@@ -160,7 +161,7 @@ StepCallback = Callable[[int, "TrainHistory"], None]
 
 
 def train(
-    plan: Plan,
+    plan: Plan | PlanCache,
     batches: Iterable[Mapping[str, torch.Tensor]],
     steps: int,
     optimizer: torch.optim.Optimizer | None = None,
@@ -173,7 +174,7 @@ def train(
     history: TrainHistory | None = None,
 ) -> TrainHistory:
     """Run optimizer steps `start_step + 1` to `steps` of `plan` over `batches`, applying `optimizer` to the LoRA
-    parameters.
+    parameters. A `PlanCache` for `plan` runs batches of several shapes, each by its own plan.
 
     The gradients the plan returns are set as each parameter's `.grad`, then the
     optimizer steps (a plan with fused updates steps it itself, parameter by parameter,
@@ -240,7 +241,7 @@ def predicted_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
 
 
-def accumulated(plan: Plan, batches: Sequence[Mapping[str, torch.Tensor]]) -> StepResult:
+def accumulated(plan: Plan | PlanCache, batches: Sequence[Mapping[str, torch.Tensor]]) -> StepResult:
     """The loss and LoRA gradients of `batches` taken together, from one plan step per batch.
 
     Each batch's loss is a mean over its n_i predicted tokens (`predicted_tokens`); the
