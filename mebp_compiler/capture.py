@@ -348,9 +348,10 @@ def chunked_lm_loss(
                 part = sliced_linear_cross_entropy(h, weight, y, vocab_slices, softcap)
             else:
                 logits = (functional_call(head, head_state, (h,)) if head_trains
-                          else torch.nn.functional.linear(h, weight)).float()
-                if softcap is not None:
+                          else torch.nn.functional.linear(h, weight))
+                if softcap is not None:  # in the model's dtype, then fp32 for the loss, as transformers does
                     logits = torch.tanh(logits / softcap) * softcap
+                logits = logits.float()
                 part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                                          ignore_index=-100, reduction="sum")
         total = total + part

@@ -77,20 +77,33 @@ class _SlicedLinearCrossEntropy(torch.autograd.Function):
         # derivative 1 - tanh(raw / cap)^2 = 1 - (logit / cap)^2. The one-hot term is one
         # row of the head per token: gathered once (an embedding lookup, which INT4
         # weights serve row by row) instead of a [tokens x slice] mask per slice.
+        # The gradient is summed over the slices in fp32 and rounded to the hidden states'
+        # dtype once, as the unsliced head's one matmul over the whole vocabulary does: in
+        # bfloat16 or float16 a sum rounded after every slice drifts from it by a rounding
+        # per slice. Each slice multiplies the logits' gradient rounded to that dtype (what
+        # the unsliced head's matmul reads) by the head rows, in fp32 (a no-op in fp32).
         hidden, weight, labels, lse, target = ctx.saved_tensors
         softcap = ctx.softcap
         token_scale = torch.where(labels != IGNORE_INDEX, grad_loss.expand_as(lse), torch.zeros_like(lse))
-        target_scale = token_scale if softcap is None else token_scale * (1 - (target / softcap) ** 2)
-        target_rows = torch.nn.functional.embedding(labels.clamp_min(0), weight)
-        grad_hidden = -(target_scale[:, None] * target_rows).to(hidden.dtype)
+        target_rows = torch.nn.functional.embedding(labels.clamp_min(0), weight).float()
+        if softcap is None:
+            # The unsliced head rounds the target logit's gradient (p - 1) * scale to the
+            # dtype; the slices below add p * scale rounded, so the target row gets the
+            # difference: the same terms as the unsliced matmul sums (exact in fp32 but
+            # for a rounding when the two are 2^16 apart).
+            soft = torch.exp(target - lse) * token_scale
+            target_scale = (soft - token_scale).to(hidden.dtype).float() - soft.to(hidden.dtype).float()
+            grad_hidden = target_scale[:, None] * target_rows
+        else:
+            grad_hidden = -((token_scale * (1 - (target / softcap) ** 2))[:, None] * target_rows)
         for start, end in slice_bounds(weight.shape[0], ctx.slices):
             rows = weight[start:end]
             logits, raw = _logits(hidden, rows, softcap)
             grad_logits = torch.exp(logits - lse[:, None]) * token_scale[:, None]
             if softcap is not None:
                 grad_logits = grad_logits * (1 - torch.tanh(raw / softcap) ** 2)
-            grad_hidden = grad_hidden + grad_logits.to(hidden.dtype) @ rows
-        return grad_hidden, None, None, None, None
+            grad_hidden = grad_hidden + grad_logits.to(hidden.dtype).float() @ rows.float()
+        return grad_hidden.to(hidden.dtype), None, None, None, None
 
 
 def sliced_linear_cross_entropy(

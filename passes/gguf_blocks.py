@@ -14,7 +14,8 @@ in Hugging Face order, see `_unpermute_rows`), and the ops below decode a weight
 before an op reads it, as `passes.quantize` does for its INT4. They decode in fp32 with
 gguf-py's order of operations, so a decoded weight equals, bit for bit, the float weight
 transformers loads from the same file: a step over the blocks is exact to autograd on
-the model as loaded.
+the model as loaded. A model loaded in bfloat16 or float16 (transformers decodes to fp32,
+then casts) gets the decoded weight cast to its dtype the same way (`dtype=`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 _GGML_TYPES = {gguf.GGMLQuantizationType.Q4_1: "q4_1", gguf.GGMLQuantizationType.Q8_0: "q8_0"}
 
 
-def dequantize_gguf(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """Graph op: the fp32 weight [rows, n_blocks * 32] of uint8 blocks [rows, n_blocks * BLOCK_BYTES[kind]]."""
+def dequantize_gguf(blocks: torch.Tensor, kind: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Graph op: the weight [rows, n_blocks * 32] of uint8 blocks [rows, n_blocks * BLOCK_BYTES[kind]],
+    decoded in fp32 and cast to `dtype`."""
+    return _decode(blocks, kind).to(dtype)
+
+
+def _decode(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """The fp32 weight of `blocks`, in gguf-py's order of operations."""
     rows = blocks.shape[0]
     cells = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
     scale = cells[..., 0:2].contiguous().view(torch.float16).to(torch.float32)
@@ -45,14 +52,16 @@ def dequantize_gguf(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     return weight.mul_(scale).add_(minimum).reshape(rows, -1)
 
 
-def dequantize_gguf_rows(blocks: torch.Tensor, kind: str, start: int, end: int) -> torch.Tensor:
-    """Graph op: rows [start, end) of `dequantize_gguf(blocks, kind)`, decoding only those rows."""
-    return dequantize_gguf(blocks[start:end], kind)
+def dequantize_gguf_rows(blocks: torch.Tensor, kind: str, start: int, end: int,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Graph op: rows [start, end) of `dequantize_gguf(blocks, kind, dtype)`, decoding only those rows."""
+    return dequantize_gguf(blocks[start:end], kind, dtype)
 
 
-def embedding_gguf(blocks: torch.Tensor, kind: str, indices: torch.Tensor) -> torch.Tensor:
-    """Graph op: `embedding(dequantize_gguf(blocks, kind), indices)`, decoding only the rows looked up."""
-    rows = dequantize_gguf(blocks.index_select(0, indices.reshape(-1)), kind)
+def embedding_gguf(blocks: torch.Tensor, kind: str, indices: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Graph op: `embedding(dequantize_gguf(blocks, kind, dtype), indices)`, decoding only the rows looked up."""
+    rows = dequantize_gguf(blocks.index_select(0, indices.reshape(-1)), kind, dtype)
     return rows.reshape(*indices.shape, rows.shape[-1])
 
 

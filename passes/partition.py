@@ -232,6 +232,10 @@ class Partition:
         return out
 
 
+#: Floating dtypes of a half-precision model, which the stages do not carry (`_refuse_unsupported_options`).
+HALF_DTYPES = ("bfloat16", "float16")
+
+
 def partition(graph: TrainingGraph, *, model: str = "", target: str = "",
               optimizer: OptimizerSettings | None = None) -> Partition:
     """Cut the rewritten (scheduled) `graph` into stages and describe them in a manifest.
@@ -353,6 +357,11 @@ def _vocab_size(nodes: list[fx.Node]) -> int:
 def _refuse_unsupported_options(graph: TrainingGraph, nodes: list[fx.Node]) -> None:
     from mebp_compiler.passes import quantize
 
+    half = sorted({graph.info[s.name].dtype for s in graph.inputs if graph.info[s.name].dtype in HALF_DTYPES})
+    if half:
+        raise PartitionError(f"the plan's model computes in {half[0]}, and the stages, their targets (onnx, mlx, "
+                             "coreml) and drivers are built and checked in float32 only; load the model in "
+                             "float32 (--dtype float32) to write artifacts, or train it in the CPU runtime")
     gguf_ops = (quantize.dequantize_gguf, quantize.embedding_gguf, quantize.dequantize_gguf_rows)
     if any(n.target in gguf_ops for n in nodes):
         raise PartitionError("the plan keeps a GGUF file's own blocks (gguf_file=, --gguf-blocks): their fp16 "

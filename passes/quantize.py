@@ -55,11 +55,20 @@ class WeightFileError(ValueError):
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric INT4 with per-group scales: (packed uint8 [rows, cols / 2], scales fp32 [rows, cols / group])."""
+    """Symmetric INT4 with per-group scales: (packed uint8 [rows, cols / 2], scales [rows, cols / group]).
+
+    The scales have the weight's dtype (float32, bfloat16 or float16), so `dequantize_int4`
+    decodes straight to the model's dtype: a code (4 bits) times a scale (at most 24
+    significant bits) is exact in float32, so decoding in the model's dtype rounds once, as
+    decoding in float32 and casting would. The codes are chosen against the rounded scales;
+    a scale too small for the dtype is raised to its least subnormal (tiny * eps).
+    """
     rows, cols = weight.shape
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
     groups = weight.detach().float().reshape(rows, cols // group_size, group_size)
-    scales = groups.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny) / 7
-    q = torch.clamp(torch.round(groups / scales[..., None]), -8, 7).to(torch.int8).reshape(rows, cols)
+    amax = groups.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    scales = (amax / 7).to(dtype).clamp_min(torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
+    q = torch.clamp(torch.round(groups / scales.float()[..., None]), -8, 7).to(torch.int8).reshape(rows, cols)
     nibbles = (q & 0x0F).to(torch.uint8)
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scales
 
@@ -109,7 +118,8 @@ class WeightEncoding:
     """How one quantized weight is stored and decoded.
 
     `tensor_names` are its entries in `QuantizedWeights.tensors`, the graph inputs its ops
-    read first; `constants` follow them in every op's arguments (the GGUF block format).
+    read first; `constants` follow them in every op's arguments (the GGUF block format), and
+    `options` are every op's keyword arguments (the dtype GGUF blocks decode to).
     """
 
     tensor_names: tuple[str, ...]
@@ -117,6 +127,7 @@ class WeightEncoding:
     dequantize_rows: Callable[..., torch.Tensor]  # (*tensors, *constants, start, end) -> rows
     embedding: Callable[..., torch.Tensor]  # (*tensors, *constants, indices) -> looked-up rows
     constants: tuple = ()
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -144,15 +155,24 @@ class QuantizedWeights:
         """The weights held, by source name."""
         return sorted({name.rsplit(".", 1)[0] for name in self.tensors})
 
-    def encoding(self, source: str) -> WeightEncoding | None:
-        """How the weight `source` is stored, or None when it is not quantized."""
+    def encoding(self, source: str, dtype: torch.dtype = torch.float32) -> WeightEncoding | None:
+        """How the weight `source`, of `dtype` in the model, is stored, or None when it is not quantized.
+
+        Raises WeightFileError if its INT4 scales decode to another dtype (weights quantized
+        from the model in another precision)."""
         if f"{source}.qweight" in self.tensors:
+            scales = self.tensors[f"{source}.scales"].dtype
+            if scales != dtype:
+                raise WeightFileError(f"the INT4 weights of {source} decode to {scales}, but the model's weight is "
+                                      f"{dtype}: quantize the model in the dtype it trains in (delete the weights "
+                                      "file to quantize again)")
             return WeightEncoding((f"{source}.qweight", f"{source}.scales"),
                                   dequantize_int4, dequantize_int4_rows, embedding_int4)
         for kind in BLOCK_BYTES:
             if f"{source}.{kind}" in self.tensors:
+                options = {} if dtype == torch.float32 else {"dtype": dtype}
                 return WeightEncoding((f"{source}.{kind}",), dequantize_gguf, dequantize_gguf_rows,
-                                      embedding_gguf, (kind,))
+                                      embedding_gguf, (kind,), options)
         return None
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -310,7 +330,7 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
         if node.op != "placeholder":
             continue
         spec = next(s for s in graph.inputs if s.name == node.name)
-        encoding = weights.encoding(spec.source)
+        encoding = weights.encoding(spec.source, node.meta["val"].dtype)
         if encoding is not None:
             parts = []
             for tensor_name in encoding.tensor_names:
@@ -341,7 +361,8 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
         weight = node.args[0] if node.target == torch.ops.aten.embedding.default else None
         if weight in quantized:
             remap[node] = new_graph.create_node("call_function", encodings[weight].embedding,
-                                                (*quantized[weight], remap[node.args[1]]), name=node.name)
+                                                (*quantized[weight], remap[node.args[1]]),
+                                                dict(encodings[weight].options), name=node.name)
             remap[node].meta = dict(node.meta)
             info[remap[node].name] = ti
             continue
@@ -350,7 +371,8 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
         if row_slice is not None and row_slice[0] in quantized:
             weight, start, end = row_slice
             remap[node] = new_graph.create_node("call_function", encodings[weight].dequantize_rows,
-                                                (*quantized[weight], start, end), name=node.name)
+                                                (*quantized[weight], start, end), dict(encodings[weight].options),
+                                                name=node.name)
             remap[node].meta = dict(node.meta)
             rows = node.meta["val"]
             info[remap[node].name] = dataclasses.replace(
@@ -364,7 +386,7 @@ def rewrite_int4(graph: TrainingGraph, weights: QuantizedWeights) -> TrainingGra
             if ti.phase == Phase.BACKWARD and a in forward_dequant:
                 return forward_dequant[a]
             dequant = new_graph.create_node("call_function", encodings[a].dequantize, quantized[a],
-                                            name=f"dequant_{a.name}")
+                                            dict(encodings[a].options), name=f"dequant_{a.name}")
             dequant.meta["val"] = a.meta["val"]
             weight_info = graph.info[a.name]
             info[dequant.name] = dataclasses.replace(

@@ -45,9 +45,9 @@ def dequantized_copy(model, plan):
     params = dict(twin.named_parameters())
     with torch.no_grad():
         for source in plan.weights.sources:
-            encoding = plan.weights.encoding(source)
+            encoding = plan.weights.encoding(source, params[source].dtype)
             tensors = [plan.weights.tensors[name] for name in encoding.tensor_names]
-            params[source].copy_(encoding.dequantize(*tensors, *encoding.constants))
+            params[source].copy_(encoding.dequantize(*tensors, *encoding.constants, **encoding.options))
     return twin
 
 

@@ -26,6 +26,8 @@ BACKPROP_LR = 2e-3
 MEZO_LR = 1e-4
 MEZO_EPS = 1e-3
 LR_SCHEDULES = ("constant", "linear", "cosine")
+#: Floating dtypes the model's weights can be loaded and trained in (`--dtype`; torch's names, without torch).
+DTYPES = ("float32", "bfloat16", "float16")
 
 EPILOG = """\
 examples:
@@ -463,6 +465,9 @@ def _check_compile(args) -> None:
     """Everything `mebp compile` can check before it loads the model or touches --out."""
     _check_common(args)
     _check_out_dir(args.out)
+    if args.target and args.dtype != "float32":
+        raise UsageError(f"--target {args.target} exports float32 steps only, and --dtype {args.dtype} was given: "
+                         f"its stages and drivers are checked in float32; drop --dtype or --target")
     if args.target and args.gguf_blocks:
         raise UsageError("--gguf-blocks is not supported with --target: the GGUF blocks' fp16 scales are read "
                          "by reinterpreting bytes, which ONNX cannot express; use --int4 instead")
@@ -543,6 +548,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-update", action="store_true",
                    help="apply each LoRA parameter's optimizer update inside the step as soon as its "
                         "gradient is final, instead of holding every gradient to the end (same parameters)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="load the model's weights in this dtype and train in it (LoRA parameters and AdamW "
+                        "state stay float32, peft's default; --target needs float32) (default: %(default)s)")
     p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=_positive, default=32, help="LoRA alpha (default: %(default)s)")
     _add_lora_placement(p)
@@ -1064,9 +1072,12 @@ def _run_compare(args) -> int:
 
 
 def _load_lora_model(args, device: str = "cpu"):
+    import torch
+
     from mebp_compiler.app import models
 
-    model = models.load(args.model, device=device, seed=getattr(args, "seed", 0))
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    model = models.load(args.model, device=device, dtype=dtype, seed=getattr(args, "seed", 0))
     try:
         return models.add_lora(model, _lora_settings(args))
     except ValueError as exc:
@@ -1302,6 +1313,8 @@ def _run_settings(args, ids, labels) -> dict:
     settings.update({k: v if isinstance(v, str) else list(v) for k, v in placement.items() if v})
     if args.lr_schedule != "constant" or args.warmup_steps:
         settings["steps"] = args.steps  # the schedule's length
+    if args.dtype != "float32":
+        settings["dtype"] = args.dtype  # absent in float32, as in checkpoints from before --dtype
     settings["data_sha256"] = hashlib.sha256(ids.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
     return settings
 
