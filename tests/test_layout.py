@@ -28,3 +28,43 @@ def test_core_does_not_import_the_application() -> None:
     offenders = {str(f.relative_to(ROOT)): sorted(m for m in imported_modules(f) if m == APP or m.startswith(APP + "."))
                  for f in core_files}
     assert not {f: m for f, m in offenders.items() if m}, "core modules import the application"
+
+
+def notebook_and_doc_sources() -> dict[str, str]:
+    """The Python a user copies: notebook code cells and the ```python blocks of README and docs/."""
+    import json
+    import re
+
+    sources = {}
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        cells = json.loads(notebook.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        sources[str(notebook.relative_to(ROOT))] = "\n".join(
+            line for line in code.splitlines() if not line.lstrip().startswith(("%", "!")))
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+        sources.update({f"{page.relative_to(ROOT)}#{i}": block for i, block in enumerate(blocks)})
+    return sources
+
+
+def test_notebooks_and_docs_import_what_exists() -> None:
+    """A module moved in the tree must not leave a notebook or a docs example importing its old path."""
+    import importlib
+    import importlib.util
+
+    missing = []
+    for where, source in notebook_and_doc_sources().items():
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mebp_compiler":
+                module = importlib.import_module(node.module)
+                missing += [f"{where}: from {node.module} import {alias.name}" for alias in node.names
+                            if not hasattr(module, alias.name)
+                            and importlib.util.find_spec(f"{node.module}.{alias.name}") is None]
+            elif isinstance(node, ast.Import):
+                missing += [f"{where}: import {alias.name}" for alias in node.names
+                            if alias.name.split(".")[0] == "mebp_compiler" and importlib.util.find_spec(alias.name) is None]
+    assert not missing, "stale imports: " + "; ".join(missing)
