@@ -432,7 +432,8 @@ def _check_train(args) -> None:
                          "--grad-accum": args.grad_accum != 1, "--lr-schedule": args.lr_schedule != "constant",
                          "--warmup-steps": args.warmup_steps != 0, "--eval-every": args.eval_every != 0,
                          "--checkpoint-every": args.checkpoint_every != 0, "--resume": args.resume is not None,
-                         "--buckets": args.buckets != 0, "--baselines": args.baselines}
+                         "--buckets": args.buckets != 0, "--baselines": args.baselines,
+                         "--tensorboard": args.tensorboard is not None}
         given = [flag for flag, is_given in backprop_only.items() if is_given]
         if given:
             raise UsageError(f"--method mezo evaluates the model's plain forward and updates by SGD: "
@@ -447,6 +448,15 @@ def _check_train(args) -> None:
     if args.resume is not None and args.fuse_update:
         raise UsageError("--resume restores the optimizer beside the step, and --fuse-update runs it inside the "
                          "step: drop --fuse-update")
+    if args.tensorboard is not None:
+        from mebp_compiler.app.tensorboard_log import TensorBoardMissing, check_available
+
+        if Path(args.tensorboard).exists() and not Path(args.tensorboard).is_dir():
+            raise UsageError(f"--tensorboard {args.tensorboard} is a file, not a directory")
+        try:
+            check_available()
+        except TensorBoardMissing as exc:
+            raise UsageError(str(exc)) from None
     if args.baselines and args.buckets:
         raise UsageError("--baselines measures the step of one batch shape, and --buckets compiles one per length: "
                          "drop one of them")
@@ -646,6 +656,9 @@ def _add_train(sub, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order, random init and MeZO direction seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: runs/train-MODEL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="write loss, lr, held bytes and step time per step (and each evaluation) to DIR with "
+                        "torch.utils.tensorboard; needs the tensorboard package (the 'tensorboard' extra)")
     p.add_argument("--baselines", action="store_true",
                    help="before compiling, run the first batch's step as eager autograd and with transformers' "
                         "gradient checkpointing, measure what each needs (parameters + allocator peak of the "
@@ -1448,6 +1461,13 @@ def _train_backprop(args, plan, stream, ids, labels, heldout, resumed, out: Path
         history.evals.append({"step": step, **result.to_json()})
         _say(f"step {step}: held-out {result.describe()}")
 
+    log = None
+    if args.tensorboard is not None:
+        from mebp_compiler.app.tensorboard_log import StepLog
+
+        log = StepLog(args.tensorboard)
+        _say(f"TensorBoard: writing to {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
+
     def on_step(step: int, history) -> None:
         if heldout is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             measure(step, history)
@@ -1455,13 +1475,20 @@ def _train_backprop(args, plan, stream, ids, labels, heldout, resumed, out: Path
             checkpoint.save(out / "checkpoint", step=step, batches_consumed=step * args.grad_accum,
                             settings=settings, lora=lora, optimizer=optimizer, scheduler=scheduler,
                             history=history.to_json())
+        if log is not None:
+            log.log_step(step, history)
 
     if heldout is not None and args.eval_every and history is None:
         history = TrainHistory(start_lora_norm=lora_norm(lora.values()))
         measure(0, history)
     batches = stream(skip=start * args.grad_accum)
-    return train(plan, batches, args.steps, optimizer, progress=not args.no_progress, accumulate=args.grad_accum,
-                 scheduler=scheduler, on_step=on_step, start_step=start, history=history)
+    try:
+        return train(plan, batches, args.steps, optimizer, progress=not args.no_progress,
+                     accumulate=args.grad_accum, scheduler=scheduler, on_step=on_step, start_step=start,
+                     history=history)
+    finally:
+        if log is not None:
+            log.close()
 
 
 def _run_plan(args) -> int:
