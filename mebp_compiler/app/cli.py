@@ -1215,6 +1215,8 @@ def _say_memory_comparison(plan, args, baselines, held_peak: int) -> None:
     extra = "" if plan.fused_update or not plan.optimizer_state_bytes else (
         f", + {format_bytes(plan.optimizer_state_bytes)} {plan.optimizer} state beside the step")
     budget = f", budget {format_bytes(args.budget)}" if args.budget else ""
+    if plan.weights is not None:
+        budget += "; its INT4 weights are memory-mapped, read from the file, not held"
     _say(f"  {'mebp-compiler, policy ' + _policy(args):<{width}}  {format_bytes(held_peak):>10}  (held by the "
          f"runtime, most of any step; predicted {format_bytes(plan.predicted_peak_bytes)}{budget}{extra})")
 
