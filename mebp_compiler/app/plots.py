@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from mebp_compiler.app.baselines import BASELINES
 from mebp_compiler.ir import TrainingGraph
 from mebp_compiler.passes.liveness import MemoryProfile
-from mebp_compiler.schedule import Decision, Schedule
+from mebp_compiler.schedule import Decision, Schedule, TensorOrigin, with_origins
 
 MIB = 2**20
 
@@ -58,18 +58,33 @@ def plot_memory(profiles: Mapping[str, MemoryProfile], ax=None, budget_bytes: in
     return ax
 
 
+def _origins(graph: TrainingGraph, schedule: Schedule) -> dict[str, TensorOrigin]:
+    """Where each tensor of `schedule` was computed: its own record, else the graph's (`with_origins`)."""
+    return (schedule if schedule.origins else with_origins(schedule, graph)).origins
+
+
 def decisions_by_block(graph: TrainingGraph, schedule: Schedule) -> dict[str, dict[str, int]]:
-    """Bytes per block (and "outside" the blocks) that the schedule keeps, recomputes or offloads."""
+    """Bytes per layer ("layer k", and "outside" the layers) that the schedule keeps, recomputes or offloads."""
     table: dict[str, dict[str, int]] = defaultdict(lambda: {d.value: 0 for d in Decision})
+    origins = _origins(graph, schedule)
     for name, decision in schedule.decisions.items():
-        ti = graph.info[name]
-        block = "outside" if ti.block is None else f"block {ti.block}"
-        table[block][decision.value] += ti.alloc_bytes
+        layer = origins[name].layer
+        table["outside" if layer is None else f"layer {layer}"][decision.value] += graph.info[name].alloc_bytes
     return dict(sorted(table.items(), key=lambda kv: (kv[0] == "outside", len(kv[0]), kv[0])))
 
 
+def largest_tensors(graph: TrainingGraph, schedule: Schedule, top: int = 10) -> list[dict]:
+    """The `top` largest tensors the schedule decides on, largest first: node name, decision, bytes,
+    layer and module path (`Schedule.origins`)."""
+    origins = _origins(graph, schedule)
+    rows = [{"tensor": name, "decision": decision.value, "bytes": graph.info[name].alloc_bytes,
+             "layer": origins[name].layer, "module": origins[name].module}
+            for name, decision in schedule.decisions.items()]
+    return sorted(rows, key=lambda r: (-r["bytes"], r["tensor"]))[:top]
+
+
 def plot_decisions(graph: TrainingGraph, schedule: Schedule, ax=None):
-    """Stacked bars: MiB kept / recomputed / offloaded per block."""
+    """Stacked bars: MiB kept / recomputed / offloaded per layer, in the decisions' `PALETTE` colours."""
     ax = ax or plt.subplots(figsize=(8, 3))[1]
     table = decisions_by_block(graph, schedule)
     labels = list(table)
@@ -79,7 +94,7 @@ def plot_decisions(graph: TrainingGraph, schedule: Schedule, ax=None):
         ax.bar(labels, values, bottom=bottom, label=decision.value, color=PALETTE[decision.value])
         bottom = [a + b for a, b in zip(bottom, values)]
     ax.set_ylabel("MiB")
-    ax.set_title(f"decisions of the {schedule.policy} schedule")
+    ax.set_title(f"what the {schedule.policy} schedule does with each layer's forward tensors")
     ax.tick_params(axis="x", rotation=90)
     ax.legend()
     return ax
@@ -90,11 +105,11 @@ def plot_pareto(points, ax=None):
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     frontier = sorted((p for p in points if p.policy == "optimal"), key=lambda p: p.predicted_peak_bytes)
     ax.plot([p.predicted_peak_bytes / MIB for p in frontier], [p.predicted_time_s * 1e3 for p in frontier],
-            "o-", color=PALETTE["optimal"], label="optimal (budget sweep)")
+            "o-", color=PALETTE["optimal"], label="optimal schedules (budget sweep)")
     for p in points:
         if p.policy != "optimal":
             ax.plot(p.predicted_peak_bytes / MIB, p.predicted_time_s * 1e3, "s", markersize=9,
-                    color=PALETTE.get(p.policy), label=p.policy)
+                    color=PALETTE.get(p.policy), label=f"{p.policy} schedule")
     ax.set_xlabel("predicted peak, whole step (MiB)")
     ax.set_ylabel("predicted step time (ms)")
     ax.grid(alpha=0.3)
