@@ -997,7 +997,7 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
-    from mebp_compiler.app.compare import StudySettings
+    from mebp_compiler.app.study_settings import StudySettings
 
     d = StudySettings()
     p = sub.add_parser(
@@ -1055,7 +1055,7 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
 
 
 def _compare_settings(args):
-    from mebp_compiler.app.compare import StudySettings
+    from mebp_compiler.app.study_settings import StudySettings
 
     return StudySettings(
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, mezo_steps=args.mezo_steps,
@@ -1234,8 +1234,8 @@ def _plot_step_memory(plan, args, baselines, path: Path) -> None:
 
 
 def _add_federate(sub, debug: argparse.ArgumentParser) -> None:
-    from mebp_compiler.app.models import MODEL_NAMES
-    from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
+    from mebp_compiler.app.model_names import MODEL_NAMES
+    from mebp_compiler.passes.scheduler.limits import DEFAULT_WORK_LIMIT
 
     p = sub.add_parser(
         "federate", parents=[debug], help=COMMANDS["federate"][0],
