@@ -147,12 +147,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mebp_compiler.targets import TargetUnavailableError
     from mebp_compiler.targets.fx_stage import UnsupportedStageOpError
     from mebp_compiler.targets.native_driver import NativeDriverError
+    from mebp_compiler.app.tensorboard_log import TensorBoardMissing
 
     # ValueError covers the project's own input errors (CaptureError, BudgetInfeasible, ManifestError,
     # ScheduleNotFound, ...), OSError the files (OffloadError), MemoryError InsufficientMemory,
     # FloatingPointError NonFiniteStep.
     return (ValueError, OSError, MemoryError, FloatingPointError, TargetUnavailableError, UnsupportedStageOpError,
-            NativeDriverError)
+            NativeDriverError, TensorBoardMissing)
 
 
 def _report(command: str, exc: Exception) -> int:
