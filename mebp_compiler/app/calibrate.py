@@ -9,7 +9,9 @@ without using the CPU):
   and run by the CPU runtime, every op timed where it runs (its real inputs, caches and
   memory); per class, the FLOP/s (matmuls) or bytes moved per second (the other classes)
   that the class's ops reach in total past their per-op overhead;
-- the per-op overhead: the median time of the step's view ops, which move no data;
+- the per-op overhead: the median time of the step's view ops (which move no data: the
+  op's dispatch), plus the runtime's own work per op (the step's time, run without the
+  per-op timers, less the sum of its ops' times, spread over its ops);
 - offload write and read rates: `OffloadStore` writing a tensor to a real file on disk and
   mapping it back (CRC-32 checks included, as a step pays them), and the fixed cost of a
   4 KiB round trip;
@@ -63,7 +65,7 @@ class Calibration:
 
     profile: DeviceProfile
     by_class: dict[str, ClassTiming]
-    step_s: float  # median process CPU seconds of the whole step, runtime bookkeeping included
+    step_s: float  # median process CPU seconds of the whole step (no per-op timers), runtime work included
     offload_bytes: int
     cpu_write_bytes_per_s: float  # the same write and read in process CPU time, for comparison
     cpu_read_bytes_per_s: float
@@ -83,8 +85,9 @@ class Calibration:
 
 def time_ops(graph: TrainingGraph, inputs: list[torch.Tensor], rounds: int, tick: Tick = lambda: None,
              runtime: Runtime | None = None) -> tuple[dict[str, float], float]:
-    """Median process CPU seconds of every call node of `graph` over `rounds` timed steps
-    (after one untimed warm-up step), and the median seconds of the whole step."""
+    """Median process CPU seconds of every call node of `graph` over `rounds` steps timed op by op,
+    and the median seconds of the whole step over as many steps run without the per-op timers
+    (the two kinds alternated, after one warm-up step)."""
     runtime = runtime or Runtime(graph)
     runtime.run(inputs)
     names = [n.name for n in runtime.steps]
@@ -92,11 +95,12 @@ def time_ops(graph: TrainingGraph, inputs: list[torch.Tensor], rounds: int, tick
     steps = []
     for _ in range(rounds):
         times: list[float] = []
-        start = time.process_time()
         runtime.run(inputs, op_times=times)
-        steps.append(time.process_time() - start)
         for k, t in enumerate(times):
             per_op[k].append(t)
+        start = time.process_time()
+        runtime.run(inputs)
+        steps.append(time.process_time() - start)
         tick()
     return {name: statistics.median(ts) for name, ts in zip(names, per_op, strict=True)}, statistics.median(steps)
 
@@ -117,8 +121,12 @@ def timings_by_class(graph: TrainingGraph, op_seconds: dict[str, float]) -> dict
     return dict(by_class)
 
 
-def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float]) -> tuple[float, dict[str, OpClassRates]]:
-    """Per-op overhead (median of the view ops) and each class's roofline, from measured op seconds.
+def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float], step_s: float,
+                   ) -> tuple[float, dict[str, OpClassRates]]:
+    """Per-op overhead and each class's roofline, from measured op seconds and the step's seconds.
+
+    The overhead is an op's dispatch (the median of the view ops) plus the runtime's work
+    per op (`step_s` less the sum of the op seconds, per op).
 
     Matmuls get the FLOP/s their ops reach in total past the overhead (and the fastest
     byte rate of the other classes); every other class gets its bytes per second (and the
@@ -128,7 +136,8 @@ def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float]) -> tuple[
     views = [s for name, s in op_seconds.items() if op_class(nodes[name], graph.info[name]) == "view"]
     if not views:
         raise ValueError("the calibration step has no view ops to measure the per-op overhead with")
-    overhead = statistics.median(views)
+    dispatch = statistics.median(views)
+    bookkeeping = max(step_s - sum(op_seconds.values()), 0.0) / len(op_seconds)
     work: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # seconds past overhead, flops, bytes
     for name, seconds in op_seconds.items():
         node, ti = nodes[name], graph.info[name]
@@ -136,7 +145,7 @@ def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float]) -> tuple[
         if cls == "view" or ti.phase == Phase.INPUT:
             continue
         row = work[cls]
-        row[0] += max(seconds - overhead, 0.0)
+        row[0] += max(seconds - dispatch, 0.0)
         row[1] += ti.flops
         row[2] += bytes_moved(node, ti)
     if "matmul" not in work:
@@ -147,7 +156,7 @@ def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float]) -> tuple[
     fastest_bytes = max(byte_rates.values(), default=work["matmul"][2] / max(work["matmul"][0], floor))
     rates = {"matmul": OpClassRates(flops_per_s, fastest_bytes)}
     rates.update({c: OpClassRates(flops_per_s, b) for c, b in byte_rates.items()})
-    return overhead, rates
+    return dispatch + bookkeeping, rates
 
 
 def time_offload(directory: str | os.PathLike, nbytes: int, rounds: int, tick: Tick = lambda: None) -> dict[str, float]:
@@ -212,7 +221,7 @@ def calibrate(graph: TrainingGraph, inputs: list[torch.Tensor], *, name: str, ro
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     op_seconds, step_s = time_ops(graph, inputs, rounds, tick)
-    overhead, rates = fit_op_classes(graph, op_seconds)
+    overhead, rates = fit_op_classes(graph, op_seconds, step_s)
     with tempfile.TemporaryDirectory(prefix=".mebp-calibrate-", dir=offload_dir or ".") as directory:
         io = time_offload(directory, offload_bytes, rounds, tick)
     decode = time_decode(*decode_shape, rounds, rates.get("movement", rates["matmul"]), overhead, io["read"], tick)
