@@ -1,9 +1,11 @@
 """`mebp calibrate`: measure this machine and write a device profile for the cost model.
 
-What is measured, each the median of `rounds` repetitions taken in turn; ops in process
-CPU seconds (`time.process_time`: what this process computed, not the time other jobs on
-a shared machine took from it), flash I/O by the wall clock (a write can wait on the disk
-without using the CPU):
+What is measured, all in process CPU seconds (`time.process_time`: what this process
+computed, not the time other jobs on a shared machine took from it), each the median of
+`rounds` repetitions taken in turn. Flash I/O is timed by the wall clock too, for
+comparison: a write that waits on the disk without using the CPU would show only there;
+on the 2-core development machine the offloaded bytes of a step stay in the page cache,
+and the wall clock mostly measured the other jobs (a 4x gap at load average 12).
 
 - op rates per op class (`passes.cost.op_class`): a real-size training step is captured
   and run by the CPU runtime, every op timed where it runs (its real inputs, caches and
@@ -67,8 +69,8 @@ class Calibration:
     by_class: dict[str, ClassTiming]
     step_s: float  # median process CPU seconds of the whole step (no per-op timers), runtime work included
     offload_bytes: int
-    cpu_write_bytes_per_s: float  # the same write and read in process CPU time, for comparison
-    cpu_read_bytes_per_s: float
+    wall_write_bytes_per_s: float  # the same write and read by the wall clock, for comparison
+    wall_read_bytes_per_s: float
     details: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -77,8 +79,8 @@ class Calibration:
             "step_process_s": self.step_s,
             "by_class": {k: vars(v) for k, v in self.by_class.items()},
             "offload_bytes": self.offload_bytes,
-            "cpu_write_bytes_per_s": self.cpu_write_bytes_per_s,
-            "cpu_read_bytes_per_s": self.cpu_read_bytes_per_s,
+            "wall_write_bytes_per_s": self.wall_write_bytes_per_s,
+            "wall_read_bytes_per_s": self.wall_read_bytes_per_s,
             **self.details,
         }}
 
@@ -160,8 +162,8 @@ def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float], step_s: f
 
 
 def time_offload(directory: str | os.PathLike, nbytes: int, rounds: int, tick: Tick = lambda: None) -> dict[str, float]:
-    """Write and read rates of `OffloadStore` in `directory` (bytes per wall-clock second and per process
-    CPU second), and the wall seconds of a 4 KiB write + read round trip; after one untimed round
+    """Write and read rates of `OffloadStore` in `directory` (bytes per process CPU second and per
+    wall-clock second), and the CPU seconds of a 4 KiB write + read round trip; after one untimed round
     trip, since a run's offload files are reused by every step after its first."""
     store = OffloadStore(directory)
     tensor = torch.randn(nbytes // 4)
@@ -179,13 +181,13 @@ def time_offload(directory: str | os.PathLike, nbytes: int, rounds: int, tick: T
         read.append(time.process_time() - cpu)
         wall_read.append(time.perf_counter() - wall)
         del back
-        wall = time.perf_counter()
+        cpu = time.process_time()
         store.read(store.write(small, "calibrate-small"))
-        trip.append(time.perf_counter() - wall)
+        trip.append(time.process_time() - cpu)
         tick()
     size = tensor.numel() * tensor.element_size()
-    return {"write": size / statistics.median(wall_write), "read": size / statistics.median(wall_read),
-            "cpu_write": size / statistics.median(write), "cpu_read": size / statistics.median(read),
+    return {"write": size / statistics.median(write), "read": size / statistics.median(read),
+            "wall_write": size / statistics.median(wall_write), "wall_read": size / statistics.median(wall_read),
             "latency": statistics.median(trip)}
 
 
@@ -244,7 +246,7 @@ def calibrate(graph: TrainingGraph, inputs: list[torch.Tensor], *, name: str, ro
                "io_overlap": "0: the CPU runtime writes and reads offloaded tensors inside the step, synchronously",
                "description": description or f"measured by mebp calibrate on {platform.node()}"}
     return Calibration(profile, timings_by_class(graph, op_seconds), step_s, offload_bytes,
-                       io["cpu_write"], io["cpu_read"], details)
+                       io["wall_write"], io["wall_read"], details)
 
 
 def write_profile(calibration: Calibration, path: str | os.PathLike) -> Path:
@@ -282,7 +284,7 @@ def run_command(args) -> int:
                             offload_bytes=args.offload_mib * 2**20, tick=lambda: bar.update(1),
                             description=f"measured by `mebp calibrate --model {args.model} --seq-len {args.seq_len}"
                                         f" --rounds {args.rounds}` on {platform.node()}, {args.threads} torch "
-                                        "thread(s); ops in process CPU time, flash I/O by the wall clock")
+                                        "thread(s), process CPU time")
     bar.close()
     path = write_profile(calibration, args.out)
     print(describe(calibration))
@@ -300,7 +302,7 @@ def describe(calibration: Calibration) -> str:
         rate = f"{rates.flops_per_s / 1e9:.1f} GFLOP/s" if cls == "matmul" else f"{rates.bytes_per_s / 1e9:.2f} GB/s"
         lines.append(f"{cls}: {rate} ({t.ops} ops, {t.seconds:.3f} s)")
     lines += [f"offload write {p.flash_write_bytes_per_s / 1e9:.2f} GB/s, read {p.flash_read_bytes_per_s / 1e9:.2f} "
-              f"GB/s by the wall clock (process CPU time: {calibration.cpu_write_bytes_per_s / 1e9:.2f} and "
-              f"{calibration.cpu_read_bytes_per_s / 1e9:.2f}), 4 KiB round trip {p.io_latency_s * 1e6:.0f} us",
+              f"GB/s (by the wall clock: {calibration.wall_write_bytes_per_s / 1e9:.2f} and "
+              f"{calibration.wall_read_bytes_per_s / 1e9:.2f}), 4 KiB round trip {p.io_latency_s * 1e6:.0f} us",
               f"INT4 decode {p.decompress_bytes_per_s / 1e9:.2f} GB/s of INT4 bytes"]
     return "\n".join(lines)
