@@ -12,8 +12,8 @@ and the wall clock mostly measured the other jobs (a 4x gap at load average 12).
   memory); per class, the FLOP/s (matmuls) or bytes moved per second (the other classes)
   that the class's ops reach in total past their per-op overhead;
 - the per-op overhead: the median time of the step's view ops (which move no data: the
-  op's dispatch), plus the runtime's own work per op (the step's time, run without the
-  per-op timers, less the sum of its ops' times, spread over its ops);
+  op's dispatch), plus the runtime's own work per op (a timed step's time less the sum of
+  its ops' times, spread over its ops);
 - offload write and read rates: `OffloadStore` writing a tensor to a real file on disk and
   mapping it back (CRC-32 checks included, as a step pays them), and the fixed cost of a
   4 KiB round trip;
@@ -67,7 +67,7 @@ class Calibration:
 
     profile: DeviceProfile
     by_class: dict[str, ClassTiming]
-    step_s: float  # median process CPU seconds of the whole step (no per-op timers), runtime work included
+    step_s: float  # process CPU seconds of the step: its ops' medians and the runtime's work between them
     offload_bytes: int
     wall_write_bytes_per_s: float  # the same write and read by the wall clock, for comparison
     wall_read_bytes_per_s: float
@@ -87,24 +87,23 @@ class Calibration:
 
 def time_ops(graph: TrainingGraph, inputs: list[torch.Tensor], rounds: int, tick: Tick = lambda: None,
              runtime: Runtime | None = None) -> tuple[dict[str, float], float]:
-    """Median process CPU seconds of every call node of `graph` over `rounds` steps timed op by op,
-    and the median seconds of the whole step over as many steps run without the per-op timers
-    (the two kinds alternated, after one warm-up step)."""
+    """Median process CPU seconds of every call node of `graph` over `rounds` steps timed op by op
+    (after one warm-up step), and the median of those steps' time outside their ops: the
+    runtime's own work between ops."""
     runtime = runtime or Runtime(graph)
     runtime.run(inputs)
     names = [n.name for n in runtime.steps]
     per_op: list[list[float]] = [[] for _ in names]
-    steps = []
+    between = []
     for _ in range(rounds):
         times: list[float] = []
+        start = time.process_time()
         runtime.run(inputs, op_times=times)
+        between.append(time.process_time() - start - sum(times))
         for k, t in enumerate(times):
             per_op[k].append(t)
-        start = time.process_time()
-        runtime.run(inputs)
-        steps.append(time.process_time() - start)
         tick()
-    return {name: statistics.median(ts) for name, ts in zip(names, per_op, strict=True)}, statistics.median(steps)
+    return {name: statistics.median(ts) for name, ts in zip(names, per_op, strict=True)}, statistics.median(between)
 
 
 def timings_by_class(graph: TrainingGraph, op_seconds: dict[str, float]) -> dict[str, ClassTiming]:
@@ -123,12 +122,12 @@ def timings_by_class(graph: TrainingGraph, op_seconds: dict[str, float]) -> dict
     return dict(by_class)
 
 
-def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float], step_s: float,
+def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float], between_s: float,
                    ) -> tuple[float, dict[str, OpClassRates]]:
-    """Per-op overhead and each class's roofline, from measured op seconds and the step's seconds.
+    """Per-op overhead and each class's roofline, from measured op seconds.
 
     The overhead is an op's dispatch (the median of the view ops) plus the runtime's work
-    per op (`step_s` less the sum of the op seconds, per op).
+    between ops (`between_s` for the whole step) per op.
 
     Matmuls get the FLOP/s their ops reach in total past the overhead (and the fastest
     byte rate of the other classes); every other class gets its bytes per second (and the
@@ -139,7 +138,7 @@ def fit_op_classes(graph: TrainingGraph, op_seconds: dict[str, float], step_s: f
     if not views:
         raise ValueError("the calibration step has no view ops to measure the per-op overhead with")
     dispatch = statistics.median(views)
-    bookkeeping = max(step_s - sum(op_seconds.values()), 0.0) / len(op_seconds)
+    bookkeeping = max(between_s, 0.0) / len(op_seconds)
     work: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # seconds past overhead, flops, bytes
     for name, seconds in op_seconds.items():
         node, ti = nodes[name], graph.info[name]
@@ -222,8 +221,9 @@ def calibrate(graph: TrainingGraph, inputs: list[torch.Tensor], *, name: str, ro
     """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    op_seconds, step_s = time_ops(graph, inputs, rounds, tick)
-    overhead, rates = fit_op_classes(graph, op_seconds, step_s)
+    op_seconds, between_s = time_ops(graph, inputs, rounds, tick)
+    overhead, rates = fit_op_classes(graph, op_seconds, between_s)
+    step_s = sum(op_seconds.values()) + between_s
     with tempfile.TemporaryDirectory(prefix=".mebp-calibrate-", dir=offload_dir or ".") as directory:
         io = time_offload(directory, offload_bytes, rounds, tick)
     decode = time_decode(*decode_shape, rounds, rates.get("movement", rates["matmul"]), overhead, io["read"], tick)
@@ -295,7 +295,7 @@ def run_command(args) -> int:
 def describe(calibration: Calibration) -> str:
     """The calibrated rates, one line each."""
     p = calibration.profile
-    lines = [f"step: {calibration.step_s:.3f} s of process CPU time (median of {calibration.details['rounds']})",
+    lines = [f"step: {calibration.step_s:.3f} s of process CPU time (op medians of {calibration.details['rounds']})",
              f"per-op overhead: {p.op_overhead_s * 1e6:.1f} us"]
     for cls, rates in p.op_classes.items():
         t = calibration.by_class.get(cls, ClassTiming())
