@@ -1554,6 +1554,51 @@ def _jsonable(d: dict) -> dict:
 
 
 #: Command name -> (one-line summary for `mebp --help`, the function that builds its arguments).
+def _add_calibrate(sub, debug: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "calibrate", parents=[debug], help=COMMANDS["calibrate"][0],
+        description="Measure this machine for the scheduler's cost model and write a device profile (JSON): "
+                    "the rate of each op class (matmul FLOP/s; bytes per second of reductions, data movement and "
+                    "element-wise ops) timed op by op in a real-size training step, the per-op overhead, the "
+                    "rates of writing offloaded tensors to a file on disk and reading them back, and the INT4 "
+                    "decode rate. Times are process CPU seconds, medians of --rounds; other jobs on the machine "
+                    "still slow it down (caches, memory bandwidth), so calibrate on a quiet machine. Then pass "
+                    "the file to --device of compile, plan and train.",
+        epilog="example: mebp calibrate --out cpu-here.json && mebp plan --device cpu-here.json --budget 700MB",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="device-profile.json", metavar="FILE",
+                   help="profile to write, atomically (default: %(default)s)")
+    p.add_argument("--name", default=None, help="the profile's name (default: the file's stem)")
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
+                   help="model whose LoRA training step is timed (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step (default: %(default)s)")
+    p.add_argument("--rounds", type=_positive, default=5,
+                   help="timed repetitions of each measurement; the median is kept (default: %(default)s)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="directory on the disk offloaded tensors go to (default: the --out file's directory)")
+    p.add_argument("--offload-mib", type=_positive, default=64,
+                   help="MiB written and read back per offload round (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_calibrate, check=_check_calibrate)
+
+
+def _check_calibrate(args) -> None:
+    out = Path(args.out)
+    if out.is_dir() or not out.resolve().parent.is_dir():
+        raise UsageError(f"--out {args.out} must be a file in an existing directory")
+    if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
+        raise UsageError(f"--offload-dir {args.offload_dir} is not a directory; create it or choose another")
+
+
+def _run_calibrate(args) -> int:
+    from mebp_compiler.app import calibrate
+
+    return calibrate.run_command(args)
+
+
 COMMANDS = {
     "train": ("LoRA fine-tuning under a memory plan (default: a short SmolLM2-135M demo)", _add_train),
     "eval": ("held-out loss, perplexity and next-token accuracy of a model, with or without an adapter", _add_eval),
@@ -1565,6 +1610,7 @@ COMMANDS = {
                 _add_compare),
     "run": ("train with an artifact directory written by `mebp compile --target`", _add_run),
     "federate": ("federated LoRA fine-tuning on Flower, each client under its own budget", _add_federate),
+    "calibrate": ("measure this machine's op, offload and decode rates and write a device profile", _add_calibrate),
 }
 
 
