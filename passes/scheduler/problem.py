@@ -35,6 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 
 
 class ProblemError(ValueError):
@@ -82,15 +83,73 @@ class SchedulingProblem:
     # Classes of two or more equal blocks; a block is its decidable tensors in forward
     # order, so the i-th tensors of a class's blocks correspond.
     equal_blocks: list[list[list[str]]] = field(default_factory=list)
+    _rows: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def decidable(self) -> list[str]:
         return list(self.size)
 
+    def memory_rows(self) -> MemoryRows:
+        """The checkpoints as index arrays (`MemoryRows`), built on first use and again only when
+        `checkpoints` was replaced or changed length since."""
+        key = (id(self.checkpoints), len(self.checkpoints), len(self.size))
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, MemoryRows.of(self))
+        return self._rows[1]
+
     @property
     def ties(self) -> dict[str, str]:
         """Tensor of an equal block -> its counterpart in the first block of its class."""
         return {v: t for blocks in self.equal_blocks for block in blocks[1:] for v, t in zip(block, blocks[0])}
+
+
+@dataclass(frozen=True)
+class MemoryRows:
+    """Every checkpoint's terms as indices, row after row (CSR layout), for evaluating decisions
+    in bulk and writing the memory constraints without a lookup per term.
+
+    Tensors are numbered in `SchedulingProblem.decidable` order, the distinct
+    `HeldForRecomputation` terms in order of first appearance (checkpoint by checkpoint).
+    Row c's kept tensors are `kept[kept_start[c]:kept_start[c + 1]]`, in `Checkpoint.kept`
+    order; likewise `materialized` and `held` (indices into `terms`).
+    """
+
+    fixed: np.ndarray  # bytes per checkpoint, int64
+    kept: np.ndarray
+    kept_start: np.ndarray
+    materialized: np.ndarray
+    materialized_start: np.ndarray
+    held: np.ndarray
+    held_start: np.ndarray
+    terms: list[HeldForRecomputation]
+
+    @staticmethod
+    def of(problem: SchedulingProblem) -> MemoryRows:
+        index = {v: i for i, v in enumerate(problem.size)}
+        term_index: dict[HeldForRecomputation, int] = {}  # equal terms are one term
+        kept, materialized, held = [], [], []
+        for c in problem.checkpoints:
+            kept.append([index[v] for v in c.kept])
+            materialized.append([index[v] for v in c.materialized])
+            held.append([term_index.setdefault(h, len(term_index)) for h in c.for_recomputation])
+        terms = list(term_index)
+        return MemoryRows(np.array([c.fixed_bytes for c in problem.checkpoints], dtype=np.int64),
+                          *_csr(kept), *_csr(materialized), *_csr(held), terms)
+
+
+def _csr(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of indices as (all indices, where each row starts; one more entry than rows)."""
+    start = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=start[1:])
+    flat = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(start[-1]))
+    return flat, start
+
+
+def row_sums(values: np.ndarray, columns: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Per row, the sum of `values` at the row's column indices (exact, int64)."""
+    total = np.zeros(len(columns) + 1, dtype=np.int64)
+    np.cumsum(values[columns], out=total[1:])
+    return total[start[1:]] - total[start[:-1]]
 
 
 def build_problem(dag: nx.DiGraph) -> SchedulingProblem:

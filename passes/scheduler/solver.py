@@ -34,12 +34,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from ortools.sat.python import cp_model
 
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.passes.scheduler.limits import DEFAULT_STEP_GAP, DEFAULT_WORK_LIMIT
-from mebp_compiler.passes.scheduler.problem import Checkpoint, HeldForRecomputation, SchedulingProblem
+from mebp_compiler.passes.scheduler.problem import Checkpoint, SchedulingProblem, row_sums
 from mebp_compiler.schedule import Decision
 
 NANOS = 1_000_000_000  # the objective is integer nanoseconds
@@ -387,7 +388,23 @@ def complete_decisions(problem: SchedulingProblem, decisions: Mapping[str, Decis
 
 def model_peak(problem: SchedulingProblem, decisions: Mapping[str, Decision]) -> int:
     """The model's peak for given decisions (an upper bound of what the realised sequence holds)."""
-    return max((_held_at(problem, c, decisions) for c in problem.checkpoints), default=0)
+    if not problem.checkpoints:
+        return 0
+    rows = problem.memory_rows()
+    kept = np.zeros(len(problem.size), dtype=np.int64)  # bytes each tensor adds where it counts if kept
+    materialized = np.zeros(len(problem.size), dtype=np.int64)  # ... if recomputed or reloaded
+    for i, (v, nbytes) in enumerate(problem.size.items()):
+        d = decisions.get(v)
+        if d == Decision.KEEP:
+            kept[i] = nbytes
+        elif d in (Decision.RECOMPUTE, Decision.OFFLOAD):
+            materialized[i] = nbytes
+    held = np.array([problem.size[h.tensor] if any(decisions.get(u) == Decision.RECOMPUTE for u in h.readers) else 0
+                     for h in rows.terms], dtype=np.int64)
+    totals = (rows.fixed + row_sums(kept, rows.kept, rows.kept_start)
+              + row_sums(materialized, rows.materialized, rows.materialized_start)
+              + row_sums(held, rows.held, rows.held_start))
+    return int(totals.max())
 
 
 def _held_at(problem: SchedulingProblem, c: Checkpoint, decisions: Mapping[str, Decision]) -> int:
@@ -515,30 +532,39 @@ def block_patterns(problem: SchedulingProblem, decisions: Mapping[str, Decision]
 
 
 def _add_memory(model, problem: SchedulingProblem, var) -> list:
-    held_for = {}  # HeldForRecomputation -> its indicator, shared by the checkpoints that count it
-
-    def indicator(h: HeldForRecomputation):
-        if h not in held_for:
-            held = held_for[h] = model.NewBoolVar(f"h_{h.tensor}_{len(held_for)}")
-            for u in h.readers:
-                model.Add(held >= var[u][1])
-        return held_for[h]
+    """Per checkpoint, the bytes held as a CP expression: fixed + sizes x (keep; recompute or
+    offload; held for a recomputation, one indicator per distinct `HeldForRecomputation`)."""
+    rows = problem.memory_rows()
+    names = problem.decidable
+    sizes = np.array(list(problem.size.values()), dtype=np.int64)
+    keep_vars = [var[v][0] for v in names]
+    restore_vars, restore_start = [], [0]  # per tensor its recompute and offload variables, flattened
+    for v in names:
+        restore_vars.extend(x for x in var[v][1:] if x is not None)
+        restore_start.append(len(restore_vars))
+    restore_start = np.array(restore_start, dtype=np.int64)
+    restore_count = np.diff(restore_start)
+    indicators = []  # shared by the checkpoints that count the term
+    for h in rows.terms:
+        held = model.NewBoolVar(f"h_{h.tensor}_{len(indicators)}")
+        for u in h.readers:
+            model.Add(held >= var[u][1])
+        indicators.append(held)
+    held_sizes = np.array([problem.size[h.tensor] for h in rows.terms], dtype=np.int64)
 
     exprs = []
-    for c in problem.checkpoints:
-        terms, coefs = [], []
-        for v in c.kept:
-            terms.append(var[v][0])
-            coefs.append(problem.size[v])
-        for v in c.materialized:
-            for x in var[v][1:]:
-                if x is not None:
-                    terms.append(x)
-                    coefs.append(problem.size[v])
-        for h in c.for_recomputation:
-            terms.append(indicator(h))
-            coefs.append(problem.size[h.tensor])
-        exprs.append(cp_model.LinearExpr.WeightedSum(terms, coefs) + c.fixed_bytes)
+    for c, checkpoint in enumerate(problem.checkpoints):
+        kept = rows.kept[rows.kept_start[c]:rows.kept_start[c + 1]]
+        restored = rows.materialized[rows.materialized_start[c]:rows.materialized_start[c + 1]]
+        held = rows.held[rows.held_start[c]:rows.held_start[c + 1]]
+        count = restore_count[restored]
+        first = np.repeat(restore_start[restored] - (np.cumsum(count) - count), count)
+        restore_at = first + np.arange(len(first), dtype=np.int64)  # each tensor's variables in turn
+        terms = [keep_vars[i] for i in kept.tolist()]
+        terms += [restore_vars[i] for i in restore_at.tolist()]
+        terms += [indicators[i] for i in held.tolist()]
+        coefs = sizes[kept].tolist() + np.repeat(sizes[restored], count).tolist() + held_sizes[held].tolist()
+        exprs.append(cp_model.LinearExpr.WeightedSum(terms, coefs) + checkpoint.fixed_bytes)
     return exprs
 
 
