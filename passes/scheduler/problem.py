@@ -373,12 +373,11 @@ def _restore_phases(decidable, group, held_until, kept_from, transient, material
 
 def _members_by_event(events: list[int], tensors: list[str], first: dict[str, int], last: dict[str, int]) -> list[list[str]]:
     """For each event position, the tensors (in the given order) with first[v] <= position <= last[v]:
-    each tensor is placed in its own run of events (bisected), not tested against every event."""
-    members: list[list[str]] = [[] for _ in events]
-    for v in tensors:
-        for i in range(bisect.bisect_left(events, first[v]), bisect.bisect_right(events, last[v])):
-            members[i].append(v)
-    return members
+    each tensor's run of events is bisected once, and each event takes the tensors whose run covers it."""
+    at = np.asarray(events)
+    lo = np.searchsorted(at, np.array([first[v] for v in tensors], dtype=np.int64), side="left")
+    hi = np.searchsorted(at, np.array([last[v] for v in tensors], dtype=np.int64), side="right")
+    return [[tensors[j] for j in np.flatnonzero((lo <= i) & (i < hi)).tolist()] for i in range(len(events))]
 
 
 def _drop_dominated(intervals: list[Checkpoint]) -> list[Checkpoint]:
