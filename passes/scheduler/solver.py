@@ -44,6 +44,7 @@ from mebp_compiler.passes.scheduler.problem import Checkpoint, SchedulingProblem
 from mebp_compiler.schedule import Decision
 
 NANOS = 1_000_000_000  # the objective is integer nanoseconds
+INT64_MIN = -(2**63)  # CP-SAT's lower end of an unbounded linear constraint
 DEFAULT_BLOCK_TEMPLATES = 2  # decision patterns per class of equal blocks (`solve`)
 KEEP_ALL = "keep-all"  # the start every solve has: keep what the backward reads
 
@@ -233,8 +234,7 @@ def _search(problem: SchedulingProblem, budget_bytes: int, device: DeviceProfile
             starts: Mapping[str, Mapping[str, Decision]] | None, offload: bool,
             progress: ProgressCallback | None, templates: int, step_gap: float) -> _Search:
     model, var, costs = _build(problem, device, offload, templates)
-    for expr in _add_memory(model, problem, var):
-        model.Add(expr <= int(budget_bytes))
+    _add_memory(model, problem, var, budget_bytes=budget_bytes)
     model.Minimize(costs.total)
     known = known_schedules(problem, starts, offload)
     fitting = [(costs.of(d), name, d) for name, d in known.items()
@@ -318,8 +318,7 @@ def _least(problem: SchedulingProblem, device: DeviceProfile, work_limit: float,
     model, var, costs = _build(problem, device, offload, templates)
     upper = sum(problem.size.values()) + max((c.fixed_bytes for c in problem.checkpoints), default=0)
     peak_var = model.NewIntVar(0, int(upper), "peak")
-    for expr in _add_memory(model, problem, var):
-        model.Add(expr <= peak_var)
+    _add_memory(model, problem, var, peak=peak_var)
     model.Minimize(peak_var)
     known = known_schedules(problem, starts, offload)
     name = min(known, key=lambda n: model_peak(problem, known[n]))  # ties: the first named
@@ -531,28 +530,36 @@ def block_patterns(problem: SchedulingProblem, decisions: Mapping[str, Decision]
                default=0)
 
 
-def _add_memory(model, problem: SchedulingProblem, var) -> list:
-    """Per checkpoint, the bytes held as a CP expression: fixed + sizes x (keep; recompute or
-    offload; held for a recomputation, one indicator per distinct `HeldForRecomputation`)."""
+def _add_memory(model, problem: SchedulingProblem, var, budget_bytes: int | None = None, peak=None) -> None:
+    """Per checkpoint: fixed + sizes x (keep; recompute or offload; held for a recomputation) <= the
+    budget (`budget_bytes`), or <= the `peak` variable. A held term has one indicator per distinct
+    `HeldForRecomputation`, shared by the checkpoints that count it.
+
+    The rows are written into the model's proto as the expression `... <= budget` would be
+    (a term per variable, coefficients of a repeated variable summed, zeros dropped, sorted by
+    variable): the same model, without building rows of thousands of terms as expressions.
+    """
     rows = problem.memory_rows()
     names = problem.decidable
     sizes = np.array(list(problem.size.values()), dtype=np.int64)
-    keep_vars = [var[v][0] for v in names]
+    keep_vars = np.array([var[v][0].Index() for v in names], dtype=np.int64)
     restore_vars, restore_start = [], [0]  # per tensor its recompute and offload variables, flattened
     for v in names:
-        restore_vars.extend(x for x in var[v][1:] if x is not None)
+        restore_vars.extend(x.Index() for x in var[v][1:] if x is not None)
         restore_start.append(len(restore_vars))
+    restore_vars = np.array(restore_vars, dtype=np.int64)
     restore_start = np.array(restore_start, dtype=np.int64)
     restore_count = np.diff(restore_start)
-    indicators = []  # shared by the checkpoints that count the term
+    indicators = []
     for h in rows.terms:
         held = model.NewBoolVar(f"h_{h.tensor}_{len(indicators)}")
         for u in h.readers:
             model.Add(held >= var[u][1])
-        indicators.append(held)
+        indicators.append(held.Index())
+    indicators = np.array(indicators, dtype=np.int64)
     held_sizes = np.array([problem.size[h.tensor] for h in rows.terms], dtype=np.int64)
+    bound = [] if peak is None else [peak.Index()]  # ... - peak <= -fixed
 
-    exprs = []
     for c, checkpoint in enumerate(problem.checkpoints):
         kept = rows.kept[rows.kept_start[c]:rows.kept_start[c + 1]]
         restored = rows.materialized[rows.materialized_start[c]:rows.materialized_start[c + 1]]
@@ -560,12 +567,27 @@ def _add_memory(model, problem: SchedulingProblem, var) -> list:
         count = restore_count[restored]
         first = np.repeat(restore_start[restored] - (np.cumsum(count) - count), count)
         restore_at = first + np.arange(len(first), dtype=np.int64)  # each tensor's variables in turn
-        terms = [keep_vars[i] for i in kept.tolist()]
-        terms += [restore_vars[i] for i in restore_at.tolist()]
-        terms += [indicators[i] for i in held.tolist()]
-        coefs = sizes[kept].tolist() + np.repeat(sizes[restored], count).tolist() + held_sizes[held].tolist()
-        exprs.append(cp_model.LinearExpr.WeightedSum(terms, coefs) + checkpoint.fixed_bytes)
-    return exprs
+        variables = np.concatenate([keep_vars[kept], restore_vars[restore_at], indicators[held],
+                                    np.array(bound, dtype=np.int64)])
+        coefs = np.concatenate([sizes[kept], np.repeat(sizes[restored], count), held_sizes[held],
+                                np.full(len(bound), -1, dtype=np.int64)])
+        upper = -checkpoint.fixed_bytes if peak is not None else int(budget_bytes) - checkpoint.fixed_bytes
+        _add_at_most(model, variables, coefs, upper)
+
+
+def _add_at_most(model, variables: np.ndarray, coefs: np.ndarray, upper: int) -> None:
+    """The constraint sum(coefs x variables) <= upper, as `model.Add` writes it into the proto."""
+    order = np.argsort(variables, kind="stable")
+    variables, coefs = variables[order], coefs[order]
+    if len(variables):
+        first = np.flatnonzero(np.concatenate([[True], variables[1:] != variables[:-1]]))
+        variables, coefs = variables[first], np.add.reduceat(coefs, first)
+        nonzero = coefs != 0
+        variables, coefs = variables[nonzero], coefs[nonzero]
+    linear = model.proto.constraints.add().linear
+    linear.vars.extend(variables.tolist())
+    linear.coeffs.extend(coefs.tolist())
+    linear.domain.extend([INT64_MIN, upper])
 
 
 def _add_hint(model, var, hint: Mapping[str, Decision]) -> None:
