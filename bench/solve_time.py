@@ -1,0 +1,95 @@
+"""Capture plus first solve, timed in process CPU time and wall time (issue 15.2's targets).
+
+One model per process, planning only (meta device, no weights), one torch thread. The
+first solve is `optimal` at `mebp`'s peak, or with `--least` the least feasible budget
+(`policies.least_memory`; "proven" when its status is OPTIMAL). The machine's load
+average is printed beside the times: wall time counts the other jobs' share of the cores,
+CPU time mostly does not.
+
+    python bench/solve_time.py --model qwen2.5-0.5b --vocab-slices 64 --mlp-chunks 4 --fuse-update
+    python bench/solve_time.py --model qwen2.5-3b
+    python bench/solve_time.py --model gemma3-4b --least
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from mebp_compiler.app import models
+from mebp_compiler.capture import capture
+from mebp_compiler.device import DeviceProfile
+from mebp_compiler.ir import format_bytes
+from mebp_compiler.passes.fuse_update import fuse_lora_update
+from mebp_compiler.passes.liveness import liveness
+from mebp_compiler.passes.policies import least_memory, mebp_schedule, optimal_schedule, scheduling_problem
+from mebp_compiler.passes.rewrite import rewrite
+from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
+
+
+def clocks() -> tuple[float, float]:
+    """(process CPU seconds, wall seconds)."""
+    return time.process_time(), time.perf_counter()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-0.5b")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--device", default="iphone15promax")
+    parser.add_argument("--work-limit", type=float, default=DEFAULT_WORK_LIMIT)
+    parser.add_argument("--vocab-slices", type=int, default=0)
+    parser.add_argument("--mlp-chunks", type=int, default=0)
+    parser.add_argument("--fuse-update", action="store_true")
+    parser.add_argument("--least", action="store_true", help="first solve: the least feasible budget")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    device = DeviceProfile.load(args.device)
+    load_before = os.getloadavg()[0]
+
+    t0 = clocks()
+    model = models.add_lora(models.load(args.model, device="meta"))
+    ids = torch.zeros((1, args.seq_len), dtype=torch.int64, device="meta")
+    graph = capture(model, {"input_ids": ids, "labels": ids}, vocab_slices=args.vocab_slices,
+                    mlp_chunks=args.mlp_chunks)
+    if args.fuse_update:
+        graph = fuse_lora_update(graph)
+    captured = clocks()
+    budget = None if args.least else liveness(rewrite(graph, mebp_schedule(graph))).peak_bytes
+    t1 = clocks()  # mebp's peak, the budget, is not part of the solve
+    problem = scheduling_problem(graph, device)
+    t2 = clocks()
+    if args.least:
+        solution = least_memory(graph, device, work_limit=args.work_limit, problem=problem)
+        result = {"least_bytes": solution.model_peak_bytes, "status": solution.status, "work": solution.work,
+                  "bound_bytes": solution.stats["peak_bound_bytes"]}
+    else:
+        schedule = optimal_schedule(graph, budget, device, work_limit=args.work_limit, problem=problem)
+        result = {"budget_bytes": budget, "status": schedule.stats["solver_status"], "work": schedule.stats["work"],
+                  "model_time_s": schedule.stats["model_time_s"], "gap": schedule.stats["gap"]}
+    t3 = clocks()
+    result.update({
+        "model": args.model, "nodes": len(graph.nodes()), "capture_cpu_s": captured[0] - t0[0],
+        "capture_wall_s": captured[1] - t0[1], "problem_cpu_s": t2[0] - t1[0], "solve_cpu_s": t3[0] - t2[0],
+        "solve_wall_s": t3[1] - t2[1], "total_cpu_s": captured[0] - t0[0] + t3[0] - t1[0],
+        "total_wall_s": captured[1] - t0[1] + t3[1] - t1[1],
+        "load_before": load_before, "load_after": os.getloadavg()[0],
+        "command": " ".join(sys.argv),
+    })
+    least = f", least {format_bytes(result['least_bytes'])}" if args.least else ""
+    print(f"{args.model}: {result['nodes']} nodes; capture {result['capture_cpu_s']:.1f} s CPU / "
+          f"{result['capture_wall_s']:.1f} s wall; problem {result['problem_cpu_s']:.1f} s CPU, first solve "
+          f"{result['solve_cpu_s']:.1f} s CPU / {result['solve_wall_s']:.1f} s wall; total "
+          f"{result['total_cpu_s']:.1f} s CPU / {result['total_wall_s']:.1f} s wall ({result['status']}{least}, work {result['work']:.2f}); "
+          f"load {load_before:.1f} -> {result['load_after']:.1f}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
