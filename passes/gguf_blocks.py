@@ -39,17 +39,47 @@ def dequantize_gguf(blocks: torch.Tensor, kind: str, dtype: torch.dtype = torch.
 
 
 def _decode(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """The fp32 weight of `blocks`, in gguf-py's order of operations."""
+    """The fp32 weight of `blocks`, in gguf-py's order of operations, with integer arithmetic only.
+
+    No byte reinterpretation (`view(dtype)`): ONNX has none, so the fp16 scales are decoded
+    from their two bytes (`half_to_float`) and Q8_0's signed codes from their unsigned byte.
+    Every step is exact (integers below 2**24 and products by powers of two in fp32) except
+    gguf-py's own `d * q` and `+ m`, done in the same order, so the weight is its bit for bit.
+    """
     rows = blocks.shape[0]
     cells = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
-    scale = cells[..., 0:2].contiguous().view(torch.float16).to(torch.float32)
+    scale = half_to_float(cells[..., 0:1], cells[..., 1:2])
     if kind == "q8_0":
-        weight = cells[..., 2:].contiguous().view(torch.int8).to(torch.float32)
+        weight = cells[..., 2:].to(torch.float32)
+        weight = torch.where(weight >= 128, weight - 256, weight)  # the int8 of a two's-complement byte
         return weight.mul_(scale).reshape(rows, -1)
-    minimum = cells[..., 2:4].contiguous().view(torch.float16).to(torch.float32)
+    minimum = half_to_float(cells[..., 2:3], cells[..., 3:4])
     codes = cells[..., 4:]
-    weight = torch.cat((codes & 0x0F, codes >> 4), dim=-1).to(torch.float32)
+    weight = torch.cat((codes % 16, codes // 16), dim=-1).to(torch.float32)  # uint8 shifts mistype in ONNX
     return weight.mul_(scale).add_(minimum).reshape(rows, -1)
+
+
+#: 2**(e - 25) for each fp16 exponent field e = 1..31 (2**-24 for e = 0, the subnormals): the
+#: weight of the 11-bit significand (1024 + mantissa, or the mantissa alone for a subnormal).
+_HALF_POWERS = torch.tensor([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=torch.float32)
+
+
+def half_to_float(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Graph-safe fp16 -> fp32: the IEEE half whose little-endian bytes are `low`, `high` (uint8), as fp32.
+
+    sign = bit 7 of `high`, exponent e = its bits 2..6, mantissa = its bits 0..1 and `low`; the
+    value is (1024 + mantissa) * 2**(e - 25), a subnormal's mantissa * 2**-24, and e = 31 is
+    infinity (mantissa 0) or NaN, as numpy's `astype(float32)` of the half gives. Every fp16 is
+    exact in fp32 and each product is an integer below 2**11 times a power of two, so the result
+    is the conversion's bit for bit (NaN payloads aside).
+    """
+    high = high.to(torch.int32)
+    exponent = (high // 4) % 32
+    mantissa = ((high % 4) * 256 + low.to(torch.int32)).to(torch.float32)
+    significand = torch.where(exponent > 0, mantissa + 1024, mantissa)
+    magnitude = significand * _HALF_POWERS[exponent.long()]
+    magnitude = torch.where(exponent == 31, torch.where(mantissa == 0, torch.inf, torch.nan), magnitude)
+    return torch.where(high >= 128, -magnitude, magnitude)
 
 
 def dequantize_gguf_rows(blocks: torch.Tensor, kind: str, start: int, end: int,
