@@ -96,6 +96,11 @@ NAME = "coreml"
 #: Plan options whose stages hold ops this target does not translate yet (vocabulary-sliced
 #: loss: aten.maximum, aten.clamp, ...).
 UNSUPPORTED_OPTIONS = ("vocab_slices",)
+#: Ops of a plan option this target does not translate yet -> that option, as the error names it:
+#: a GGUF file's own blocks, decoded by integer ops (floor_div, mod, gather) with no Core ML
+#: translation written and checked yet.
+UNSUPPORTED_OPS = {op: "gguf_file= (--gguf-blocks)" for op in
+                   (quantize.dequantize_gguf, quantize.dequantize_gguf_rows, quantize.embedding_gguf)}
 #: `verify_artifacts` writes its per-artifact check results here, in the artifact directory.
 CHECK_REPORT = "coreml-check.json"
 DEFAULT_DEPLOYMENT_TARGET = ct.target.iOS17

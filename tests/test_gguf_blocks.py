@@ -21,7 +21,14 @@ from mebp_compiler.passes.quantize import WeightFileError, dequantize_int4
 from mebp_compiler.plan import optimizer_state_bytes
 from mebp_compiler.targets import driver, load_target
 from mebp_compiler.targets.artifacts import step_weights, write_artifacts
-from tests.conftest import assert_matches_autograd, autograd_reference, flipped_byte, lora_model, random_batch
+from tests.conftest import (
+    SMOLLM2_FLOAT64_TOLERANCE,
+    assert_matches_autograd,
+    autograd_reference,
+    flipped_byte,
+    lora_model,
+    random_batch,
+)
 from tests.test_partition import INT4_STAGED_PEAK_TOLERANCE, as_step_result, assert_held_as_predicted
 from tests.test_quantize import dequantized_copy, file_mapping_of
 
@@ -252,3 +259,44 @@ def test_smollm2_step_over_its_own_q4_1_blocks_equals_autograd_on_the_model_as_l
     assert_matches_autograd(result, autograd_reference(smollm2, batch))
     assert result.held_peak_bytes == plan.predicted_peak_bytes
 
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf_plan(smollm2, smollm2_mebp):
+    """SmolLM2-135M over its own Q4_1 / Q8_0 blocks, mebp with disk checkpoints and a sliced head,
+    on the `smollm2_mebp` batch (seq 16), whose float64 autograd is `smollm2_float64_reference`."""
+    batch, _ = smollm2_mebp
+    return mebp_compiler.compile(smollm2, batch, "mebp", checkpoints="disk", int4=True,
+                                 gguf_file=models.smollm2_gguf_path(), vocab_slices=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target_name", ["onnx", "mlx"])
+def test_smollm2_artifacts_over_its_own_blocks_match_autograd(smollm2, smollm2_mebp, smollm2_gguf_plan,
+                                                              smollm2_float64_reference, target_name, tmp_path):
+    """The real model's blocks decoded in ONNX and MLX stages: the step is float64 autograd's on the
+    model as transformers loaded it (the blocks decode to its weights bit for bit)."""
+    if target_name == "mlx":
+        pytest.importorskip("mlx.core", reason="the MLX target needs the 'mlx' extra")
+    target = load_target(target_name)
+    batch, _ = smollm2_mebp
+    plan = smollm2_gguf_plan
+    part = partition(plan.graph, model="smollm2-135m")
+    write_artifacts(part, target, tmp_path / "artifacts", weights=step_weights(smollm2, part, plan.weights),
+                    progress=False)
+    run = driver.Driver.open(tmp_path / "artifacts", target, offload_dir=str(tmp_path / "flash"))
+    assert sum(a.dtype == np.uint8 for a in run.arrays.values()) == 211  # 210 Q4_1 weights, the Q8_0 embedding
+    result = run.step({k: v.numpy() for k, v in batch.items()})
+    assert_matches_autograd(as_step_result(result), smollm2_float64_reference, tol=SMOLLM2_FLOAT64_TOLERANCE)
+    assert_held_as_predicted(part, plan, result, INT4_STAGED_PEAK_TOLERANCE)
+
+
+def test_coreml_refuses_gguf_blocks_naming_the_op_and_the_option(tiny_gguf, tmp_path):
+    pytest.importorskip("coremltools", reason="the CoreML target needs coremltools")
+    model = lora_model("tiny-llama")
+    plan = mebp_compiler.compile(model, random_batch(model.config.vocab_size), "mebp", int4=True, gguf_file=tiny_gguf)
+    part = partition(plan.graph, model="test")
+    with pytest.raises(ValueError, match=r"the coreml target cannot translate op embedding_gguf \(stage embed\."
+                                         r"forward\), which a plan compiled with gguf_file= \(--gguf-blocks\) needs"):
+        write_artifacts(part, load_target("coreml"), tmp_path / "artifacts", progress=False)
+    assert not (tmp_path / "artifacts").exists()
