@@ -17,7 +17,6 @@ from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.partition import Partition
 from mebp_compiler.passes.quantize import QuantizedWeights
 from mebp_compiler.targets.driver import WEIGHTS_FILE, run_stages, save_weights, torch_stage_fn
-from mebp_compiler.targets.fx_stage import rule_name
 
 
 def write_artifacts(partition: Partition, target: ModuleType, directory: str | Path, *,
@@ -33,7 +32,6 @@ def write_artifacts(partition: Partition, target: ModuleType, directory: str | P
         raise ValueError(f"the {target.NAME} target does not support plans compiled with {refused[0]}="
                          f"{partition.options[refused[0]]} (its stages hold ops it does not translate); "
                          f"compile without it, or use the onnx target")
-    _refuse_untranslated_ops(partition, target)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = partition.manifest
@@ -59,18 +57,6 @@ def write_artifacts(partition: Partition, target: ModuleType, directory: str | P
                       for name in (*written.values(), manifest.weights_file) if name}
     manifest.save(directory)
     return facts
-
-
-def _refuse_untranslated_ops(partition: Partition, target: ModuleType) -> None:
-    """Raise ValueError, before anything is written, if a stage holds an op of a plan option the
-    target does not translate (`target.UNSUPPORTED_OPS`: op -> option), naming the op, target and option."""
-    options = getattr(target, "UNSUPPORTED_OPS", {})
-    for stage in partition.unique_stages().values():
-        for node in stage.module.graph.nodes:
-            if node.op == "call_function" and node.target in options:
-                raise ValueError(f"the {target.NAME} target cannot translate op {rule_name(node.target)} (stage "
-                                 f"{stage.spec.name}), which a plan compiled with {options[node.target]} needs; "
-                                 f"compile without it (e.g. --int4 instead), or use the onnx or mlx target")
 
 
 def step_weights(model: torch.nn.Module, partition: Partition,

@@ -104,14 +104,17 @@ def decode_stage(kind: str) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(torch.nn.Module(), graph)
 
 
-@pytest.mark.parametrize("target_name", ["onnx", "mlx"])
+@pytest.mark.parametrize("target_name", ["onnx", "mlx", "coreml"])
 @pytest.mark.parametrize(("ggml_type", "kind"), [(Q4_1, "q4_1"), (Q8_0, "q8_0")])
 def test_target_decoding_equals_gguf_py_bit_for_bit(target_name, ggml_type, kind, tmp_path):
     """The decode as the exported graph computes it (integer ops, no byte reinterpretation), on
-    blocks gguf-py quantized and on random bytes (scales of every fp16 kind, inf and NaN too)."""
-    if target_name == "mlx":
-        pytest.importorskip("mlx.core", reason="the MLX target needs the 'mlx' extra")
+    blocks gguf-py quantized and on random bytes (scales of every fp16 kind, inf and NaN too).
+    CoreML's saved program is evaluated by MIL value inference (`coreml.package_values`), with
+    its inputs in Core ML's I/O form (int32)."""
+    pytest.importorskip({"mlx": "mlx.core", "coreml": "coremltools"}.get(target_name, "onnx"))
     target = load_target(target_name)
+    run = ((lambda path, inputs: target.package_values(path, [x.astype(np.int32) for x in inputs]))
+           if target_name == "coreml" else (lambda path, inputs: target.load_stage(path)(inputs)))
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((6, 96)).astype(np.float32) * np.linspace(0.1, 3, 96, dtype=np.float32)
     quantized = gguf.quants.quantize(weight, ggml_type)
@@ -120,7 +123,7 @@ def test_target_decoding_equals_gguf_py_bit_for_bit(target_name, ggml_type, kind
     for name, blocks in (("quantized", quantized), ("random", random_bytes)):
         examples = [torch.zeros(blocks.shape, dtype=torch.uint8), torch.zeros(indices.shape, dtype=torch.int64)]
         path = target.export_stage(decode_stage(kind), examples, tmp_path / name)
-        whole, rows, looked_up = target.load_stage(path)([blocks, indices])
+        whole, rows, looked_up = (np.asarray(x) for x in run(path, [blocks, indices]))
         with np.errstate(invalid="ignore", over="ignore"):
             expected = gguf.quants.dequantize(blocks, ggml_type)
         assert_same_floats(whole, expected)
@@ -291,12 +294,19 @@ def test_smollm2_artifacts_over_its_own_blocks_match_autograd(smollm2, smollm2_m
     assert_held_as_predicted(part, plan, result, INT4_STAGED_PEAK_TOLERANCE)
 
 
-def test_coreml_refuses_gguf_blocks_naming_the_op_and_the_option(tiny_gguf, tmp_path):
+def test_coreml_packages_over_gguf_blocks_check(tiny_gguf, tmp_path):
+    """Every package of a plan over GGUF blocks (the tied head decoded whole: CoreML refuses
+    vocabulary slices) equals its torch stage by MIL value inference, as tests/test_target_coreml.py
+    checks the float and INT4 ones."""
     pytest.importorskip("coremltools", reason="the CoreML target needs coremltools")
+    coreml = load_target("coreml")
     model = lora_model("tiny-llama")
-    plan = mebp_compiler.compile(model, random_batch(model.config.vocab_size), "mebp", int4=True, gguf_file=tiny_gguf)
+    batch = random_batch(model.config.vocab_size)
+    plan = mebp_compiler.compile(model, batch, "mebp", checkpoints="disk", int4=True, gguf_file=tiny_gguf)
     part = partition(plan.graph, model="test")
-    with pytest.raises(ValueError, match=r"the coreml target cannot translate op embedding_gguf \(stage embed\."
-                                         r"forward\), which a plan compiled with gguf_file= \(--gguf-blocks\) needs"):
-        write_artifacts(part, load_target("coreml"), tmp_path / "artifacts", progress=False)
-    assert not (tmp_path / "artifacts").exists()
+    weights = step_weights(model, part, plan.weights)
+    write_artifacts(part, coreml, tmp_path, weights=weights, progress=False)
+    arrays = {k: v.detach().numpy() for k, v in weights.items()} | {k: v.numpy() for k, v in batch.items()}
+    report = coreml.verify_artifacts(part, tmp_path, arrays, progress=False)
+    assert report["ok"] and set(report["artifacts"]) == set(part.manifest.unique_artifacts())
+    assert all(a["worst_relative_error"] <= 1e-5 for a in report["artifacts"].values())
