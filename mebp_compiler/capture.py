@@ -162,6 +162,7 @@ def capture(
             raise tracer_state.trace_error(exc) from exc
     tracer_state.check_block_order()
     replace_intermediate_mutations(gm)
+    contiguous_before_uncertain_views(gm)
     if not backward:  # drop unused forward outputs (nll_loss's total weight) the backward would read
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -559,30 +560,31 @@ def replace_intermediate_mutations(gm: fx.GraphModule) -> int:
         val = self_node.meta.get("val") if isinstance(self_node, fx.Node) else None
         if not isinstance(val, torch.Tensor) or _storage_id(val) in input_storages:
             continue
-        # A write into a slice of a computed tensor (`key[..., :d].copy_(k)`) becomes a scatter
-        # into that tensor, read by its later uses, when the slice is read by nothing else.
-        scatter = _SCATTER_OF_VIEW.get(self_node.target) if self_node.op == "call_function" else None
-        base = self_node.args[0] if scatter is not None else self_node
-        if scatter is not None and (node.users or set(self_node.users) != {node}):
-            continue
-        if not _write_is_private(gm, node, base, self_node, _storage_id(val), order):
+        # A write into a slice of a computed tensor (`key[..., :d].copy_(k)`, or through several
+        # slices and selects, `attn[..., i, :i] = row`) becomes a chain of scatters: each view in
+        # the chain gets its new value, written back into its base, up to the tensor itself, and
+        # every later reader of a level reads its new value.
+        chain = [self_node]
+        while chain[-1].op == "call_function" and chain[-1].target in _SCATTER_OF_VIEW:
+            chain.append(chain[-1].args[0])
+        if not _write_is_private(gm, node, set(chain), _storage_id(val), order):
             continue
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(functional, node.args, node.kwargs)
-        if scatter is not None:
-            value = new
-            with gm.graph.inserting_after(value):
-                new = gm.graph.call_function(scatter, (base, value, *self_node.args[1:]), self_node.kwargs)
-            value.meta = dict(node.meta)
-            order[value] = order[node]
-        new.meta = dict(base.meta if scatter is not None else node.meta)
-        self_node = base
-        for user in list(self_node.users):
-            if user is not node and user is not new and order.get(user, -1) > order[node]:
-                user.replace_input_with(self_node, new)
-        node.replace_all_uses_with(new)
+            values = [gm.graph.call_function(functional, node.args, node.kwargs)]
+        values[0].meta = dict(node.meta)
+        for view, base in zip(chain, chain[1:]):
+            with gm.graph.inserting_after(values[-1]):
+                values.append(gm.graph.call_function(_SCATTER_OF_VIEW[view.target], (base, values[-1], *view.args[1:]),
+                                                     view.kwargs))
+            values[-1].meta = dict(base.meta)
+        for level, value in zip(chain, values):
+            for user in list(level.users):
+                if user is not node and user not in values and order.get(user, -1) > order[node]:
+                    user.replace_input_with(level, value)
+        node.replace_all_uses_with(values[0])
         gm.graph.erase_node(node)
-        order[new] = order.pop(node)
+        position = order.pop(node)
+        order.update({value: position for value in values})
         replaced += 1
     if replaced:
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -593,6 +595,55 @@ def replace_intermediate_mutations(gm: fx.GraphModule) -> int:
     return replaced
 
 
+def contiguous_before_uncertain_views(gm: fx.GraphModule) -> int:
+    """Insert `clone(memory_format=contiguous)` before each `aten.view` whose input's strides at run
+    time may differ from the traced ones; the number inserted.
+
+    A pointwise op's kernel lays its output out like its inputs (TensorIterator), and where the
+    inputs disagree the fake kernels of some untagged pointwise backward ops (`softplus_backward`)
+    pick another layout than the CPU kernel does. A later `view` that was valid on the traced
+    strides then fails at run time (Doge's gate). Such layouts are followed through pointwise
+    ops and views; the clone makes the view's input contiguous on either layout, and it is a
+    graph node, so its bytes are counted like any other value's.
+    """
+    fake_mode = torch._guards.detect_fake_mode(
+        [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and "val" in n.meta])
+    uncertain: set[fx.Node] = set()
+    inserted = 0
+    for node in list(gm.graph.nodes):
+        val = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(val, torch.Tensor):
+            continue
+        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if node.target is torch.ops.aten.view.default and source in uncertain:
+            with gm.graph.inserting_before(node), fake_mode:
+                clone = gm.graph.call_function(torch.ops.aten.clone.default, (source,),
+                                               {"memory_format": torch.contiguous_format})
+                clone.meta = {**source.meta, "val": source.meta["val"].clone(memory_format=torch.contiguous_format)}
+            node.replace_input_with(source, clone)
+            inserted += 1
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if torch.Tag.pointwise in node.target.tags or node.target.is_view:
+            if any(a in uncertain for a in node.all_input_nodes):
+                uncertain.add(node)
+        elif node.target.__name__.split(".")[0].endswith("_backward"):
+            same_shape = [a.meta["val"] for a in node.all_input_nodes
+                          if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].shape == val.shape]
+            if any(a in uncertain for a in node.all_input_nodes) or len({_stride_order(t) for t in same_shape}) > 1:
+                uncertain.add(node)
+    if inserted:
+        gm.graph.lint()
+        gm.recompile()
+    return inserted
+
+
+def _stride_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of size > 1 from the outermost stride to the innermost: a tensor's layout."""
+    return tuple(sorted((d for d in range(t.dim()) if t.shape[d] > 1), key=lambda d: -t.stride(d)))
+
+
 #: The out-of-place scatter that writes a view op's result back into its base.
 _SCATTER_OF_VIEW = {
     torch.ops.aten.slice.Tensor: torch.ops.aten.slice_scatter.default,
@@ -600,12 +651,12 @@ _SCATTER_OF_VIEW = {
 }
 
 
-def _write_is_private(gm: fx.GraphModule, node: fx.Node, base: fx.Node, view: fx.Node, storage: int,
+def _write_is_private(gm: fx.GraphModule, node: fx.Node, chain: set[fx.Node], storage: int,
                       order: dict[fx.Node, int]) -> bool:
-    """Whether no tensor sharing `storage`, made before `node`, is read after it - except `base` and
-    `view` themselves, whose later reads the caller redirects."""
+    """Whether no tensor sharing `storage`, made before `node`, is read after it - except the views
+    in `chain` (the written view and its bases), whose later reads the caller redirects."""
     for other in gm.graph.nodes:
-        if other in (base, view, node) or other not in order or order[other] > order[node]:
+        if other in chain or other is node or other not in order or order[other] > order[node]:
             continue
         if not any(isinstance(t, torch.Tensor) and _storage_id(t) == storage for t in _outputs(other.meta.get("val"))):
             continue

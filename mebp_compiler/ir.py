@@ -114,11 +114,16 @@ class TrainingGraph:
         """Nodes in execution order."""
         return list(self.module.graph.nodes)
 
-    def node(self, name: str) -> fx.Node:
-        return self._by_name()[name]
+    _nodes_by_name: dict[str, fx.Node] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def _by_name(self) -> dict[str, fx.Node]:
-        return {n.name: n for n in self.module.graph.nodes}
+    def node(self, name: str) -> fx.Node:
+        """The node called `name`. The name index is rebuilt only when it misses or is stale (the
+        graph was edited since), so looking up every node costs one pass, not one per lookup."""
+        found = self._nodes_by_name.get(name)
+        if found is None or found._erased or found.graph is not self.module.graph:
+            self._nodes_by_name = {n.name: n for n in self.module.graph.nodes}
+            found = self._nodes_by_name[name]
+        return found
 
     def names_by_role(self, role: Role) -> list[str]:
         return [name for name, ti in self.info.items() if ti.role == role]
