@@ -460,9 +460,8 @@ def _decode_gguf(blocks: mx.array, kind: str) -> mx.array:
     rows = blocks.shape[0]
     cells = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
     scale = _half_to_float(cells[..., 0:1], cells[..., 1:2])
-    if kind == "q8_0":
-        codes = cells[..., 2:].astype(mx.float32)
-        return (mx.where(codes >= 128, codes - 256, codes) * scale).reshape(rows, -1)
+    if kind == "q8_0":  # uint8 -> int8 wraps (two's complement): no float temporary for the sign
+        return (cells[..., 2:].astype(mx.int8).astype(mx.float32) * scale).reshape(rows, -1)
     minimum = _half_to_float(cells[..., 2:3], cells[..., 3:4])
     codes = cells[..., 4:]
     weight = mx.concatenate([codes % 16, codes // 16], axis=-1).astype(mx.float32)
