@@ -42,20 +42,19 @@ def _decode(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """The fp32 weight of `blocks`, in gguf-py's order of operations, with integer arithmetic only.
 
     No byte reinterpretation (`view(dtype)`): ONNX has none, so the fp16 scales are decoded
-    from their two bytes (`half_to_float`) and Q8_0's signed codes from their unsigned byte.
+    from their two bytes (`half_to_float`) and Q8_0's signed codes cast from their unsigned byte.
     Every step is exact (integers below 2**24 and products by powers of two in fp32) except
     gguf-py's own `d * q` and `+ m`, done in the same order, so the weight is its bit for bit.
     """
     rows = blocks.shape[0]
     cells = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
     scale = half_to_float(cells[..., 0:1], cells[..., 1:2])
-    if kind == "q8_0":
-        weight = cells[..., 2:].to(torch.float32)
-        weight = torch.where(weight >= 128, weight - 256, weight)  # the int8 of a two's-complement byte
-        return weight.mul_(scale).reshape(rows, -1)
+    if kind == "q8_0":  # uint8 -> int8 wraps (two's complement), as in ONNX's Cast and MLX's astype
+        return cells[..., 2:].to(torch.int8).to(torch.float32).mul_(scale).reshape(rows, -1)
     minimum = half_to_float(cells[..., 2:3], cells[..., 3:4])
     codes = cells[..., 4:]
-    weight = torch.cat((codes % 16, codes // 16), dim=-1).to(torch.float32)  # uint8 shifts mistype in ONNX
+    # low nibbles, then the high ones as (byte & 0xF0) / 16, exact in fp32 (ONNX mistypes uint8 shifts)
+    weight = torch.cat(((codes & 0x0F).to(torch.float32), (codes & 0xF0).to(torch.float32).mul_(1 / 16)), dim=-1)
     return weight.mul_(scale).add_(minimum).reshape(rows, -1)
 
 
