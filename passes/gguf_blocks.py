@@ -14,7 +14,9 @@ in Hugging Face order, see `_unpermute_rows`), and the ops below decode a weight
 before an op reads it, as `passes.quantize` does for its INT4. They decode in fp32 with
 gguf-py's order of operations, so a decoded weight equals, bit for bit, the float weight
 transformers loads from the same file: a step over the blocks is exact to autograd on
-the model as loaded. A model loaded in bfloat16 or float16 (transformers decodes to fp32,
+the model as loaded. The decode reinterprets no bytes (ONNX cannot), so the ONNX target
+exports these very ops (`targets/mlx.py` and `targets/coreml.py` mirror them), and a
+driver only maps the blocks. A model loaded in bfloat16 or float16 (transformers decodes to fp32,
 then casts) gets the decoded weight cast to its dtype the same way (`dtype=`).
 """
 
