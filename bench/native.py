@@ -35,22 +35,23 @@ PUBLISHED = {"qwen2.5-0.5b": {"MeBP": "320-361 MB", "MeSP": "136 MB"}}
 #: The issue's targets: native anonymous RSS (bytes) per model, and native step / eager torch.
 RSS_TARGETS = {"qwen2.5-0.5b": 136 * MB, "smollm2-135m": 100 * MB}
 STEP_RATIO_TARGET = 2.0
-DEFAULT_CONFIGS = ("smollm2-135m:fp32:mebp,smollm2-135m:fp32:optimal,smollm2-135m:int4:mebp,"
-                   "smollm2-135m:int4:optimal,smollm2-135m:gguf:mebp,smollm2-135m:gguf:optimal,"
-                   "qwen2.5-0.5b:int4:mebp,qwen2.5-0.5b:int4:optimal")
+DEFAULT_CONFIGS = ("smollm2-135m:int4:mebp,smollm2-135m:int4:mebp:fused,smollm2-135m:int4:optimal,"
+                   "qwen2.5-0.5b:int4:mebp,qwen2.5-0.5b:int4:mebp:fused,qwen2.5-0.5b:int4:optimal")
+#: --quick: the two models at MeSP's setting under mebp, fused AdamW (the least-memory native runs).
+QUICK_CONFIGS = "smollm2-135m:int4:mebp:fused,qwen2.5-0.5b:int4:mebp:fused"
 #: Plan options the issue asks for that are not measured here: refused by the partition
 #: (passes/partition.py `_refuse_unsupported_options`), or not yet compiled by this bench.
 NOT_AVAILABLE = {
-    "fused-adamw": "fused AdamW updates inside the stages: mebp-native runs them since main 8d4523a, but this "
-                   "bench does not compile them yet (the driver applies AdamW after the last stage, holding "
-                   "every gradient)",
+    "gguf-blocks": "SmolLM2's own GGUF Q4_1/Q8_0 blocks export and run natively (WEIGHTS gguf) but are not in "
+                   "the default configurations yet (measured at seq 16 only, docs/native.md)",
 }
 
 DESCRIPTION = f"""\
-Each configuration MODEL:WEIGHTS:PLAN (WEIGHTS fp32, int4 (INT4 group --group-size) or gguf
-(the model's own GGUF Q4_1/Q8_0 blocks, decoded in the stages: smollm2-135m); PLAN
-mebp with disk checkpoints, or optimal at the least budget the scheduler proves, AdamW state
-reserved, iphone15promax cost model, offload on) runs in its own fresh Python process
+Each configuration MODEL:WEIGHTS:PLAN[:fused] (WEIGHTS fp32, int4 (INT4 group --group-size) or
+gguf (the model's own GGUF Q4_1/Q8_0 blocks, decoded in the stages: smollm2-135m);
+PLAN mebp with disk checkpoints, or optimal at the least budget the scheduler proves, AdamW
+state reserved, iphone15promax cost model, offload on; ":fused": AdamW applied inside the
+stages as each gradient is final, its moments step inputs and outputs) runs in its own fresh Python process
 (MALLOC_MMAP_THRESHOLD_=65536, one thread), which compiles the step, exports it with
 `--target mlx` (stages, manifest, weights.safetensors) and then alternates, --rounds times:
 one eager torch step (model(**batch).loss.backward() + AdamW), one CPU-runtime step
@@ -63,7 +64,8 @@ columns (MiB = 2^20 bytes, MB = 10^6 bytes):
   predicted held      the manifest's predicted peak (max over stages of held before the
                       stage + the stage's internal peak); frozen fp32 weights count, mapped
                       INT4 weights do not
-  + AdamW             the same plus AdamW's two moments, which the driver holds
+  + AdamW             the same plus AdamW's two moments, which the driver holds (fused:
+                      the moments are step inputs, already in predicted held)
   native held         the driver's staged peak (its own ledger; equal to predicted held)
   VmHWM               the native process's peak resident set (/proc/PID/status), all of it
   anon peak           the most anonymous resident memory (RssAnon) of the native process:
@@ -114,10 +116,13 @@ class StatusSampler:
 
 
 def run_native(driver: pathlib.Path, directory: pathlib.Path, tokens: pathlib.Path, scratch: pathlib.Path,
-               lr: float) -> dict:
-    """One native run of every step in `tokens`: the driver's JSON line plus the sampled peaks."""
+               lr: float, fused: bool) -> dict:
+    """One native run of every step in `tokens`: the driver's JSON line plus the sampled peaks.
+    Fused artifacts carry their optimizer settings; otherwise the driver applies AdamW at `lr`."""
     command = [str(driver), str(directory), "--tokens", str(tokens), "--out", str(scratch / "lora.safetensors"),
-               "--optimizer", "adamw", "--lr", str(lr), "--offload-dir", str(scratch / "flash")]
+               "--offload-dir", str(scratch / "flash")]
+    if not fused:
+        command += ["--optimizer", "adamw", "--lr", str(lr)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     sampler = StatusSampler(process.pid)
@@ -130,13 +135,15 @@ def run_native(driver: pathlib.Path, directory: pathlib.Path, tokens: pathlib.Pa
     return report
 
 
-def build(args: argparse.Namespace, model_name: str, weights: str, plan_name: str, offload_dir: pathlib.Path):
+def build(args: argparse.Namespace, model_name: str, weights: str, plan_name: str, fused: bool,
+          offload_dir: pathlib.Path):
     """(model, batch, plan, partition, budget) of one configuration, compiled here."""
     import torch
 
     import mebp_compiler
     from mebp_compiler.app import models
     from mebp_compiler.device import DeviceProfile
+    from mebp_compiler.passes.fuse_update import OptimizerSettings
     from mebp_compiler.passes.partition import partition
     from mebp_compiler.passes.policies import least_feasible_budget
     from mebp_compiler.plan import optimizer_state_bytes
@@ -151,17 +158,18 @@ def build(args: argparse.Namespace, model_name: str, weights: str, plan_name: st
         raise ValueError(f"{model_name} is not loaded from a GGUF file: WEIGHTS gguf needs smollm2-135m")
     options = dict(checkpoints="disk", offload_dir=str(offload_dir),
                    int4=weights in ("int4", "gguf"), group_size=args.group_size, head_chunks=args.head_chunks,
-                   gguf_file=gguf_file,
-                   vocab_slices=args.vocab_slices)
+                   gguf_file=gguf_file, vocab_slices=args.vocab_slices, fuse_update=fused)
     plan = mebp_compiler.compile(model, batch, "mebp", **options)
     budget = None
     if plan_name == "optimal":
         device = DeviceProfile.load(args.device)
-        budget = least_feasible_budget(plan.captured, device, work_limit=args.work_limit) + \
-            optimizer_state_bytes(model, "adamw")
+        budget = least_feasible_budget(plan.captured, device, work_limit=args.work_limit)
+        if not fused:  # fused: the moments are inputs of the captured step, already in its least budget
+            budget += optimizer_state_bytes(model, "adamw")
         plan = mebp_compiler.compile(model, batch, "optimal", budget=budget, device=device,
                                      work_limit=args.work_limit, **options)
-    return model, batch, plan, partition(plan.graph, model=model_name, target="mlx"), budget
+    settings = OptimizerSettings(name="adamw", lr=args.lr) if fused else None
+    return model, batch, plan, partition(plan.graph, model=model_name, target="mlx", optimizer=settings), budget
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -169,15 +177,16 @@ def run_config(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    model_name, weights, plan_name = args.config.split(":")
+    model_name, weights, plan_name, *fused = args.config.split(":")
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="mebp-native-bench-"))
     try:
-        return measure(args, model_name, weights, plan_name, scratch)
+        return measure(args, model_name, weights, plan_name, bool(fused), scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: str, scratch: pathlib.Path) -> dict:
+def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: str, fused: bool,
+            scratch: pathlib.Path) -> dict:
     import torch
 
     from mebp_compiler.plan import optimizer_state_bytes
@@ -186,7 +195,7 @@ def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: 
     from mebp_compiler.plan import make_optimizer
 
     start = time.perf_counter()
-    model, batch, plan, part, budget = build(args, model_name, weights, plan_name, scratch / "plan")
+    model, batch, plan, part, budget = build(args, model_name, weights, plan_name, fused, scratch / "plan")
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     write_artifacts(part, load_target("mlx"), scratch / "artifacts", weights=step_weights(model, part, plan.weights),
@@ -211,6 +220,9 @@ def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: 
 
     def runtime_step() -> float:
         t0 = time.perf_counter()
+        if fused:  # the step applies AdamW to each parameter itself
+            plan.step(batch, runtime_optimizer)
+            return time.perf_counter() - t0
         result = plan.step(batch)
         for name, param in runtime_params.items():
             param.grad = result.grads[name]
@@ -222,7 +234,7 @@ def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: 
     rounds = []
     for _ in range(args.rounds):
         eager_s, runtime_s = eager_step(), runtime_step()
-        native = run_native(driver, scratch / "artifacts", tokens, scratch, args.lr)
+        native = run_native(driver, scratch / "artifacts", tokens, scratch, args.lr, fused)
         rounds.append({"eager_s": eager_s, "runtime_s": runtime_s, "native": native})
     manifest = part.manifest
     native_step = [statistics.median(r["native"]["step_seconds"][1:] or r["native"]["step_seconds"]) for r in rounds]
@@ -230,11 +242,11 @@ def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: 
     anon = max(max(r["native"]["rss_anon_peak_bytes"], r["native"]["sampled"].get("RssAnon", 0)) for r in rounds)
     file = max(max(r["native"]["rss_file_peak_bytes"], r["native"]["sampled"].get("RssFile", 0)) for r in rounds)
     return {
-        "config": args.config, "model": model_name, "weights": weights, "plan": plan_name,
+        "config": args.config, "model": model_name, "weights": weights, "plan": plan_name, "fused": fused,
         "budget_bytes": budget, "compile_s": compile_s, "export_s": export_s,
         "stages": len(manifest.stages), "artifacts": len(manifest.unique_artifacts()),
         "predicted_peak_bytes": manifest.predicted_peak_bytes, "plan_peak_bytes": manifest.plan_peak_bytes,
-        "adamw_state_bytes": optimizer_state_bytes(model, "adamw"),
+        "adamw_state_bytes": 0 if fused else optimizer_state_bytes(model, "adamw"),
         "weights_file_bytes": (scratch / "artifacts" / manifest.weights_file).stat().st_size,
         "mapped_bytes": sum(v.nbytes for v in manifest.values.values() if v.kind == "mapped"),
         "frozen_bytes": sum(v.nbytes for v in manifest.values.values() if v.kind == "frozen"),
@@ -251,6 +263,9 @@ def measure(args: argparse.Namespace, model_name: str, weights: str, plan_name: 
         "native_over_eager": statistics.median(n / r["eager_s"] for n, r in zip(native_step, rounds)),
         "native_over_runtime": statistics.median(n / r["runtime_s"] for n, r in zip(native_step, rounds)),
         "native_seconds_by_stage_kind": seconds_by_kind(manifest, last),
+        "mlx_peak_by_stage_kind": peak_by_kind(manifest, last.get("stage_mlx_peak_bytes", [])),
+        "predicted_stage_peak_by_kind": peak_by_kind(
+            manifest, [s.held_before_bytes + s.internal_peak_bytes for s in manifest.stages]),
         "mlx_peak_bytes": last.get("mlx_peak_bytes"), "mlx_cache_bytes": last.get("mlx_cache_bytes"),
         "losses": last["losses"],
         "rounds": rounds,
@@ -268,6 +283,14 @@ def seconds_by_kind(manifest, native: dict) -> dict[str, float]:
     return by_kind
 
 
+def peak_by_kind(manifest, per_stage: list[int]) -> dict[str, int]:
+    """The largest of `per_stage` (bytes, one per manifest stage) per stage kind."""
+    peaks: dict[str, int] = {}
+    for stage, nbytes in zip(manifest.stages, per_stage):
+        peaks[stage.kind] = max(peaks.get(stage.kind, 0), nbytes)
+    return peaks
+
+
 # --------------------------------------------------------------------------- the parent
 
 
@@ -278,7 +301,7 @@ def mib(nbytes: float | None) -> str:
 def build_table(records: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"Native driver, seq {args.seq_len}, batch 1, LoRA r={args.lora_r} (all 7 projections), AdamW applied by "
-        f"the driver; INT4 group {args.group_size}; head in {args.vocab_slices} vocabulary slices"
+        f"the driver after the step or (fused) by the stages; INT4 group {args.group_size}; head in {args.vocab_slices} vocabulary slices"
         f"{f', {args.head_chunks} sequence chunks' if args.head_chunks else ''} (MiB; MB = 10^6 bytes):",
         "",
         "| model | weights | plan | predicted held | + AdamW | native held | VmHWM | anon peak | file peak | "
@@ -292,6 +315,7 @@ def build_table(records: list[dict], args: argparse.Namespace) -> str:
             else f"< {target / MB:.0f} MB: missed by {(r['rss_anon_peak_bytes'] - target) / MB:.0f} MB")
         published = "; ".join(f"{k} {v}" for k, v in PUBLISHED.get(r["model"], {}).items()) or "none"
         plan = r["plan"] if r["budget_bytes"] is None else f"optimal@least ({mib(r['budget_bytes'])})"
+        plan += ", fused AdamW" if r.get("fused") else ""
         lines.append(
             f"| {r['model']} | {r['weights']} | {plan} | {mib(r['predicted_peak_bytes'])} | "
             f"{mib(r['predicted_peak_bytes'] + r['adamw_state_bytes'])} | {mib(r['native_staged_peak_bytes'])} | "
@@ -309,6 +333,14 @@ def build_table(records: list[dict], args: argparse.Namespace) -> str:
             lines.append(f"| {r['model']} | {r['weights']} | {r['plan']} | "
                          + " | ".join(f"{by_kind[k]:.2f}" if k in by_kind else "-" for k in kinds)
                          + f" | {mib(r.get('mlx_peak_bytes'))} |")
+    if any(r.get("mlx_peak_by_stage_kind") for r in records):
+        lines += ["", "MLX's allocator peak per stage kind against the plan's (held before the stage + its "
+                  "internal peak), the largest stage of each kind, MiB (mapped INT4 weights count in neither):", "",
+                  "| model | plan | " + " | ".join(kinds) + " |", "|---|---|" + "---:|" * len(kinds)]
+        for r in records:
+            mlx, plan = r.get("mlx_peak_by_stage_kind", {}), r.get("predicted_stage_peak_by_kind", {})
+            lines.append(f"| {r['model']} | {r['config'].split(':', 2)[2]} | " + " | ".join(
+                f"{mib(mlx[k])} / {mib(plan[k])}" if k in mlx else "-" for k in kinds) + " |")
     lines += ["", "Not available today: " + "; ".join(NOT_AVAILABLE.values()) + "."]
     return "\n".join(lines)
 
@@ -357,8 +389,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
 
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
-                        help="comma-separated MODEL:fp32|int4|gguf:mebp|optimal")
+    parser.add_argument("--configs", help=f"comma-separated MODEL:fp32|int4|gguf:mebp|optimal[:fused] (default "
+                        f"{DEFAULT_CONFIGS}; with --quick {QUICK_CONFIGS})")
+    parser.add_argument("--quick", action="store_true",
+                        help="one round of one native run, and the --quick configurations unless --configs says")
     parser.add_argument("--seq-len", type=int, default=256, help="sequence length (batch is 1)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank, alpha = 2r (default 8, MeSP's)")
     parser.add_argument("--group-size", type=int, default=64, help="INT4 group size (default 64, MeSP's)")
@@ -375,10 +409,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--child", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.configs = args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
+    if args.quick:
+        args.rounds = 1
     for config in args.configs.split(","):
         parts = config.split(":")
-        if len(parts) != 3 or parts[1] not in ("fp32", "int4", "gguf") or parts[2] not in ("mebp", "optimal"):
-            parser.error(f"--configs: {config!r} is not MODEL:fp32|int4|gguf:mebp|optimal")
+        if (len(parts) not in (3, 4) or parts[1] not in ("fp32", "int4", "gguf") or parts[2] not in ("mebp", "optimal")
+                or parts[3:] not in ([], ["fused"])):
+            parser.error(f"--configs: {config!r} is not MODEL:fp32|int4|gguf:mebp|optimal[:fused]")
     args.config = args.child
     return args
 

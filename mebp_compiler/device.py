@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def parse_size(size: str | int | float) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+#: The op classes a profile may give rates for (`passes.cost.op_class` sorts ops into them).
+OP_CLASSES = ("matmul", "reduction", "movement", "elementwise", "view")
+
+
+@dataclass(frozen=True)
+class OpClassRates:
+    """The roofline of one op class: attainable FLOP/s and bytes moved per second."""
+
+    flops_per_s: float
+    bytes_per_s: float
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """Memory and speed of a target device.
@@ -42,6 +55,8 @@ class DeviceProfile:
     decompression also reads its INT4 bytes from the memory-mapped file at
     `flash_read_bytes_per_s` (counted every time: under memory pressure the OS drops those
     clean pages, which is the point of mapping them).
+    `op_classes` gives an op class (`OP_CLASSES`) its own roofline; a class it leaves out
+    uses `flops_per_s` and `memory_bytes_per_s`. A view op costs `op_overhead_s` only.
     """
 
     name: str
@@ -54,10 +69,20 @@ class DeviceProfile:
     op_overhead_s: float = 5e-6
     io_latency_s: float = 1e-4
     decompress_bytes_per_s: float = 5e9
+    op_classes: Mapping[str, OpClassRates] = field(default_factory=dict, hash=False)
 
-    def compute_s(self, flops: float, bytes_moved: float) -> float:
-        """Seconds for one op: bound by arithmetic or by memory traffic, whichever is slower."""
-        return max(flops / self.flops_per_s, bytes_moved / self.memory_bytes_per_s)
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.op_classes) - set(OP_CLASSES))
+        if unknown:
+            raise ValueError(f"device profile {self.name!r}: unknown op classes {unknown}; use {list(OP_CLASSES)}")
+
+    def compute_s(self, flops: float, bytes_moved: float, op_class: str | None = None) -> float:
+        """Seconds for one op: bound by arithmetic or by memory traffic, whichever is slower,
+        at the rates of `op_class` where the profile has them."""
+        rates = self.op_classes.get(op_class) if op_class else None
+        if rates is None:
+            return max(flops / self.flops_per_s, bytes_moved / self.memory_bytes_per_s)
+        return max(flops / rates.flops_per_s, bytes_moved / rates.bytes_per_s)
 
     def offload_s(self, nbytes: float) -> float:
         """Seconds to write `nbytes` to flash and read them back."""
@@ -78,7 +103,13 @@ class DeviceProfile:
             raise ValueError(f"no device profile {str(name_or_path)!r}; use one of {shipped} or a JSON file path")
         data = json.loads(path.read_text())
         fields = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in fields}
         try:
-            return cls(**{k: v for k, v in data.items() if k in fields})
+            values["op_classes"] = {k: OpClassRates(**v) for k, v in values.get("op_classes", {}).items()}
+            return cls(**values)
         except TypeError as exc:
             raise ValueError(f"device profile {path} is incomplete: {exc}") from exc
+
+    def to_json(self) -> dict:
+        """The profile as the JSON object `load` reads."""
+        return asdict(self)

@@ -34,7 +34,7 @@ from mebp_compiler.passes.scheduler.solver import (
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.progress import logger, phase
 from mebp_compiler.runtime import Runtime, StepResult
-from mebp_compiler.schedule import Schedule
+from mebp_compiler.schedule import Schedule, with_origins
 from mebp_compiler.sliced_loss import check_labels
 
 POLICIES = ("none", "mebp", "optimal")
@@ -349,6 +349,7 @@ def compile(
     else:
         captured = trace(head_chunks)
         schedule = none_schedule(captured) if policy == "none" else mebp_schedule(captured, checkpoints)
+    schedule = with_origins(schedule, captured)
     with phase(f"applying the {policy} schedule"):
         graph = rewrite(captured, schedule)
         check_updates_follow_uses(graph)

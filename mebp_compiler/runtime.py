@@ -9,6 +9,7 @@ a tensor the runtime holds and is not counted; the benchmark's process RSS cover
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,11 +107,19 @@ class Runtime:
                 continue  # outputs are handed to the caller
             self._drop_after[max(uses, default=position[n])].append(n)
 
-    def run(self, inputs: list[torch.Tensor], updater: Updater | None = None) -> StepResult:
+    @property
+    def steps(self) -> list[fx.Node]:
+        """The call nodes in the order they run."""
+        return list(self._steps)
+
+    def run(self, inputs: list[torch.Tensor], updater: Updater | None = None,
+            op_times: list[float] | None = None) -> StepResult:
         """Execute the step on `inputs` (one tensor per graph placeholder, in order).
 
         `updater` applies the LoRA updates of a graph with fused updates
-        (`passes.fuse_update`); such a step returns no gradients.
+        (`passes.fuse_update`); such a step returns no gradients. With `op_times` (a list),
+        the process CPU seconds of each call node are appended to it, in `steps` order
+        (`mebp calibrate`).
         """
         info = self.graph.info
         env: dict[fx.Node, Any] = {}
@@ -130,7 +139,12 @@ class Runtime:
                 if self.trim_heap and k in self._segment_starts:
                     release_freed_memory()
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lookup)
-                value = node.target(*args, **kwargs)
+                if op_times is None:
+                    value = node.target(*args, **kwargs)
+                else:
+                    start = time.process_time()
+                    value = node.target(*args, **kwargs)
+                    op_times.append(time.process_time() - start)
                 env[node] = value
                 held.add(value, info[node.name].role)
                 for role in roles:

@@ -253,6 +253,9 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "",
         optimizer = optimizer or OptimizerSettings()
         graph = fuse_update.functional_updates(graph, optimizer)
         nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
+    # An offload that no reload reads back (a schedule may write a value the backward never
+    # needs again) would be flash writes without reads: the stages skip it.
+    nodes = [n for n in nodes if n.target is not offload.offload or n.users]
     handle_of = {n.name: n.args[0] for n in nodes if n.target is offload.offload}
     key_of = _stage_keys(graph, nodes)
     names = _stage_names(nodes, key_of)

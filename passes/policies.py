@@ -25,6 +25,7 @@ from mebp_compiler.passes.scheduler.from_graph import training_dag
 from mebp_compiler.passes.scheduler.problem import SchedulingProblem, build_problem
 from mebp_compiler.passes.scheduler.solver import (
     DEFAULT_BLOCK_TEMPLATES,
+    DEFAULT_STEP_GAP,
     DEFAULT_WORK_LIMIT,
     BudgetInfeasible,
     ProgressCallback,
@@ -207,6 +208,7 @@ def optimal_schedule(
     reserved_bytes: int = 0,
     progress: ProgressCallback | None = None,
     block_templates: int = DEFAULT_BLOCK_TEMPLATES,
+    step_gap: float = DEFAULT_STEP_GAP,
 ) -> Schedule:
     """Least predicted step time whose peak (all roles, as `liveness` counts it) plus
     `reserved_bytes` (held outside the graph, e.g. optimizer state) fits `budget_bytes`.
@@ -220,13 +222,14 @@ def optimal_schedule(
     search neither found one nor proved there is none. `problem` may be passed to skip
     rebuilding it; `progress` is called as the search goes. Equal blocks take equal
     decisions unless the budget forces up to `block_templates` patterns, or the flat
-    model (`solve`); `stats["block_patterns"]` says how many the schedule has.
+    model (`solve`); `stats["block_patterns"]` says how many the schedule has. The search stops
+    once proven within `step_gap` x the plain step's predicted time of the optimum (0: proven optimal).
     """
     problem = problem or scheduling_problem(graph, device)
     try:
         solution = solve(problem, budget_bytes - reserved_bytes, device, work_limit=work_limit,
                          starts=known_starts(graph, problem, offload), offload=offload, progress=progress,
-                         block_templates=block_templates)
+                         block_templates=block_templates, step_gap=step_gap)
     except BudgetInfeasible as exc:
         least = exc.least
         profile = liveness(rewrite(graph, Schedule("least", least.decisions,

@@ -421,8 +421,30 @@ def _constant_pad_nd(ctx, input, pad, value=0, **_):
     return padded
 
 
+def _repeat_index(node: fx.Node) -> int:
+    """How many earlier ops of `node`'s stage compute the same op on the same arguments."""
+    count = 0
+    for other in node.graph.nodes:
+        if other is node:
+            return count
+        count += other.target is node.target and other.args == node.args and other.kwargs == node.kwargs
+    return count
+
+
+def _distinct(x: mx.array, ctx) -> mx.array:
+    """`x`, made structurally distinct per repeat of the same decode in a stage, for free (a
+    reshape of a contiguous array is a view). MLX's export merges equal subgraphs: the
+    plan decodes a weight once per use (passes.quantize), and two decodes of it in one stage
+    (a recomputed forward and the backward) became one, held from the first use to the last
+    - on SmolLM2's head over 64 vocabulary slices every slice's decoded rows at once (113 MiB)."""
+    for _ in range(_repeat_index(ctx.node)):
+        x = x.reshape(-1).reshape(x.shape)
+    return x
+
+
 def _dequantize_int4(ctx, packed, scales, **_):
     # Mirrors passes.quantize.dequantize_int4: two signed 4-bit values per byte, low nibble first.
+    packed = _distinct(packed, ctx)
     low = (packed & 0x0F).astype(mx.int8)
     high = (packed >> 4).astype(mx.int8)
     q = mx.stack([low, high], axis=-1).reshape(packed.shape[0], -1)

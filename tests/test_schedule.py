@@ -13,7 +13,7 @@ from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.policies import block_boundaries, mebp_schedule, none_schedule
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.runtime import Runtime
-from mebp_compiler.schedule import Decision, Schedule, ScheduleError, Step, StepKind
+from mebp_compiler.schedule import Decision, Schedule, ScheduleError, Step, StepKind, with_origins
 from tests.conftest import assert_matches_autograd, autograd_reference, lora_model, random_batch
 
 
@@ -38,6 +38,26 @@ def test_schedule_json_round_trip(tiny, tmp_path):
     loaded = Schedule.load(path)
     assert loaded == schedule
     assert {s.kind for s in loaded.sequence} == set(StepKind)
+
+
+def test_schedule_json_names_every_tensor_by_module_path_and_layer(tiny, tmp_path):
+    model, _, graph = tiny
+    schedule = with_origins(mebp_schedule(graph, "disk"), graph)
+    schedule.save(tmp_path / "schedule.json")
+    tensors = json.loads((tmp_path / "schedule.json").read_text())["tensors"]
+    assert set(tensors) == set(schedule.decisions) | {s.tensor for s in schedule.sequence}
+    assert Schedule.load(tmp_path / "schedule.json") == schedule
+    modules = dict(model.named_modules())
+    layers = {id(layer): k for k, layer in enumerate(model.base_model.model.model.layers)}
+    for name, where in tensors.items():
+        assert where["module"] in modules, name
+        # A tensor computed by a module under decoder layer k names layer k; the backward's glue ops that
+        # no module made (gradient sums) name no module and the layer whose backward they run in.
+        owner = next((layers[id(m)] for path, m in modules.items()
+                      if id(m) in layers and f"{where['module']}.".startswith(f"{path}.")), None)
+        assert owner == where["layer"] or (where["module"] == "" and graph.info[name].phase != Phase.FORWARD), \
+            (name, where)
+    assert {w["layer"] for w in tensors.values()} >= set(range(len(layers)))
 
 
 def test_corrupt_schedule_files_are_refused(tiny, tmp_path):

@@ -70,7 +70,7 @@ def test_solver_meets_the_exhaustive_optimum_on_small_dags(seed):
     everything = model_peak(problem, {v: Decision.KEEP for v in problem.decidable})
     for fraction in (0.0, 0.25, 0.5, 1.0):
         budget = int(least + fraction * (everything - least))
-        solution = solve(problem, budget, DEVICE, block_templates=0)  # the flat model: the reference
+        solution = solve(problem, budget, DEVICE, block_templates=0, step_gap=0)  # the flat model, proven: the reference
         assert solution.status == "OPTIMAL" and solution.gap < 1e-6
         assert solution.model_peak_bytes <= budget
         extra = solution.objective_s - problem.base_compute_s
@@ -96,8 +96,8 @@ def test_block_templates_against_the_flat_model_on_small_graphs(seed, templates)
     everything = model_peak(problem, {v: Decision.KEEP for v in problem.decidable})
     for fraction in (0.0, 0.1, 0.5, 1.0):
         budget = int(flat_least.model_peak_bytes + fraction * (everything - flat_least.model_peak_bytes))
-        flat = solve(problem, budget, DEVICE, block_templates=0)
-        patterned = solve(problem, budget, DEVICE, block_templates=templates)
+        flat = solve(problem, budget, DEVICE, block_templates=0, step_gap=0)
+        patterned = solve(problem, budget, DEVICE, block_templates=templates, step_gap=0)
         assert patterned.model_peak_bytes <= budget
         assert patterned.objective_s >= flat.objective_s - 1e-12
         if patterned.templates:
@@ -174,14 +174,26 @@ def keep_all(problem):
     return {v: Decision.KEEP for v in problem.saved}
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_search_stopped_at_its_step_gap_is_that_close_to_the_proven_optimum(seed):
+    problem = build_problem(transformer_like_dag(blocks=3, ops_per_block=5, seed=seed))
+    budget = (least_budget(problem, DEVICE).model_peak_bytes + model_peak(problem, keep_all(problem))) // 2
+    proven = solve(problem, budget, DEVICE, step_gap=0)
+    assert proven.status == "OPTIMAL" and proven.gap < 1e-6
+    for step_gap in (0.2, 0.02):
+        early = solve(problem, budget, DEVICE, step_gap=step_gap)
+        assert early.model_peak_bytes <= budget
+        assert proven.objective_s - 1e-12 <= early.objective_s <= proven.objective_s + step_gap * problem.base_compute_s
+
+
 def test_a_solve_cut_by_its_work_limit_returns_the_same_schedule_under_load():
     """The limit is CP-SAT's deterministic time, not the clock: two busy processes change nothing."""
     problem = build_problem(transformer_like_dag(**UNPROVEN))
     budget = model_peak(problem, keep_all(problem)) // 2
-    quiet = solve(problem, budget, DEVICE, work_limit=0.02)
+    quiet = solve(problem, budget, DEVICE, work_limit=0.02, step_gap=0)
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
-        loaded = solve(problem, budget, DEVICE, work_limit=0.02)
+        loaded = solve(problem, budget, DEVICE, work_limit=0.02, step_gap=0)
     finally:
         for hog in hogs:
             hog.kill()

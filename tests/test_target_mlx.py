@@ -257,3 +257,25 @@ def test_smollm2_mlx_driver_matches_autograd(smollm2, smollm2_mebp, smollm2_plan
     assert result.flash_bytes_written > 0
     assert len(part.manifest.stages) == 63 and len(facts) <= 12  # the 30 blocks share their files
     assert max(f["stages"] for f in facts.values()) >= 15
+
+
+def test_exported_head_backward_keeps_each_int4_decode_apart(tmp_path):
+    """MLX's export merges equal subgraphs: the head backward decodes each vocabulary slice's
+    INT4 rows twice (the recomputed forward and the backward), and merged they were one decode
+    held across the whole stage. The exported graph keeps every decode of the fx stage."""
+    import mlx.core as mx
+
+    model = lora_model("tiny-llama", r=4)
+    batch = random_batch(model.config.vocab_size, batch=1, seq=16)
+    plan = mebp_compiler.compile(model, batch, "mebp", int4=True, group_size=32, vocab_slices=4)
+    part = partition(plan.graph, model="tiny-llama", target="mlx")
+    stage = next(s for s in part.stages if s.spec.kind == "head_backward")
+    decodes = [n for n in stage.module.graph.nodes if n.target is quantize.dequantize_int4_rows]
+    assert len(decodes) == 8  # 4 slices, each decoded for the recompute and for the backward
+    values = part.manifest.values
+    inputs = [torch.zeros(values[n].shape, dtype=getattr(torch, values[n].dtype)) for n in stage.spec.inputs]
+    path = mlx_target.export_stage(stage.module, inputs, tmp_path / "head")
+    args = [mx.array(x.numpy()) for x in inputs]
+    mx.export_to_dot(str(tmp_path / "head.dot"), *mx.import_function(str(path))(*args))
+    # one right shift per decode (its high nibbles); merged decodes left 5 (4 slices + another op's)
+    assert (tmp_path / "head.dot").read_text().count('label ="RightShift"') >= len(decodes)

@@ -147,12 +147,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mebp_compiler.targets import TargetUnavailableError
     from mebp_compiler.targets.fx_stage import UnsupportedStageOpError
     from mebp_compiler.targets.native_driver import NativeDriverError
+    from mebp_compiler.app.tensorboard_log import TensorBoardMissing
 
     # ValueError covers the project's own input errors (CaptureError, BudgetInfeasible, ManifestError,
     # ScheduleNotFound, ...), OSError the files (OffloadError), MemoryError InsufficientMemory,
     # FloatingPointError NonFiniteStep.
     return (ValueError, OSError, MemoryError, FloatingPointError, TargetUnavailableError, UnsupportedStageOpError,
-            NativeDriverError)
+            NativeDriverError, TensorBoardMissing)
 
 
 def _report(command: str, exc: Exception) -> int:
@@ -432,7 +433,8 @@ def _check_train(args) -> None:
                          "--grad-accum": args.grad_accum != 1, "--lr-schedule": args.lr_schedule != "constant",
                          "--warmup-steps": args.warmup_steps != 0, "--eval-every": args.eval_every != 0,
                          "--checkpoint-every": args.checkpoint_every != 0, "--resume": args.resume is not None,
-                         "--buckets": args.buckets != 0}
+                         "--buckets": args.buckets != 0, "--baselines": args.baselines,
+                         "--tensorboard": args.tensorboard is not None}
         given = [flag for flag, is_given in backprop_only.items() if is_given]
         if given:
             raise UsageError(f"--method mezo evaluates the model's plain forward and updates by SGD: "
@@ -447,6 +449,18 @@ def _check_train(args) -> None:
     if args.resume is not None and args.fuse_update:
         raise UsageError("--resume restores the optimizer beside the step, and --fuse-update runs it inside the "
                          "step: drop --fuse-update")
+    if args.tensorboard is not None:
+        from mebp_compiler.app.tensorboard_log import TensorBoardMissing, check_available
+
+        if Path(args.tensorboard).exists() and not Path(args.tensorboard).is_dir():
+            raise UsageError(f"--tensorboard {args.tensorboard} is a file, not a directory")
+        try:
+            check_available()
+        except TensorBoardMissing as exc:
+            raise UsageError(str(exc)) from None
+    if args.baselines and args.buckets:
+        raise UsageError("--baselines measures the step of one batch shape, and --buckets compiles one per length: "
+                         "drop one of them")
     if args.buckets and not str(args.data).lower().endswith(".jsonl"):
         raise UsageError(f"--buckets pads the records of a .jsonl file to a few lengths, and --data {args.data} is "
                          "plain text, packed into blocks of --seq-len already: drop --buckets or give such a file")
@@ -640,6 +654,13 @@ def _add_train(sub, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order, random init and MeZO direction seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: runs/train-MODEL)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="write loss, lr, held bytes and step time per step (and each evaluation) to DIR with "
+                        "torch.utils.tensorboard; needs the tensorboard package (the 'tensorboard' extra)")
+    p.add_argument("--baselines", action="store_true",
+                   help="before compiling, run the first batch's step as eager autograd and with transformers' "
+                        "gradient checkpointing, measure what each needs (parameters + allocator peak of the "
+                        "step) and print it beside what the plan held; marked in --out/memory.png")
     p.set_defaults(run=_run_train, check=_check_train)
 
 
@@ -974,7 +995,7 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
-    from mebp_compiler.app.compare import StudySettings
+    from mebp_compiler.app.study_settings import StudySettings
 
     d = StudySettings()
     p = sub.add_parser(
@@ -1032,7 +1053,7 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
 
 
 def _compare_settings(args):
-    from mebp_compiler.app.compare import StudySettings
+    from mebp_compiler.app.study_settings import StudySettings
 
     return StudySettings(
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, mezo_steps=args.mezo_steps,
@@ -1112,6 +1133,7 @@ def _run_train(args) -> int:
     _say(f"data: {args.data} -> {what}" + (f", {len(heldout[0])} held-out blocks evaluated" if heldout else ""))
     _say(f"loading {args.model} ...")
     model = _load_lora_model(args)
+    baselines = []
 
     if args.buckets:
         from mebp_compiler.plan_cache import PlanCache
@@ -1119,10 +1141,11 @@ def _run_train(args) -> int:
         _say(f"compiling a training step (policy {_policy(args)}) per length, on its first batch")
         plan = PlanCache(model, _policy(args), _compile_options(args, _policy(args)), max_shapes=len(buckets))
     else:
+        example = next(stream())
+        baselines = _measure_baselines(model, example) if args.baselines else []
         what = "forward-only step (MeZO)" if mezo else f"training step (policy {_policy(args)})"
         _say(f"compiling the {what} ...")
         start = time.perf_counter()
-        example = next(stream())
         if mezo:
             from mebp_compiler.app.mezo import compile_mezo, train_mezo
 
@@ -1141,13 +1164,17 @@ def _run_train(args) -> int:
     else:
         history = _train_backprop(args, plan, stream, ids, labels, heldout, resumed, out)
     shapes = {"compiled_shapes": [list(p.batch_shape) for p in plan.plans.values()]} if args.buckets else {}
+    measured = {"baselines": [b.to_json() for b in baselines]} if baselines else {}
 
     method = "MeZO" if mezo else f"policy {_policy(args)}"
     with run.replace() as staging:
         save_adapter(model, staging / "adapter")
         plot_loss(history, staging / "loss.png", title=f"{args.model}, LoRA r={args.lora_r}, {method}")
+        if not (mezo or args.buckets):
+            _plot_step_memory(plan, args, baselines, staging / "memory.png")
         atomic_write_json(staging / "history.json", {"args": _jsonable(vars(args)), **history.to_json(),
-                                                      "predicted_peak_bytes": plan.predicted_peak_bytes, **shapes})
+                                                      "predicted_peak_bytes": plan.predicted_peak_bytes, **shapes,
+                                                      **measured})
         if args.checkpoint_every:
             os.replace(out / "checkpoint", staging / "checkpoint")  # the last step's, written by _train_backprop
     done = history.loss[len(history.loss) - (args.steps - (resumed.step if resumed else 0)):]
@@ -1156,14 +1183,57 @@ def _run_train(args) -> int:
     _say(f"loss {first:.3f} -> {last:.3f} (mean of first and last {k} steps); "
          f"held peak {format_bytes(max(history.held_peak_bytes))}, predicted "
          f"{format_bytes(plan.predicted_peak_bytes)}")
+    if baselines:
+        _say_memory_comparison(plan, args, baselines, max(history.held_peak_bytes))
     _say(f"wrote {out / 'adapter'}/, {out / 'loss.png'}, {out / 'history.json'}"
          + (f", {out / 'checkpoint'}/" if args.checkpoint_every else ""))
+    if not (mezo or args.buckets):
+        _say(f"memory over the step: {out / 'memory.png'}")
     return 0
 
 
+def _measure_baselines(model, batch):
+    """`baselines.measure_baselines` of the first batch, with a line saying so."""
+    from mebp_compiler.app.baselines import measure_baselines
+
+    _say("measuring the same step as eager autograd and with transformers' gradient checkpointing ...")
+    return measure_baselines(model, batch)
+
+
+def _say_memory_comparison(plan, args, baselines, held_peak: int) -> None:
+    """The plan's held peak beside what eager autograd and gradient checkpointing were measured to need."""
+    from mebp_compiler.ir import format_bytes
+
+    shape = " x ".join(str(n) for n in plan.batch_shape)
+    _say(f"memory of one training step (batch {shape} tokens; measured in this run on the first batch):")
+    width = max(len(b.label) for b in baselines)
+    for b in baselines:
+        _say(f"  {b.label:<{width}}  {format_bytes(b.total_bytes):>10}  (parameters {format_bytes(b.parameter_bytes)}"
+             f" + the step's tensors {format_bytes(b.step_peak_bytes)}, allocator peak)")
+    extra = "" if plan.fused_update or not plan.optimizer_state_bytes else (
+        f", + {format_bytes(plan.optimizer_state_bytes)} {plan.optimizer} state beside the step")
+    budget = f", budget {format_bytes(args.budget)}" if args.budget else ""
+    if plan.weights is not None:
+        budget += "; its INT4 weights are memory-mapped, read from the file, not held"
+    _say(f"  {'mebp-compiler, policy ' + _policy(args):<{width}}  {format_bytes(held_peak):>10}  (held by the "
+         f"runtime, most of any step; predicted {format_bytes(plan.predicted_peak_bytes)}{budget}{extra})")
+
+
+def _plot_step_memory(plan, args, baselines, path: Path) -> None:
+    """--out/memory.png: the plan's predicted memory over the step, the budget and the measured baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mebp_compiler.app.plots import save_memory_plot
+
+    save_memory_plot({_policy(args): plan.profile}, path, budget_bytes=args.budget,
+                     title=f"{args.model}, batch {' x '.join(str(n) for n in plan.batch_shape)}: memory over one step",
+                     baselines={b.name: b.total_bytes for b in baselines})
+
+
 def _add_federate(sub, debug: argparse.ArgumentParser) -> None:
-    from mebp_compiler.app.models import MODEL_NAMES
-    from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
+    from mebp_compiler.app.model_names import MODEL_NAMES
+    from mebp_compiler.passes.scheduler.limits import DEFAULT_WORK_LIMIT
 
     p = sub.add_parser(
         "federate", parents=[debug], help=COMMANDS["federate"][0],
@@ -1391,6 +1461,13 @@ def _train_backprop(args, plan, stream, ids, labels, heldout, resumed, out: Path
         history.evals.append({"step": step, **result.to_json()})
         _say(f"step {step}: held-out {result.describe()}")
 
+    log = None
+    if args.tensorboard is not None:
+        from mebp_compiler.app.tensorboard_log import StepLog
+
+        log = StepLog(args.tensorboard)
+        _say(f"TensorBoard: writing to {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
+
     def on_step(step: int, history) -> None:
         if heldout is not None and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             measure(step, history)
@@ -1398,13 +1475,20 @@ def _train_backprop(args, plan, stream, ids, labels, heldout, resumed, out: Path
             checkpoint.save(out / "checkpoint", step=step, batches_consumed=step * args.grad_accum,
                             settings=settings, lora=lora, optimizer=optimizer, scheduler=scheduler,
                             history=history.to_json())
+        if log is not None:
+            log.log_step(step, history)
 
     if heldout is not None and args.eval_every and history is None:
         history = TrainHistory(start_lora_norm=lora_norm(lora.values()))
         measure(0, history)
     batches = stream(skip=start * args.grad_accum)
-    return train(plan, batches, args.steps, optimizer, progress=not args.no_progress, accumulate=args.grad_accum,
-                 scheduler=scheduler, on_step=on_step, start_step=start, history=history)
+    try:
+        return train(plan, batches, args.steps, optimizer, progress=not args.no_progress,
+                     accumulate=args.grad_accum, scheduler=scheduler, on_step=on_step, start_step=start,
+                     history=history)
+    finally:
+        if log is not None:
+            log.close()
 
 
 def _run_plan(args) -> int:
@@ -1467,6 +1551,51 @@ def _jsonable(d: dict) -> dict:
 
 
 #: Command name -> (one-line summary for `mebp --help`, the function that builds its arguments).
+def _add_calibrate(sub, debug: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "calibrate", parents=[debug], help=COMMANDS["calibrate"][0],
+        description="Measure this machine for the scheduler's cost model and write a device profile (JSON): "
+                    "the rate of each op class (matmul FLOP/s; bytes per second of reductions, data movement and "
+                    "element-wise ops) timed op by op in a real-size training step, the per-op overhead, the "
+                    "rates of writing offloaded tensors to a file on disk and reading them back, and the INT4 "
+                    "decode rate. Times are process CPU seconds, medians of --rounds; other jobs on the machine "
+                    "still slow it down (caches, memory bandwidth), so calibrate on a quiet machine. Then pass "
+                    "the file to --device of compile, plan and train.",
+        epilog="example: mebp calibrate --out cpu-here.json && mebp plan --device cpu-here.json --budget 700MB",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="device-profile.json", metavar="FILE",
+                   help="profile to write, atomically (default: %(default)s)")
+    p.add_argument("--name", default=None, help="the profile's name (default: the file's stem)")
+    p.add_argument("--model", type=_model, default="smollm2-135m", metavar="NAME|PATH",
+                   help="model whose LoRA training step is timed (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step (default: %(default)s)")
+    p.add_argument("--rounds", type=_positive, default=5,
+                   help="timed repetitions of each measurement; the median is kept (default: %(default)s)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="directory on the disk offloaded tensors go to (default: the --out file's directory)")
+    p.add_argument("--offload-mib", type=_positive, default=64,
+                   help="MiB written and read back per offload round (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_calibrate, check=_check_calibrate)
+
+
+def _check_calibrate(args) -> None:
+    out = Path(args.out)
+    if out.is_dir() or not out.resolve().parent.is_dir():
+        raise UsageError(f"--out {args.out} must be a file in an existing directory")
+    if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
+        raise UsageError(f"--offload-dir {args.offload_dir} is not a directory; create it or choose another")
+
+
+def _run_calibrate(args) -> int:
+    from mebp_compiler.app import calibrate
+
+    return calibrate.run_command(args)
+
+
 COMMANDS = {
     "train": ("LoRA fine-tuning under a memory plan (default: a short SmolLM2-135M demo)", _add_train),
     "eval": ("held-out loss, perplexity and next-token accuracy of a model, with or without an adapter", _add_eval),
@@ -1478,6 +1607,7 @@ COMMANDS = {
                 _add_compare),
     "run": ("train with an artifact directory written by `mebp compile --target`", _add_run),
     "federate": ("federated LoRA fine-tuning on Flower, each client under its own budget", _add_federate),
+    "calibrate": ("measure this machine's op, offload and decode rates and write a device profile", _add_calibrate),
 }
 
 

@@ -35,7 +35,7 @@ from mebp_compiler.files import atomic_write_bytes, atomic_write_text, fsync_dir
 
 CHECKSUMS_FILE = "SHA256SUMS"
 #: What a train run directory holds (`mebp train --out`).
-TRAIN_ENTRIES = ("adapter", "history.json", "loss.png", "checkpoint")
+TRAIN_ENTRIES = ("adapter", "history.json", "loss.png", "memory.png", "checkpoint")
 #: What a federated run directory holds (`mebp federate --out`).
 FEDERATE_ENTRIES = ("adapter", "history.json")
 #: What a compile directory holds (`mebp compile -o`, with or without --target).

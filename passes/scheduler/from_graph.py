@@ -12,10 +12,10 @@ from __future__ import annotations
 import operator
 
 import networkx as nx
-import torch
 
 from mebp_compiler.device import DeviceProfile
-from mebp_compiler.ir import UNHELD_ROLES, Phase, Role, TensorInfo, TrainingGraph
+from mebp_compiler.ir import UNHELD_ROLES, Phase, Role, TrainingGraph
+from mebp_compiler.passes.cost import op_seconds
 from mebp_compiler.passes.liveness import storage_keys
 
 
@@ -60,27 +60,3 @@ def training_dag(graph: TrainingGraph, device: DeviceProfile) -> nx.DiGraph:
                     if arg_key in owner:
                         dag.add_edge(owner[arg_key], name)
     return dag
-
-
-def op_seconds(node: torch.fx.Node, ti: TensorInfo, device: DeviceProfile) -> float:
-    """Seconds of one op on `device`: arithmetic- or memory-bound; a view moves nothing.
-
-    Decompressing an INT4 weight also reads it from flash and decompresses it
-    (`DeviceProfile.decompress_s`): what keeping a decompressed weight instead saves.
-    """
-    if ti.is_view or ti.phase == Phase.INPUT:
-        return 0.0
-    seconds = device.compute_s(ti.flops, _bytes_moved(node, ti))
-    if ti.role == Role.DEQUANTIZED:
-        seconds += device.decompress_s(sum(ti.output_nbytes) / 8)  # 4 of 32 bits per weight
-    return seconds
-
-
-def _bytes_moved(node, ti) -> int:
-    """Bytes an op reads and writes: its inputs' and outputs' tensor sizes (not their storages)."""
-    total = sum(ti.output_nbytes)
-    for arg in node.all_input_nodes:
-        val = arg.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            total += val.numel() * val.element_size()
-    return total

@@ -220,13 +220,14 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
                     | {held_until[v] + 1 for v in decidable} | {group[v] + 1 for v in decidable}
                     | {materialized_from[v] for v in decidable} | {0, len(forward)} | set(restore_of_run))
     events = [e for e in events if e < end]
+    kept_at = _members_by_event(events, list(decidable), kept_from, held_until)
+    materialized_at = _members_by_event(events, [v for v in decidable if v not in transient], materialized_from,
+                                        held_until)
     intervals = []
     for i, start in enumerate(events):
         stop = events[i + 1] if i + 1 < len(events) else end
         peak = max(range(start, stop), key=fixed.__getitem__)
-        kept = [v for v in decidable if kept_from[v] <= start <= held_until[v]]
-        materialized = [v for v in decidable if materialized_from[v] <= start <= held_until[v] and v not in transient]
-        intervals.append(Checkpoint(peak, fixed[peak], kept, materialized, for_recomputation(start)))
+        intervals.append(Checkpoint(peak, fixed[peak], kept_at[i], materialized_at[i], for_recomputation(start)))
     checkpoints = _drop_dominated(intervals) + _restore_phases(decidable, group, held_until, kept_from,
                                                                transient | just_in_time, materialized_from,
                                                                fwd_users, fixed, for_recomputation)
@@ -309,6 +310,16 @@ def _restore_phases(decidable, group, held_until, kept_from, transient, material
             here = [u for u in vs[: i + 1] if u not in transient or last_consumer[u] >= i]
             out.append(Checkpoint(restore, fixed[restore], kept, earlier + here, held))
     return out
+
+
+def _members_by_event(events: list[int], tensors: list[str], first: dict[str, int], last: dict[str, int]) -> list[list[str]]:
+    """For each event position, the tensors (in the given order) with first[v] <= position <= last[v]:
+    each tensor is placed in its own run of events (bisected), not tested against every event."""
+    members: list[list[str]] = [[] for _ in events]
+    for v in tensors:
+        for i in range(bisect.bisect_left(events, first[v]), bisect.bisect_right(events, last[v])):
+            members[i].append(v)
+    return members
 
 
 def _drop_dominated(intervals: list[Checkpoint]) -> list[Checkpoint]:

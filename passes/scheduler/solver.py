@@ -38,7 +38,7 @@ from ortools.sat.python import cp_model
 
 from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
-from mebp_compiler.passes.scheduler.limits import DEFAULT_WORK_LIMIT
+from mebp_compiler.passes.scheduler.limits import DEFAULT_STEP_GAP, DEFAULT_WORK_LIMIT
 from mebp_compiler.passes.scheduler.problem import Checkpoint, HeldForRecomputation, SchedulingProblem
 from mebp_compiler.schedule import Decision
 
@@ -99,7 +99,7 @@ class Solution:
     objective_s: float  # predicted step time
     bound_s: float  # proven lower bound on the step time (same model)
     model_peak_bytes: int  # the model's (upper-bound) peak for these decisions
-    status: str  # OPTIMAL (proven), FEASIBLE, or FEASIBLE (...) saying where the decisions came from
+    status: str  # OPTIMAL (proven), FEASIBLE, or FEASIBLE (...) saying where the decisions came from or why it stopped
     solve_s: float  # wall-clock seconds, for reports only: nothing depends on it
     work: float = 0.0  # CP-SAT deterministic time the solve used
     start: str | None = None  # the fitting known schedule the search had to beat (None: none fitted)
@@ -162,8 +162,10 @@ def solve(
     offload: bool = True,
     progress: ProgressCallback | None = None,
     block_templates: int = DEFAULT_BLOCK_TEMPLATES,
+    step_gap: float = DEFAULT_STEP_GAP,
 ) -> Solution:
-    """Least-time decisions whose modelled peak fits `budget_bytes`, the best found within `work_limit`.
+    """Least-time decisions whose modelled peak fits `budget_bytes`, the best found within `work_limit`,
+    or the first proven within `step_gap` x the plain step's predicted time of the optimum (0: prove it).
 
     `starts` names known schedules (e.g. {"mebp": MeBP's decisions}, completed as
     `complete_decisions` does); of them and keep-all, the fastest that fits is returned
@@ -189,13 +191,14 @@ def solve(
     clock = time.perf_counter()
     work = 0.0
     for templates in range(1, block_templates + 1) if problem.equal_blocks else ():
-        patterned = _search(problem, budget_bytes, device, work_limit, starts, offload, progress, templates)
+        patterned = _search(problem, budget_bytes, device, work_limit, starts, offload, progress, templates,
+                            step_gap)
         if patterned.solution is not None:
             patterned.solution.work += work
             patterned.solution.solve_s = time.perf_counter() - clock
             return patterned.solution
         work += patterned.work
-    flat = _search(problem, budget_bytes, device, work_limit, starts, offload, progress, templates=0)
+    flat = _search(problem, budget_bytes, device, work_limit, starts, offload, progress, 0, step_gap)
     if flat.solution is not None:
         flat.solution.work += work
         flat.solution.solve_s = time.perf_counter() - clock
@@ -227,7 +230,7 @@ class _Search:
 
 def _search(problem: SchedulingProblem, budget_bytes: int, device: DeviceProfile, work_limit: float,
             starts: Mapping[str, Mapping[str, Decision]] | None, offload: bool,
-            progress: ProgressCallback | None, templates: int) -> _Search:
+            progress: ProgressCallback | None, templates: int, step_gap: float) -> _Search:
     model, var, costs = _build(problem, device, offload, templates)
     for expr in _add_memory(model, problem, var):
         model.Add(expr <= int(budget_bytes))
@@ -240,6 +243,8 @@ def _search(problem: SchedulingProblem, budget_bytes: int, device: DeviceProfile
     # optimum within 0.01% unhinted).
     start = min(fitting, key=lambda t: t[0]) if fitting else None  # ties: the first named
     solver = _solver(work_limit)
+    if step_gap > 0:
+        solver.parameters.absolute_gap_limit = step_gap * costs.base_ns
     reporter = _Reporter(progress, "least time" + _templates_label(templates), costs.base_ns,
                          work_limit, None if start is None else start[0])
     status = reporter.solve(solver, model)
@@ -248,6 +253,8 @@ def _search(problem: SchedulingProblem, budget_bytes: int, device: DeviceProfile
     found = status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
     if found and (start is None or solver.ObjectiveValue() <= start[0]):
         decisions, objective_ns, status_name = _read(solver, var), solver.ObjectiveValue(), solver.StatusName(status)
+        if status == cp_model.OPTIMAL and objective_ns > bound_ns:  # CP-SAT calls a search ended by its gap optimal
+            status_name = "FEASIBLE (within the step gap)"
     elif start is not None:
         decisions, objective_ns = start[2], start[0]
         status_name = "OPTIMAL" if objective_ns <= bound_ns else f"FEASIBLE (start {start[1]})"
