@@ -491,7 +491,7 @@ def _decode_gguf(blocks: mx.array, kind: str) -> mx.array:
 
 
 def _dequantize_gguf(ctx, blocks, kind, dtype=torch.float32, **_):
-    return _decode_gguf(blocks, kind).astype(mx_dtype(dtype))
+    return _decode_gguf(_distinct(blocks, ctx), kind).astype(mx_dtype(dtype))
 
 
 def _dequantize_gguf_rows(ctx, blocks, kind, start, end, dtype=torch.float32, **_):
