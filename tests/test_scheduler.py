@@ -7,6 +7,7 @@ import itertools
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -273,6 +274,43 @@ def test_the_cli_says_in_one_line_when_no_schedule_was_found_within_the_work_lim
     err = capsys.readouterr().err.strip().splitlines()
     assert "did not prove" in err[-1] and "--work-limit" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_model_peak_from_index_arrays_is_the_largest_checkpoint_sum(seed):
+    """model_peak (index arrays of the checkpoints) against each checkpoint's terms summed one by one."""
+    import random
+
+    from mebp_compiler.passes.scheduler.solver import _held_at
+
+    problem = build_problem(random_layered_dag(layers=5, width=3, seed=seed))
+    rng = random.Random(seed)
+    for _ in range(20):
+        decisions = {v: rng.choice(list(Decision)) for v in problem.decidable if rng.random() < 0.9}
+        assert model_peak(problem, decisions) == max(_held_at(problem, c, decisions) for c in problem.checkpoints)
+
+
+@pytest.mark.parametrize("peak", [False, True])
+def test_a_memory_row_is_written_as_model_add_writes_it(peak):
+    """Repeated variables summed, zero coefficients dropped, sorted by variable; <= a budget or a peak."""
+    from ortools.sat.python import cp_model
+
+    from mebp_compiler.passes.scheduler.solver import _add_at_most
+
+    models = []
+    for direct in (False, True):
+        model = cp_model.CpModel()
+        xs = [model.NewBoolVar(f"x{i}") for i in range(6)]
+        top = model.NewIntVar(0, 10**9, "peak") if peak else None
+        picks, coefs, fixed = [4, 1, 4, 0, 5, 2], [7, 3, 5, 0, 11, 2], 13
+        if direct:
+            extra = [top.Index()] if peak else []
+            _add_at_most(model, np.array([xs[i].Index() for i in picks] + extra, dtype=np.int64),
+                         np.array(coefs + [-1] * len(extra), dtype=np.int64), -fixed if peak else 100 - fixed)
+        else:
+            model.Add(cp_model.LinearExpr.WeightedSum([xs[i] for i in picks], coefs) + fixed <= (top if peak else 100))
+        models.append(str(model.proto))
+    assert models[0] == models[1]
 
 
 def test_a_dag_out_of_order_is_refused():
