@@ -14,7 +14,9 @@ in Hugging Face order, see `_unpermute_rows`), and the ops below decode a weight
 before an op reads it, as `passes.quantize` does for its INT4. They decode in fp32 with
 gguf-py's order of operations, so a decoded weight equals, bit for bit, the float weight
 transformers loads from the same file: a step over the blocks is exact to autograd on
-the model as loaded. A model loaded in bfloat16 or float16 (transformers decodes to fp32,
+the model as loaded. The decode reinterprets no bytes (ONNX cannot), so the ONNX target
+exports these very ops (`targets/mlx.py` and `targets/coreml.py` mirror them), and a
+driver only maps the blocks. A model loaded in bfloat16 or float16 (transformers decodes to fp32,
 then casts) gets the decoded weight cast to its dtype the same way (`dtype=`).
 """
 
@@ -39,17 +41,46 @@ def dequantize_gguf(blocks: torch.Tensor, kind: str, dtype: torch.dtype = torch.
 
 
 def _decode(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """The fp32 weight of `blocks`, in gguf-py's order of operations."""
+    """The fp32 weight of `blocks`, in gguf-py's order of operations, with integer arithmetic only.
+
+    No byte reinterpretation (`view(dtype)`): ONNX has none, so the fp16 scales are decoded
+    from their two bytes (`half_to_float`) and Q8_0's signed codes cast from their unsigned byte.
+    Every step is exact (integers below 2**24 and products by powers of two in fp32) except
+    gguf-py's own `d * q` and `+ m`, done in the same order, so the weight is its bit for bit.
+    """
     rows = blocks.shape[0]
     cells = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
-    scale = cells[..., 0:2].contiguous().view(torch.float16).to(torch.float32)
-    if kind == "q8_0":
-        weight = cells[..., 2:].contiguous().view(torch.int8).to(torch.float32)
-        return weight.mul_(scale).reshape(rows, -1)
-    minimum = cells[..., 2:4].contiguous().view(torch.float16).to(torch.float32)
+    scale = half_to_float(cells[..., 0:1], cells[..., 1:2])
+    if kind == "q8_0":  # uint8 -> int8 wraps (two's complement), as in ONNX's Cast and MLX's astype
+        return cells[..., 2:].to(torch.int8).to(torch.float32).mul_(scale).reshape(rows, -1)
+    minimum = half_to_float(cells[..., 2:3], cells[..., 3:4])
     codes = cells[..., 4:]
-    weight = torch.cat((codes & 0x0F, codes >> 4), dim=-1).to(torch.float32)
+    # low nibbles, then the high ones as (byte & 0xF0) / 16, exact in fp32 (ONNX mistypes uint8 shifts)
+    weight = torch.cat(((codes & 0x0F).to(torch.float32), (codes & 0xF0).to(torch.float32).mul_(1 / 16)), dim=-1)
     return weight.mul_(scale).add_(minimum).reshape(rows, -1)
+
+
+#: 2**(e - 25) for each fp16 exponent field e = 1..31 (2**-24 for e = 0, the subnormals): the
+#: weight of the 11-bit significand (1024 + mantissa, or the mantissa alone for a subnormal).
+_HALF_POWERS = torch.tensor([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=torch.float32)
+
+
+def half_to_float(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Graph-safe fp16 -> fp32: the IEEE half whose little-endian bytes are `low`, `high` (uint8), as fp32.
+
+    sign = bit 7 of `high`, exponent e = its bits 2..6, mantissa = its bits 0..1 and `low`; the
+    value is (1024 + mantissa) * 2**(e - 25), a subnormal's mantissa * 2**-24, and e = 31 is
+    infinity (mantissa 0) or NaN, as numpy's `astype(float32)` of the half gives. Every fp16 is
+    exact in fp32 and each product is an integer below 2**11 times a power of two, so the result
+    is the conversion's bit for bit (NaN payloads aside).
+    """
+    high = high.to(torch.int32)
+    exponent = (high // 4) % 32
+    mantissa = ((high % 4) * 256 + low.to(torch.int32)).to(torch.float32)
+    significand = torch.where(exponent > 0, mantissa + 1024, mantissa)
+    magnitude = significand * _HALF_POWERS[exponent.long()]
+    magnitude = torch.where(exponent == 31, torch.where(mantissa == 0, torch.inf, torch.nan), magnitude)
+    return torch.where(high >= 128, -magnitude, magnitude)
 
 
 def dequantize_gguf_rows(blocks: torch.Tensor, kind: str, start: int, end: int,

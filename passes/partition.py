@@ -246,7 +246,7 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "",
     boundary, or if the plan was compiled with an option the stages do not carry.
     """
     nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
-    _refuse_unsupported_options(graph, nodes)
+    _refuse_unsupported_options(graph)
     plan_peak = liveness(graph).peak_bytes
     fused = any(n.target is fuse_update.apply_lora_update for n in nodes)
     if fused:
@@ -352,24 +352,17 @@ def _vocab_size(nodes: list[fx.Node]) -> int:
     from mebp_compiler.passes import quantize
 
     for node in nodes:
-        if node.target in (torch.ops.aten.embedding.default, quantize.embedding_int4):
+        if node.target in (torch.ops.aten.embedding.default, quantize.embedding_int4, quantize.embedding_gguf):
             return int(node.args[0].meta["val"].shape[0])
     return 0
 
 
-def _refuse_unsupported_options(graph: TrainingGraph, nodes: list[fx.Node]) -> None:
-    from mebp_compiler.passes import quantize
-
+def _refuse_unsupported_options(graph: TrainingGraph) -> None:
     half = sorted({graph.info[s.name].dtype for s in graph.inputs if graph.info[s.name].dtype in HALF_DTYPES})
     if half:
         raise PartitionError(f"the plan's model computes in {half[0]}, and the stages, their targets (onnx, mlx, "
                              "coreml) and drivers are built and checked in float32 only; load the model in "
                              "float32 (--dtype float32) to write artifacts, or train it in the CPU runtime")
-    gguf_ops = (quantize.dequantize_gguf, quantize.embedding_gguf, quantize.dequantize_gguf_rows)
-    if any(n.target in gguf_ops for n in nodes):
-        raise PartitionError("the plan keeps a GGUF file's own blocks (gguf_file=, --gguf-blocks): their fp16 "
-                             "scales are read by reinterpreting bytes, which ONNX cannot express; compile with "
-                             "int4=True but without gguf_file to write artifacts")
 
 
 def _stage_keys(graph: TrainingGraph, nodes: list[fx.Node]) -> dict[str, tuple[str, int | None]]:

@@ -44,6 +44,8 @@ SmolLM2-135M, without decomposition):
     backward           _softmax_backward_data, _log_softmax_backward_data, silu_backward,
                        gelu_backward, nll_loss_forward, nll_loss_backward
     INT4 weights       passes.quantize.dequantize_int4, passes.quantize.embedding_int4
+    GGUF blocks        passes.gguf_blocks.dequantize_gguf, dequantize_gguf_rows, embedding_gguf
+                       (Q4_1 / Q8_0 decoded with integer ops, fp16 scales from their bytes)
 
 Any other op raises `UnsupportedStageOpError` naming it.
 """
@@ -70,6 +72,7 @@ import torch
 import torch.fx as fx
 
 from mebp_compiler.passes import quantize
+from mebp_compiler.passes.gguf_blocks import BLOCK_BYTES
 from mebp_compiler.targets import TargetUnavailableError
 from mebp_compiler.targets.fx_stage import (
     OpContext,
@@ -853,6 +856,65 @@ def _embedding_int4(b: _Mil, ctx: OpContext, packed, scales, indices, **_):
     return b.reshape(_dequantize_rows(b, packed_rows, scale_rows), ctx.shape)
 
 
+#: 2**(e - 25) per fp16 exponent field e (2**-24 for the subnormals), as passes.gguf_blocks has it.
+_HALF_POWERS = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
+
+
+def _half_to_float(b: _Mil, low: Var, high: Var) -> Var:
+    """Mirrors passes.gguf_blocks.half_to_float on int32 bytes: an fp16 from its two bytes, exact."""
+    exponent = b.op("mod", x=b.op("floor_div", x=high, y=np.int32(4)), y=np.int32(32))
+    mantissa = b.op("add", x=b.op("mul", x=b.op("mod", x=high, y=np.int32(4)), y=np.int32(256)), y=low)
+    mantissa = b.cast(mantissa, "fp32")
+    significand = b.op("select", cond=b.op("greater", x=exponent, y=np.int32(0)),
+                       a=b.op("add", x=mantissa, y=np.float32(1024)), b=mantissa)
+    magnitude = b.op("mul", x=significand, y=b.op("gather", x=b.const(_HALF_POWERS), indices=exponent, axis=0))
+    special = b.op("select", cond=b.op("equal", x=mantissa, y=np.float32(0)),
+                   a=b.full(mantissa.shape, np.inf, "fp32"), b=b.full(mantissa.shape, np.nan, "fp32"))
+    magnitude = b.op("select", cond=b.op("equal", x=exponent, y=np.int32(31)), a=special, b=magnitude)
+    return b.op("select", cond=b.op("greater_equal", x=high, y=np.int32(128)),
+                a=b.op("mul", x=magnitude, y=np.float32(-1)), b=magnitude)
+
+
+def _decode_gguf(b: _Mil, blocks: Var, kind: str) -> Var:
+    """Mirrors passes.gguf_blocks' decode: the fp32 weight of Q4_1 or Q8_0 blocks, in gguf-py's order."""
+    rows, width = blocks.shape
+    size = BLOCK_BYTES[kind]
+    cells = b.reshape(b.cast(blocks, "int32"), (rows, width // size, size))
+
+    def byte_range(start: int, end: int) -> Var:
+        return b.op("slice_by_index", x=cells, begin=np.array([0, 0, start], dtype=np.int32),
+                    end=np.array([rows, width // size, end], dtype=np.int32))
+
+    scale = _half_to_float(b, byte_range(0, 1), byte_range(1, 2))
+    if kind == "q8_0":
+        codes = b.cast(byte_range(2, size), "fp32")
+        codes = b.op("select", cond=b.op("greater_equal", x=codes, y=np.float32(128)),
+                     a=b.op("sub", x=codes, y=np.float32(256)), b=codes)
+        return b.reshape(b.op("mul", x=codes, y=scale), (rows, -1))
+    minimum = _half_to_float(b, byte_range(2, 3), byte_range(3, 4))
+    codes = byte_range(4, size)
+    codes = b.op("concat", values=[b.op("mod", x=codes, y=np.int32(16)), b.op("floor_div", x=codes, y=np.int32(16))],
+                 axis=-1)
+    weight = b.op("add", x=b.op("mul", x=b.cast(codes, "fp32"), y=scale), y=minimum)
+    return b.reshape(weight, (rows, -1))
+
+
+def _dequantize_gguf(b: _Mil, ctx: OpContext, blocks, kind, dtype=torch.float32, **_):
+    return _decode_gguf(b, blocks, kind)
+
+
+def _dequantize_gguf_rows(b: _Mil, ctx: OpContext, blocks, kind, start, end, dtype=torch.float32, **_):
+    rows = b.op("slice_by_index", x=blocks, begin=np.array([start, 0], dtype=np.int32),
+                end=np.array([end, blocks.shape[1]], dtype=np.int32))
+    return _decode_gguf(b, rows, kind)
+
+
+def _embedding_gguf(b: _Mil, ctx: OpContext, blocks, kind, indices, dtype=torch.float32, **_):
+    flat = b.reshape(b.cast(indices, "int32"), (-1,))
+    rows = b.op("gather", x=b.cast(blocks, "int32"), indices=flat, axis=0)
+    return b.reshape(_decode_gguf(b, rows, kind), ctx.shape)
+
+
 def _identity(b: _Mil, ctx: OpContext, input, **_):
     return input
 
@@ -970,6 +1032,9 @@ _RULES: dict[object, Callable] = {
     # INT4 frozen weights (passes.quantize)
     quantize.dequantize_int4: _dequantize_int4,
     quantize.embedding_int4: _embedding_int4,
+    quantize.dequantize_gguf: _dequantize_gguf,
+    quantize.dequantize_gguf_rows: _dequantize_gguf_rows,
+    quantize.embedding_gguf: _embedding_gguf,
 }
 
 

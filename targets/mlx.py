@@ -29,6 +29,8 @@ decomposition, plus a few close relatives and the INT4 dequantization ops):
     backward           _softmax_backward_data, _log_softmax_backward_data, silu_backward,
                        gelu_backward, nll_loss_forward, nll_loss_backward
     INT4 weights       passes.quantize.dequantize_int4, dequantize_int4_rows, embedding_int4
+    GGUF blocks        passes.gguf_blocks.dequantize_gguf, dequantize_gguf_rows, embedding_gguf
+                       (Q4_1 / Q8_0 decoded with integer ops, fp16 scales from their bytes)
 
 Any other op raises `UnsupportedStageOpError` naming it. Each op's result is cast to the
 dtype torch gives it (from the trace) and its shape is checked against the trace, so a
@@ -51,6 +53,7 @@ import torch.fx as fx
 
 from mebp_compiler.files import atomic_write
 from mebp_compiler.passes import quantize
+from mebp_compiler.passes.gguf_blocks import BLOCK_BYTES
 from mebp_compiler.targets.fx_stage import (
     OpContext,
     StageError,
@@ -510,6 +513,47 @@ def _embedding_int4(ctx, packed, scales, indices, **_):
     return rows.reshape(*indices.shape, rows.shape[-1])
 
 
+_HALF_POWERS = [2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)]
+
+
+def _half_to_float(low: mx.array, high: mx.array) -> mx.array:
+    """Mirrors passes.gguf_blocks.half_to_float: an fp16 from its two bytes, with integer ops and exact products."""
+    high = high.astype(mx.int32)
+    exponent = (high // 4) % 32
+    mantissa = ((high % 4) * 256 + low.astype(mx.int32)).astype(mx.float32)
+    significand = mx.where(exponent > 0, mantissa + 1024, mantissa)
+    magnitude = significand * mx.take(mx.array(_HALF_POWERS, dtype=mx.float32), exponent)
+    magnitude = mx.where(exponent == 31, mx.where(mantissa == 0, math.inf, math.nan), magnitude)
+    return mx.where(high >= 128, -magnitude, magnitude)
+
+
+def _decode_gguf(blocks: mx.array, kind: str) -> mx.array:
+    """Mirrors passes.gguf_blocks' decode: the fp32 weight of GGUF Q4_1 or Q8_0 blocks, in gguf-py's order."""
+    rows = blocks.shape[0]
+    cells = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
+    scale = _half_to_float(cells[..., 0:1], cells[..., 1:2])
+    if kind == "q8_0":  # uint8 -> int8 wraps (two's complement): no float temporary for the sign
+        return (cells[..., 2:].astype(mx.int8).astype(mx.float32) * scale).reshape(rows, -1)
+    minimum = _half_to_float(cells[..., 2:3], cells[..., 3:4])
+    codes = cells[..., 4:]
+    weight = mx.concatenate([codes % 16, codes // 16], axis=-1).astype(mx.float32)
+    return (weight * scale + minimum).reshape(rows, -1)
+
+
+def _dequantize_gguf(ctx, blocks, kind, dtype=torch.float32, **_):
+    return _decode_gguf(_distinct(blocks, ctx), kind).astype(mx_dtype(dtype))
+
+
+def _dequantize_gguf_rows(ctx, blocks, kind, start, end, dtype=torch.float32, **_):
+    return _dequantize_gguf(ctx, blocks[start:end], kind, dtype)
+
+
+def _embedding_gguf(ctx, blocks, kind, indices, dtype=torch.float32, **_):
+    flat = indices.reshape(-1)
+    rows = _dequantize_gguf(ctx, mx.take(blocks, flat, axis=0), kind, dtype)
+    return rows.reshape(*indices.shape, rows.shape[-1])
+
+
 def _arange(ctx, start=0, end=None, step=1, **_):
     if end is None:
         start, end = 0, start
@@ -655,6 +699,10 @@ RULES: dict[object, Callable] = {
     quantize.dequantize_int4: _dequantize_int4,
     quantize.dequantize_int4_rows: _dequantize_int4_rows,
     quantize.embedding_int4: _embedding_int4,
+    # a GGUF file's own Q4_1 / Q8_0 blocks (passes.gguf_blocks)
+    quantize.dequantize_gguf: _dequantize_gguf,
+    quantize.dequantize_gguf_rows: _dequantize_gguf_rows,
+    quantize.embedding_gguf: _embedding_gguf,
 }
 """ATen op (or graph function) -> MLX translation rule."""
 

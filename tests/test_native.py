@@ -19,6 +19,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 import mebp_compiler
+from mebp_compiler.app import models
 from mebp_compiler.checksums import seal_json, sha256_path
 from mebp_compiler.passes.fuse_update import OptimizerSettings
 from mebp_compiler.passes.partition import MANIFEST_FILE, partition
@@ -104,6 +105,37 @@ def test_native_steps_match_autograd_and_adamw(native, name, policy, tmp_path):
     assert result.staged_peak_bytes == manifest.predicted_peak_bytes
     assert result.flash_bytes_written > 0 and result.flash_bytes_read == result.flash_bytes_written
     assert 0 < result.rss_anon_peak_bytes <= result.vm_hwm_bytes
+
+
+def test_native_step_over_gguf_blocks_matches_autograd_on_the_decoded_model(native, tmp_path):
+    """A GGUF file's Q4_1 / Q8_0 blocks (a sliced, tied head over the Q8_0 embedding): the driver
+    only maps the uint8 blocks, the .mlxfn stages decode them; loss and gradients are autograd's
+    on the decoded model, the adapter torch's AdamW step, the held bytes the manifest's."""
+    from tests.test_gguf_blocks import compiled_gguf, write_llama_cpp_file
+    from tests.test_quantize import dequantized_copy
+
+    write_llama_cpp_file(tmp_path / "tiny.gguf", models.load("tiny-llama"))
+    model, batch, plan = compiled_gguf(tmp_path / "tiny.gguf", "mebp")
+    part = partition(plan.graph, model="test")
+    write_artifacts(part, MLX, tmp_path / "artifacts", weights=step_weights(model, part, plan.weights),
+                    progress=False)
+    assert {v.dtype for v in part.manifest.values.values() if v.kind == "mapped"} == {"uint8"}
+    tokens = native_driver.write_tokens(tmp_path / "tokens.bin", [numpy_batch(batch)])
+    out = tmp_path / "lora.safetensors"
+    result = native_driver.run(tmp_path / "artifacts", tokens, out, optimizer="adamw", lr=LR,
+                               offload_dir=str(tmp_path / "flash"), grads_dir=str(tmp_path), driver=native)
+    grads = load_file(tmp_path / "step1.safetensors")
+    assert_matches_autograd(SimpleNamespace(loss=torch.tensor(result.losses[0]), grads=grads),
+                            autograd_reference(dequantized_copy(model, plan), batch))
+    params = {n: p.detach().clone().requires_grad_() for n, p in lora_parameters(model).items()}
+    for n, p in params.items():
+        p.grad = grads[n]
+    make_optimizer(params.values(), "adamw", LR).step()
+    adapter, keys = load_file(out), part.manifest.adapter_keys
+    for n, p in params.items():
+        assert_updated_like_torch(adapter[keys[n]], p.detach())
+    assert result.held_before_bytes == [s.held_before_bytes for s in part.manifest.stages]
+    assert result.staged_peak_bytes == part.manifest.predicted_peak_bytes
 
 
 def test_sgd_step_is_torchs(native, tmp_path):

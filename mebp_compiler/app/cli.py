@@ -482,9 +482,6 @@ def _check_compile(args) -> None:
     if args.target and args.dtype != "float32":
         raise UsageError(f"--target {args.target} exports float32 steps only, and --dtype {args.dtype} was given: "
                          f"its stages and drivers are checked in float32; drop --dtype or --target")
-    if args.target and args.gguf_blocks:
-        raise UsageError("--gguf-blocks is not supported with --target: the GGUF blocks' fp16 scales are read "
-                         "by reinterpreting bytes, which ONNX cannot express; use --int4 instead")
 
 
 def _check_plan(args) -> None:
