@@ -36,6 +36,10 @@ Any other op raises `UnsupportedStageOpError` naming it. Each op's result is cas
 dtype torch gives it (from the trace) and its shape is checked against the trace, so a
 translation that drifts from ATen's semantics fails at export, not on the phone.
 
+Each op of an exported stage runs after the op before it in the stage graph (`mx.depends`
+edges, `_PlanOrder`), the order whose live bytes the plan priced; MLX's own order held every
+vocabulary slice's logits at once.
+
 Limits: shapes are fixed at export (one file per stage shape); numpy cannot hold
 bfloat16, so `load_stage` takes and returns float16/float32/int/bool arrays only.
 """
