@@ -292,7 +292,7 @@ def test_exported_head_runs_in_the_plans_op_order(tmp_path):
     import mlx.core as mx
 
     model = lora_model("tiny-llama", r=4)
-    batch = random_batch(model.config.vocab_size, batch=1, seq=64)
+    batch = random_batch(model.config.vocab_size, batch=1, seq=32)
     plan = mebp_compiler.compile(model, batch, "mebp", int4=True, group_size=32, vocab_slices=8)
     part = partition(plan.graph, model="tiny-llama", target="mlx")
     values = part.manifest.values
