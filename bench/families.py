@@ -52,6 +52,9 @@ PROJECT_TOLERANCE = 1e-5
 SEQ_LEN, BATCH = 16, 2
 VOCAB = 256
 POLICIES = ("none", "mebp", "optimal")
+#: A config that keeps more parameters than this is not built (its fallback levels keep the
+#: family's own sizes; some reach 18-20 GB and were killed by the kernel's OOM killer).
+MAX_PARAMETERS = 200_000_000
 
 #: A small model of any family: the generic names (configs map their own, e.g. GPT-2's n_embd,
 #: through `attribute_map`), and the knobs of MoE, MLA and state-space families.
@@ -155,6 +158,11 @@ def _build(model_type: str, level: str, seed: int):
 
     try:
         config = small_config(model_type, level)
+        with torch.device("meta"):  # a fallback level keeps the family's own sizes: count before building
+            parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        if parameters > MAX_PARAMETERS:
+            return {"status": "not built", "detail": f"the {level} config keeps {parameters / 1e6:.0f}M parameters "
+                                                     f"(more than {MAX_PARAMETERS / 1e6:.0f}M: not small)"}
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         model.train()

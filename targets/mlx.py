@@ -27,7 +27,8 @@ decomposition, plus a few close relatives and the INT4 dequantization ops):
                        constant_pad_nd, slice_backward
     nn                 _softmax, _log_softmax, silu, gelu (none / tanh)
     backward           _softmax_backward_data, _log_softmax_backward_data, silu_backward,
-                       gelu_backward, nll_loss_forward, nll_loss_backward
+                       gelu_backward, nll_loss_forward, nll_loss_backward,
+                       embedding_dense_backward (a trained embedding: `modules_to_save`)
     INT4 weights       passes.quantize.dequantize_int4, dequantize_int4_rows, embedding_int4
     GGUF blocks        passes.gguf_blocks.dequantize_gguf, dequantize_gguf_rows, embedding_gguf
                        (Q4_1 / Q8_0 decoded with integer ops, fp16 scales from their bytes)
@@ -371,6 +372,21 @@ def _slice_backward(ctx, grad_output, input_sizes, dim, start, end, step, **_):
     return out
 
 
+def _embedding_dense_backward(ctx, grad_output, indices, num_weights, padding_idx, scale_grad_by_freq, **_):
+    """ATen's embedding backward: each token's gradient row added into its row of the table
+    (scatter-add, as `embedding_dense_backward` sums repeated tokens); none for `padding_idx`
+    (-1: no padding row). The rows a trained embedding (`modules_to_save`) gets."""
+    if scale_grad_by_freq:
+        raise StageError("the MLX target translates embedding backward without scale_grad_by_freq; "
+                         "build the embedding with scale_grad_by_freq=False")
+    width = grad_output.shape[-1]
+    rows = mx.reshape(grad_output, (-1, width))
+    tokens = mx.reshape(indices, (-1,))
+    if padding_idx >= 0:
+        rows = mx.where(mx.expand_dims(tokens == padding_idx, 1), mx.zeros_like(rows), rows)
+    return mx.zeros((num_weights, width), dtype=grad_output.dtype).at[tokens].add(rows)
+
+
 def _expand(ctx, input, size, **_):
     return mx.broadcast_to(input, ctx.shape)
 
@@ -687,6 +703,7 @@ RULES: dict[object, Callable] = {
     aten.stack.default: lambda ctx, tensors, dim=0, **_: mx.stack([_as(t, ctx.dtype) for t in tensors], axis=dim),
     aten.constant_pad_nd.default: _constant_pad_nd,
     aten.slice_backward.default: _slice_backward,
+    aten.embedding_dense_backward.default: _embedding_dense_backward,
     # nn
     aten._softmax.default: lambda ctx, input, dim, half_to_float=False, **_: mx.softmax(input, axis=dim, precise=True),
     aten._log_softmax.default: _log_softmax,

@@ -210,3 +210,70 @@ def test_cli_trains_in_bfloat16(tmp_path, capsys):
     history = json.loads((out / "history.json").read_text())
     assert history["args"]["dtype"] == "bfloat16"
     assert max(history["held_peak_bytes"]) == history["predicted_peak_bytes"]
+
+
+def _eager_loss_along(model, names, base, batch, seed: int, scale: float) -> torch.Tensor:
+    """Eager forward of a copy of `model` whose LoRA parameters are base + scale * z(seed), with
+    the perturbation computed as MeZO's graph computes it (`mezo.perturbed`)."""
+    from mebp_compiler.app.mezo import perturbed
+
+    other = copy.deepcopy(model)
+    params = dict(other.named_parameters())
+    with torch.no_grad():
+        for index, name in enumerate(names):
+            params[name].copy_(perturbed(base[name], seed, index, scale))
+        return other(**batch).loss
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_mezo_in_half_precision_equals_eager_in_its_dtype_bit_for_bit(name, dtype):
+    """MeZO's forward-only graph runs eager's kernels on eager's values: both perturbed losses,
+    and so the projected gradient, are eager's in the same dtype bit for bit (docs/tolerances.md)."""
+    from mebp_compiler.app.mezo import compile_mezo, mezo_step
+
+    model = half_model(name, dtype)
+    batch = random_batch(model.config.vocab_size)
+    plan = compile_mezo(model, batch)
+    names = list(plan.lora_parameters())
+    base = {n: p.detach().clone() for n, p in plan.lora_parameters().items()}
+    assert torch.equal(plan.loss(batch).loss, model(**batch).loss.detach())
+    plus, minus = (_eager_loss_along(model, names, base, batch, 7, s).item() for s in (1e-2, -1e-2))
+    step = mezo_step(plan, batch, lr=0.0, eps=1e-2, seed=7)
+    assert (step.loss_plus, step.loss_minus) == (plus, minus) and plus != minus
+    assert step.projected_grad == (plus - minus) / 2e-2
+    frozen = [plan.graph.info[s.name] for s in plan.graph.inputs if s.role == Role.FROZEN]
+    assert {t.dtype for t in frozen if t.shape and len(t.shape) == 2} == {str(dtype).removeprefix("torch.")}
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_the_torch_compile_backend_in_half_precision_equals_autograd_bit_for_bit(name, dtype):
+    """The backend's graphs run eager's ATen ops at a budget that makes it recompute: gradients and
+    loss equal eager autograd's in the same dtype bit for bit (docs/tolerances.md)."""
+    from mebp_compiler.backend import MebpBackend
+    from tests.test_backend import compiled_step, least_budget
+
+    torch._dynamo.reset()
+    try:
+        model = half_model(name, dtype)
+        batch = random_batch(model.config.vocab_size)
+        reference = autograd_reference(model, batch)
+        backend = MebpBackend(activation_budget=int(least_budget(model, batch) * 1.05))
+        result = compiled_step(torch.compile(model, backend=backend), model, batch)
+        (graph,) = backend.graphs
+        assert graph.counts()["recompute"] > 0
+        assert_bit_for_bit(result, reference)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_cli_trains_mezo_in_float16(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "tiny-llama", "--seq-len", "32", "--steps", "2", "--no-progress",
+                 "--method", "mezo", "--dtype", "float16", "--out", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history["args"]["dtype"] == "float16" and len(history["loss"]) == 2
+    assert max(history["held_peak_bytes"]) == history["predicted_peak_bytes"]

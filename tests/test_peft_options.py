@@ -21,7 +21,8 @@ from mebp_compiler.offload import OffloadStore
 from mebp_compiler.passes.partition import partition, peft_key
 from mebp_compiler.passes.policies import least_feasible_budget, scheduling_problem
 from mebp_compiler.plan import optimizer_state_bytes
-from mebp_compiler.targets import driver
+from mebp_compiler.targets import driver, load_target
+from mebp_compiler.targets.artifacts import step_weights, write_artifacts
 from tests.conftest import assert_matches_autograd, autograd_reference, random_batch, randomize_lora_b
 from tests.test_exactness import assert_held_matches_prediction
 from tests.test_partition import as_step_result, step_arrays
@@ -204,3 +205,114 @@ def test_cli_refuses_blocks_the_model_lacks(capsys):
     assert main(["train", "--model", "tiny-llama", "--steps", "1", "--lora-layers", "0-3"]) == 2
     err = capsys.readouterr().err
     assert "layers_to_transform" in err and "Traceback" not in err
+
+
+#: Each target's export of a step whose embedding or head trains in full: (target, module, tied
+#: head). A head tied to the embedding trains the embedding's copy (MLX translates its
+#: embedding backward); ONNX exports cost ~3 s of CPU per stage file, so one ONNX case.
+EXPORTED_MODULES = [("mlx", "embed_tokens", False), ("mlx", "lm_head", True), ("onnx", "lm_head", False)]
+
+
+@pytest.mark.parametrize("target_name, module, tie", EXPORTED_MODULES)
+def test_a_module_trained_in_full_exports_and_its_gradient_equals_autograd(target_name, module, tie, tmp_path):
+    """The exported stages return the full copy's gradient (as the CPU runtime does) under the
+    key peft's adapter file gives it, so `mebp run --out` writes what peft loads."""
+    model = placed_model("tiny-llama", tie=tie, target_modules=("q_proj", "v_proj"), modules_to_save=(module,))
+    batch = random_batch(model.config.vocab_size, seq=16)
+    plan = mebp_compiler.compile(model, batch, "mebp")
+    part = partition(plan.graph, model="test", target=target_name)
+    target = load_target(target_name)
+    write_artifacts(part, target, tmp_path / "artifacts", weights=step_weights(model, part), progress=False)
+    result = driver.Driver.open(tmp_path / "artifacts", target).step({k: v.numpy() for k, v in batch.items()})
+    step = as_step_result(result)
+    trained = [n for n in step.grads if ".modules_to_save." in n]
+    copy = "model.embed_tokens" if module == "embed_tokens" or tie else module
+    assert trained == [f"base_model.model.{copy}.modules_to_save.default.weight"]
+    assert_matches_autograd(step, autograd_reference(model, batch))
+    save_adapter(model, tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert part.manifest.adapter_keys[trained[0]] in saved
+
+
+def test_cli_compare_places_lora_and_its_step_matches_autograd(tmp_path, monkeypatch):
+    """`mebp compare` builds the model with train's placement options, records them in study.json,
+    and the plan compare compiles for it returns autograd's gradients, the full copy's included."""
+    from mebp_compiler.app import compare
+
+    built = []
+    run_study = compare.run_study
+
+    def recording(model, *args, **kwargs):  # the real study, keeping the model the CLI built
+        built.append(model)
+        return run_study(model, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_study", recording)
+    assert main(["compare", "--model", "tiny-llama", "--seq-len", "16", "--steps", "2", "--mezo-steps", "2",
+                 "--eval-every", "2", "--eval-blocks", "2", "--methods", "mebp,mezo", "--lora-r", "4",
+                 "--lora-targets", "q_proj,v_proj", "--lora-layers", "1", "--modules-to-save", "lm_head",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    (model,) = built
+    record = json.loads((tmp_path / "study.json").read_text())["lora"]
+    # tiny-llama's head is tied to its embedding: the one shared copy trains (`models.add_lora`)
+    assert (record["target_modules"], record["layers_to_transform"], record["modules_to_save"]) == \
+        (["q_proj", "v_proj"], [1], ["model.embed_tokens"])
+    assert trained_modules(model) == {"q_proj", "v_proj"}
+    trainable = record["trainable_parameters"]
+    assert trainable == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(".layers.1." in n for n in trainable if ".lora_" in n)
+    assert any(".modules_to_save." in n for n in trainable)
+    batch = random_batch(model.config.vocab_size, seq=16)
+    result = mebp_compiler.compile(model, batch, "mebp").step(batch)  # as compare's mebp method compiles it
+    assert_matches_autograd(result, autograd_reference(model, batch))
+
+
+def test_cli_compare_refuses_buckets_with_the_reason(capsys):
+    assert main(["compare", "--model", "tiny-llama", "--buckets", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--buckets: mebp compare packs --data into blocks of --seq-len" in err and err.count("\n") == 1
+
+
+def test_federated_clients_place_lora_and_step_exactly():
+    """The clients' model has the placement of `ModelSettings`, and a client's compiled step under
+    its budget returns autograd's gradients, the full copy's included."""
+    from mebp_compiler.app import federated
+
+    settings = federated.ModelSettings(model="tiny-llama", lora_r=4, lora_alpha=8, target_modules=("q_proj",),
+                                       layers_to_transform=(1,), modules_to_save=("lm_head",), seq_len=16)
+    plan = federated._plan(settings, 10**9, "adamw")
+    model = plan.model
+    assert trained_modules(model) == {"q_proj"}
+    assert set(federated.initial_lora(settings)) == set(plan.lora_parameters()) == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".layers.1." in n for n in plan.lora_parameters() if ".lora_" in n)
+    randomize_lora_b(model)
+    batch = random_batch(model.config.vocab_size, batch=settings.batch_size, seq=settings.seq_len)
+    result = plan.step(batch)
+    assert any(".modules_to_save." in n for n in result.grads)
+    assert_matches_autograd(result, autograd_reference(model, batch))
+
+
+def test_cli_federate_hands_the_placement_to_the_clients(monkeypatch, capsys):
+    """The options reach `ModelSettings`, which every client builds its model from (the Flower run
+    itself is replaced by one that records them: `test_federated` runs a real one)."""
+    from mebp_compiler.app import federated
+
+    seen = []
+
+    def record(settings, clients, rounds, config, **kwargs):
+        seen.append(settings)
+        return federated.FederationResult(rounds=[], final={})
+
+    monkeypatch.setattr(federated, "run_federation", record)
+    assert main(["federate", "--model", "tiny-llama", "--clients", "1", "--budgets", "1GB", "--seq-len", "16",
+                 "--lora-targets", "q_proj,v_proj", "--lora-layers", "0", "--modules-to-save", "lm_head"]) == 1
+    assert "no client trained" in capsys.readouterr().err
+    (settings,) = seen
+    assert (settings.target_modules, settings.layers_to_transform, settings.modules_to_save) == \
+        (("q_proj", "v_proj"), (0,), ("lm_head",))
+    assert main(["federate", "--model", "tiny-llama", "--clients", "1", "--budgets", "1GB",
+                 "--lora-layers", "0-3"]) == 2
+    err = capsys.readouterr().err
+    assert "layers_to_transform" in err and err.count("\n") == 1 and len(seen) == 1

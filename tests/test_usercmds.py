@@ -158,7 +158,9 @@ HEAVY = ("torch", "transformers", "peft", "ortools")
                                   ["train", "--policy", "optimal"], ["compile", "--budget", "12XB"],
                                   ["eval", "--heldout-fraction", "1"], ["generate", "--top-p", "2"],
                                   ["compare", "--help"], ["compare", "--steps", "0"], ["compare", "--methods", "foo"],
-                                  ["compare", "--methods", "mezo"], ["federate", "--clients", "0"]])
+                                  ["compare", "--methods", "mezo"], ["compare", "--buckets", "2"],
+                                  ["compare", "--lora-layers", "x"], ["federate", "--clients", "0"],
+                                  ["federate", "--lora-layers", "3-1"]])
 def test_help_and_argument_errors_load_no_heavy_library(argv):
     code = ("import sys\nfrom mebp_compiler.app.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "print('loaded:', *(m for m in %r if m in sys.modules))" % (argv, HEAVY))

@@ -507,6 +507,11 @@ def _check_compare(args) -> None:
     """Everything `mebp compare` can check before it loads the model."""
     if args.redraw:
         return
+    if args.buckets:
+        raise UsageError("--buckets: mebp compare packs --data into blocks of --seq-len so that every method trains "
+                         "on the same batches and is evaluated on the same held-out blocks, and MeZO's forward-only "
+                         "step is compiled for one batch shape; drop --buckets (mebp train --buckets trains on "
+                         "examples of varying length)")
     try:
         _compare_settings(args).check()
     except ValueError as exc:
@@ -1043,6 +1048,11 @@ def _add_compare(sub, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(d.methods), help="comma-separated subset of mebp,optimal,mezo")
     p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank")
     p.add_argument("--lora-alpha", type=_positive, default=32, help="LoRA alpha")
+    _add_lora_placement(p)
+    p.add_argument("--buckets", type=_non_negative, default=0, metavar="K",
+                   help="refused: the study packs --data into blocks of --seq-len so that every method trains on "
+                        "the same batches, and MeZO's forward-only step is compiled for one shape; per-length "
+                        "buckets are for mebp train")
     p.add_argument("--seed", type=int, default=d.seed, help="held-out split, data order, MeZO directions")
     p.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output directory (default: runs/compare-MODEL)")
@@ -1260,6 +1270,7 @@ def _add_federate(sub, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step (default: %(default)s)")
     p.add_argument("--lora-r", type=_positive, default=8, help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=_positive, default=16, help="LoRA alpha (default: %(default)s)")
+    _add_lora_placement(p)
     p.add_argument("--int4", action="store_true",
                    help="clients keep the frozen weights as memory-mapped INT4 (not held), as a phone would")
     p.add_argument("--heldout-blocks", type=_non_negative, default=8,
@@ -1320,9 +1331,17 @@ def _run_federate(args) -> int:
 
     out = Path(args.out or f"runs/federate-{args.model}")
     run = RunDirectory(out, FEDERATE_ENTRIES)  # locked until the end; the old run stays until the new one is whole
-    settings = federated.ModelSettings(model=args.model, seed=args.seed, lora_r=args.lora_r,
-                                       lora_alpha=args.lora_alpha, seq_len=args.seq_len, batch_size=args.batch_size,
-                                       device=args.device, work_limit=args.work_limit, int4=args.int4)
+    lora = _lora_settings(args)
+    settings = federated.ModelSettings(model=args.model, seed=args.seed, lora_r=lora.r, lora_alpha=lora.alpha,
+                                       target_modules=lora.target_modules,
+                                       layers_to_transform=lora.layers_to_transform,
+                                       modules_to_save=lora.modules_to_save, seq_len=args.seq_len,
+                                       batch_size=args.batch_size, device=args.device, work_limit=args.work_limit,
+                                       int4=args.int4)
+    try:  # this process's copy, built before Flower starts, so that a placement naming nothing is one line
+        federated.initial_lora(settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     tokenizer = models.load_tokenizer(args.model) if args.model == "smollm2-135m" else data.ByteTokenizer()
     budgets = _federate_budgets(args)
     clients, heldout = federated.shard_clients(tokenizer, federated.topic_shards(args.clients), budgets,

@@ -95,6 +95,7 @@ class Study:
     heldout_blocks: int
     results: list[MethodResult]
     environment: dict
+    lora: dict = field(default_factory=dict)  # `lora_placement` of the model (absent in older studies)
 
     @classmethod
     def from_json(cls, record: dict) -> Study:
@@ -104,7 +105,8 @@ class Study:
         settings = {**record["settings"], "methods": tuple(record["settings"]["methods"])}
         settings.pop("time_limit_s", None)  # studies run when the scheduler's limit was wall-clock seconds
         return cls(model=record["model"], settings=StudySettings(**settings), train_blocks=record["train_blocks"],
-                   heldout_blocks=record["heldout_blocks"], results=results, environment=record["environment"])
+                   heldout_blocks=record["heldout_blocks"], results=results, environment=record["environment"],
+                   lora=record.get("lora", {}))
 
     def to_json(self) -> dict:
         return {
@@ -114,9 +116,22 @@ class Study:
             "train_blocks": self.train_blocks,
             "heldout_blocks": self.heldout_blocks,
             "environment": self.environment,
+            "lora": self.lora,
             "targets": [asdict(t) for t in targets(self)],
             "methods": [{**asdict(r), "steps": r.steps, "train_s": r.train_s} for r in self.results],
         }
+
+
+def lora_placement(model: torch.nn.Module) -> dict:
+    """What the study's peft adapter trains: rank, alpha, target modules, blocks, modules trained in full,
+    and the names of every trainable parameter (LoRA factors and the modules' full copies)."""
+    config = model.peft_config["default"]
+    targets = config.target_modules
+    return {"r": config.r, "alpha": config.lora_alpha,
+            "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "layers_to_transform": None if config.layers_to_transform is None else list(config.layers_to_transform),
+            "modules_to_save": sorted(config.modules_to_save or ()),
+            "trainable_parameters": [n for n, p in model.named_parameters() if p.requires_grad]}
 
 
 def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, float]:
@@ -173,6 +188,7 @@ def run_study(model: torch.nn.Module, blocks: torch.Tensor, settings: StudySetti
         environment={"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "cpus": os.cpu_count(), "machine": platform.machine(),
                      "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
+        lora=lora_placement(model),
     )
 
 

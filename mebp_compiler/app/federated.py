@@ -63,11 +63,19 @@ class ModelSettings:
     seed: int = 0
     lora_r: int = 4
     lora_alpha: int = 8
+    target_modules: tuple[str, ...] | str = models.LoraSettings.target_modules  # peft's; see `models.LoraSettings`
+    layers_to_transform: tuple[int, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
     seq_len: int = 32
     batch_size: int = 1
     device: str = "iphone15promax"  # the cost model the scheduler minimises time on
     work_limit: float = DEFAULT_WORK_LIMIT
     int4: bool = False  # frozen weights as memory-mapped INT4 (not held), as on a phone; see `compile`
+
+    def lora(self) -> models.LoraSettings:
+        """Where LoRA goes and what else trains in full, as every client and the server place it."""
+        return models.LoraSettings(r=self.lora_r, alpha=self.lora_alpha, target_modules=self.target_modules,
+                                   layers_to_transform=self.layers_to_transform, modules_to_save=self.modules_to_save)
 
 
 @dataclass(frozen=True)
@@ -185,8 +193,7 @@ def _array_bytes(arrays: ArrayRecord) -> int:
 @functools.cache
 def _model_and_start(settings: ModelSettings) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The process's one copy of the LoRA model, and a copy of its LoRA parameters as peft initialised them."""
-    model = models.add_lora(models.load(settings.model, seed=settings.seed),
-                            models.LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha))
+    model = models.add_lora(models.load(settings.model, seed=settings.seed), settings.lora())
     return model, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -206,7 +213,8 @@ def _plan(settings: ModelSettings, budget_bytes: int, optimizer: str) -> Plan | 
     model = _lora_model(settings)
     ids = torch.zeros((settings.batch_size, settings.seq_len), dtype=torch.int64)
     try:
-        return compile(model, {"input_ids": ids, "labels": ids}, "optimal", budget=budget_bytes,
+        # Two tensors, as a training batch has: one tensor under both keys would be one step input.
+        return compile(model, {"input_ids": ids, "labels": ids.clone()}, "optimal", budget=budget_bytes,
                        device=settings.device, optimizer=optimizer, work_limit=settings.work_limit,
                        int4=settings.int4)
     except (BudgetInfeasible, ScheduleNotFound) as exc:
