@@ -37,6 +37,10 @@ Any other op raises `UnsupportedStageOpError` naming it. Each op's result is cas
 dtype torch gives it (from the trace) and its shape is checked against the trace, so a
 translation that drifts from ATen's semantics fails at export, not on the phone.
 
+Each op of an exported stage runs after the op before it in the stage graph (`mx.depends`
+edges, `_PlanOrder`), the order whose live bytes the plan priced; MLX's own order held every
+vocabulary slice's logits at once.
+
 Limits: shapes are fixed at export (one file per stage shape); numpy cannot hold
 bfloat16, so `load_stage` takes and returns float16/float32/int/bool arrays only.
 """
@@ -122,16 +126,66 @@ def export_stage(stage: fx.GraphModule, example_inputs: list[torch.Tensor], path
     return atomic_write(path, write)
 
 
-def stage_function(stage: fx.GraphModule) -> Callable[..., tuple[mx.array, ...]]:
-    """The stage as a Python function over MLX arrays (what `export_stage` traces)."""
+def stage_function(stage: fx.GraphModule, in_plan_order: bool = True) -> Callable[..., tuple[mx.array, ...]]:
+    """The stage as a Python function over MLX arrays (what `export_stage` traces).
+
+    With `in_plan_order` every op runs after the op before it in the stage graph, the order
+    whose live bytes the plan priced (`_PlanOrder`); without it MLX picks its own order."""
     n_inputs = len(stage_placeholders(stage))
 
     def run(*inputs: mx.array) -> tuple[mx.array, ...]:
         if len(inputs) != n_inputs:
             raise StageError(f"the stage takes {n_inputs} inputs, got {len(inputs)}")
-        return tuple(translate(stage, inputs, RULES, "mlx", _to_mx, _finish))
+        if not in_plan_order:
+            return tuple(translate(stage, inputs, RULES, "mlx", _to_mx, _finish))
+        order = _PlanOrder()
+        return tuple(translate(stage, inputs, order.rules(RULES), "mlx", _to_mx, order.finish))
 
     return run
+
+
+class _PlanOrder:
+    """Chains a stage's ops in graph order with `mx.depends` edges, one per op.
+
+    An `.mlxfn` is one lazy graph that MLX evaluates in its own (depth-first) order, not in
+    the op order the liveness pass priced: on SmolLM2's loss over 64 vocabulary slices, which
+    keeps a log-sum-exp chain and a target-logit chain, MLX finished the first chain over all
+    slices before starting the second, so every slice's logits were live at once. Here the
+    first array argument of each op is made to depend on the previous op's result (a
+    `Depends` node shares its input's buffer: no copy), so MLX can evaluate an op only after
+    every op before it, and frees each value after its last use as the plan does. Values are
+    unchanged; ops without array arguments (creation) stay unchained."""
+
+    def __init__(self) -> None:
+        self.previous: mx.array | None = None
+
+    def rules(self, rules: dict[object, Callable]) -> dict[object, Callable]:
+        return {op: self._after_previous(rule) for op, rule in rules.items()}
+
+    def finish(self, ctx: OpContext, value):
+        value = _finish(ctx, value)
+        self.previous = value[0] if isinstance(value, tuple) else value
+        return value
+
+    def _after_previous(self, rule: Callable) -> Callable:
+        def ordered(ctx: OpContext, **args):
+            if self.previous is not None:
+                args = self._chain_first_array(args)
+            return rule(ctx, **args)
+
+        return ordered
+
+    def _chain_first_array(self, args: dict) -> dict:
+        for name, value in args.items():
+            if isinstance(value, mx.array):
+                return {**args, name: mx.depends([value], [self.previous])[0]}
+            if isinstance(value, (list, tuple)):
+                for k, item in enumerate(value):
+                    if isinstance(item, mx.array):
+                        chained = list(value)
+                        chained[k] = mx.depends([item], [self.previous])[0]
+                        return {**args, name: type(value)(chained)}
+        return args
 
 
 def describe_stage(path: pathlib.Path) -> tuple[list[tuple[list[int], str]], list[tuple[list[int], str]]]:

@@ -7,6 +7,7 @@ import math
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -279,3 +280,42 @@ def test_exported_head_backward_keeps_each_int4_decode_apart(tmp_path):
     mx.export_to_dot(str(tmp_path / "head.dot"), *mx.import_function(str(path))(*args))
     # one right shift per decode (its high nibbles); merged decodes left 5 (4 slices + another op's)
     assert (tmp_path / "head.dot").read_text().count('label ="RightShift"') >= len(decodes)
+
+
+def test_exported_head_runs_in_the_plans_op_order(tmp_path):
+    """An `.mlxfn` stage is one lazy graph MLX evaluates in its own order; the loss over
+    vocabulary slices keeps two running chains, and MLX finished one over every slice before
+    the other, so all slices' logits were live at once. Exported in the plan's op order
+    (`mx.depends` edges), the head stages' MLX peak is lower and their outputs are bit for bit
+    the unordered export's (the same ops on the same values). Measured on SmolLM2 (64 slices)
+    by the native driver: head forward 83.3 -> 40.1 MiB, head backward 119.6 -> 49.1 MiB."""
+    import mlx.core as mx
+
+    model = lora_model("tiny-llama", r=4)
+    batch = random_batch(model.config.vocab_size, batch=1, seq=32)
+    plan = mebp_compiler.compile(model, batch, "mebp", int4=True, group_size=32, vocab_slices=8)
+    part = partition(plan.graph, model="tiny-llama", target="mlx")
+    values = part.manifest.values
+    generator = torch.Generator().manual_seed(0)
+    for kind in ("head_forward", "head_backward"):
+        stage = next(s for s in part.stages if s.spec.kind == kind)
+        inputs = [torch.rand(values[n].shape, generator=generator) + 0.5 if values[n].dtype == "float32"
+                  else torch.zeros(values[n].shape, dtype=getattr(torch, values[n].dtype)) for n in stage.spec.inputs]
+        args = [mx.array(x.numpy()) for x in inputs]
+        mx.eval(args)
+        peaks, outputs = {}, {}
+        for in_order in (False, True):
+            path = tmp_path / f"{kind}-{in_order}.mlxfn"
+            mx.export_function(str(path), mlx_target.stage_function(stage.module, in_plan_order=in_order), *args)
+            imported = mx.import_function(str(path))
+            mx.synchronize()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            result = imported(*args)
+            mx.eval(result)
+            peaks[in_order] = mx.get_peak_memory() - base
+            outputs[in_order] = [np.array(y) for y in result]
+            del result
+        # random inputs make some of the head backward's values NaN, in torch's stage as well
+        assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(outputs[False], outputs[True])), kind
+        assert peaks[True] < peaks[False], f"{kind}: in plan order {peaks[True]} bytes, MLX's own {peaks[False]}"

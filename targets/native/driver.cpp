@@ -3,7 +3,7 @@
 // docs/manifest.md; targets/driver.py is the second one and this follows it step for step.
 //
 //   mebp-native DIR --tokens FILE --out ADAPTER.safetensors [--optimizer adamw|sgd] [--lr X]
-//               [--weight-decay X] [--offload-dir D] [--grads-dir D]
+//               [--weight-decay X] [--offload-dir D] [--grads-dir D] [--mlx-cache-bytes N]
 //
 // Everything is checked before any compute: the manifest (version, seal, consistency), the
 // SHA-256 of every file it lists, the weights file's tensors, every stage file (MLX loads it,
@@ -520,12 +520,14 @@ Rss read_rss() {
 
 // MLX, left to itself, keeps freed buffers in a cache (32 MiB at a step's end, measured) and
 // runs ahead of the kernels, allocating outputs before the inputs they replace are freed. The
-// driver holds it to the plan: no cache, and a memory limit at the manifest's predicted peak,
+// driver holds it to the plan: no cache (unless --mlx-cache-bytes allows one: each freed buffer
+// then waits there for reuse instead of going back to the OS, and counts on top of the plan's
+// bytes), and a memory limit at the manifest's predicted peak,
 // at which MLX's evaluation waits for running kernels to finish (and free) before allocating
 // more. The limit is a soft one (MLX never fails for it): a stage whose transients exceed it
 // still runs. docs/native.md has the measurements.
-void limit_mlx_memory(const Manifest& m) {
-  mx::set_cache_limit(0);
+void limit_mlx_memory(const Manifest& m, size_t cache_bytes) {
+  mx::set_cache_limit(cache_bytes);
   mx::set_memory_limit(size_t(std::max<int64_t>(m.predicted_peak_bytes, 1)));
 }
 
@@ -710,6 +712,7 @@ struct Args {
   std::string offload_dir;
   std::optional<std::string> optimizer;
   std::optional<double> lr, weight_decay;
+  size_t mlx_cache_bytes = 0;
 };
 
 double positive_number(const std::string& flag, const std::string& text, bool zero_ok) {
@@ -740,13 +743,18 @@ Args parse_args(int argc, char** argv) {
       if (*a.optimizer != "adamw" && *a.optimizer != "sgd") throw Usage("--optimizer " + *a.optimizer + ": choose adamw or sgd");
     } else if (arg == "--lr") a.lr = positive_number(arg, value(), false);
     else if (arg == "--weight-decay") a.weight_decay = positive_number(arg, value(), true);
+    else if (arg == "--mlx-cache-bytes") {
+      double bytes = positive_number(arg, value(), true);
+      if (bytes != std::floor(bytes)) throw Usage("--mlx-cache-bytes: give a whole number of bytes");
+      a.mlx_cache_bytes = size_t(bytes);
+    }
     else if (arg.rfind("--", 0) == 0) throw Usage("unknown option " + arg);
     else if (a.dir.empty()) a.dir = arg;
     else throw Usage("unexpected argument " + arg);
   }
   if (a.dir.empty() || a.tokens.empty() || a.out.empty())
     throw Usage("usage: mebp-native DIR --tokens FILE --out ADAPTER.safetensors [--optimizer adamw|sgd] [--lr X] "
-                "[--weight-decay X] [--offload-dir D] [--grads-dir D]");
+                "[--weight-decay X] [--offload-dir D] [--grads-dir D] [--mlx-cache-bytes N]");
   if (fs::is_directory(a.out)) throw Usage("--out " + a.out.string() + " is a directory: give the adapter file to write");
   fs::path parent = a.out.parent_path().empty() ? fs::path(".") : a.out.parent_path();
   if (!fs::is_directory(parent)) throw Usage("--out " + a.out.string() + ": the directory " + parent.string() + " does not exist");
@@ -763,7 +771,7 @@ std::string json_list(const std::vector<int64_t>& xs) {
 
 int run(const Args& args) {
   Manifest m = read_manifest(args.dir);
-  limit_mlx_memory(m);
+  limit_mlx_memory(m, args.mlx_cache_bytes);
   check_files(m, args.dir);
   std::map<std::string, mx::array> weights = map_weights(args.dir / m.weights_file, m);
   auto fns = load_stages(m, args.dir);
@@ -881,7 +889,7 @@ int run(const Args& args) {
             << ",\"flash_bytes_written\":" << store.bytes_written << ",\"flash_bytes_read\":" << store.bytes_read
             << ",\"vm_hwm_bytes\":" << end.hwm << ",\"rss_anon_peak_bytes\":" << peak.anon
             << ",\"rss_file_peak_bytes\":" << peak.file << ",\"mlx_peak_bytes\":" << *std::max_element(last.stage_mlx_peak.begin(), last.stage_mlx_peak.end())
-            << ",\"mlx_cache_bytes\":" << mx::get_cache_memory() << ",\"optimizer\":\"" << optimizer.name << "\",\"lr\":"
+            << ",\"mlx_cache_bytes\":" << mx::get_cache_memory() << ",\"mlx_cache_limit_bytes\":" << args.mlx_cache_bytes << ",\"optimizer\":\"" << optimizer.name << "\",\"lr\":"
             << json::python_float(optimizer.lr) << "}" << std::endl;
   return 0;
 }
