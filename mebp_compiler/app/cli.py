@@ -1569,7 +1569,6 @@ def _jsonable(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
-#: Command name -> (one-line summary for `mebp --help`, the function that builds its arguments).
 def _add_calibrate(sub, debug: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "calibrate", parents=[debug], help=COMMANDS["calibrate"][0],
@@ -1615,6 +1614,7 @@ def _run_calibrate(args) -> int:
     return calibrate.run_command(args)
 
 
+#: Command name -> (one-line summary for `mebp --help`, the function that builds its arguments).
 COMMANDS = {
     "train": ("LoRA fine-tuning under a memory plan (default: a short SmolLM2-135M demo)", _add_train),
     "eval": ("held-out loss, perplexity and next-token accuracy of a model, with or without an adapter", _add_eval),
