@@ -426,6 +426,20 @@ def package_values(path: pathlib.Path, inputs: Sequence[np.ndarray]) -> list[np.
         return [np.asarray(env[var].val) for var in function.outputs]
 
 
+def value_inference_stage(path: pathlib.Path) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """A saved package as a stage function on Linux: its inputs (in order) brought to Core ML
+    I/O form, its outputs computed by `package_values`, what `load_stage` gives on macOS
+    but in numpy's arithmetic. Slow; for checking a whole artifact directory's step here."""
+    path = pathlib.Path(path)
+    inputs, _ = describe_stage(path)
+
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return package_values(path, [np.asarray(x).astype(dtype).reshape(shape)
+                                     for x, (shape, dtype) in zip(arrays, inputs)])
+
+    return run
+
+
 def _const_value(value: Any) -> Any:
     # The loader gives scalar bools as numpy bools, which some value inferences cannot take.
     return bool(value) if np.asarray(value).dtype == np.bool_ and np.ndim(value) == 0 else value
