@@ -21,7 +21,9 @@ Core ML cannot run a model on Linux, so `load_stage` refuses with a clear error;
 the stage's names, shapes and dtypes, its ops are ones this translation emits (or the
 converter's passes introduce), and the saved program itself - read back from the package
 and evaluated op by op with MIL's value inference (`package_values`; numpy fallbacks for
-the ops that lack it) - equals the torch stage on the example inputs.
+the ops that lack it) - equals the torch stage on the example inputs. `value_inference_stage`
+evaluates a package the same way as a stage function, so a driver can run a whole artifact
+directory's step here.
 
 Translated ops (all ops of the captured training step of tiny Llama, Qwen2, Gemma-3 and
 SmolLM2-135M, without decomposition, the vocabulary-sliced loss's included):

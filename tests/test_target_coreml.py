@@ -150,6 +150,19 @@ def test_check_reports_a_package_of_another_stage(tmp_path):
     assert not report.ok and any("inputs" in p for p in report.problems)
 
 
+def test_min_max_clamp_and_gather_with_a_shorter_index(tmp_path):
+    def stage(x, y, index):
+        return (torch.maximum(x, y), torch.minimum(x, y), torch.clamp(x, -0.5, 0.5), torch.clamp_max(x, 0.1),
+                torch.gather(x, 1, index))  # index shorter than x off dim 1: gather_along_axis needs a slice
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(4, 5, generator=generator), torch.randn(4, 5, generator=generator),
+              torch.randint(0, 5, (3, 2), generator=generator)]
+    traced = make_fx(stage)(*inputs)
+    report = assert_checks(coreml_target.export_stage(traced, inputs, tmp_path / "ops"), traced, inputs)
+    assert report.max_error == [0.0] * 5
+
+
 def test_unsupported_op_is_named(tmp_path):
     stage = make_fx(lambda x: (torch.cumprod(x, 0),))(torch.ones(3))
     with pytest.raises(UnsupportedStageOpError, match=r"aten\.cumprod\.default"):
