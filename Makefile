@@ -7,7 +7,8 @@ setup: $(VENV)/.installed native
 
 # The native driver (targets/native): C++20 against the MLX C++ library the mlx wheel ships.
 native: $(VENV)/.installed
-	cmake -S targets/native -B build/native -DMLX_ROOT="$$($(PY) -c 'import mlx; print(list(mlx.__path__)[0])')"
+	cmake -S targets/native -B build/native -DMLX_ROOT="$$($(PY) -c 'import mlx; print(list(mlx.__path__)[0])')" \
+		-DOPENBLAS_ROOT="$$($(PY) -c 'import scipy_openblas32; print(scipy_openblas32.get_lib_dir())')"
 	cmake --build build/native --parallel 2
 
 $(VENV)/.installed: pyproject.toml

@@ -44,6 +44,17 @@ def mlx_root() -> Path:
     return Path(next(iter(mlx.__path__)))
 
 
+def openblas_root() -> Path | None:
+    """The scipy-openblas32 wheel's lib/ directory (OpenBLAS for the driver's float32 matmuls,
+    targets/native/blas.cpp), or None where the wheel is not installed (the driver then runs on the
+    reference BLAS the mlx wheel bundles, ~30x slower matmuls)."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    return Path(scipy_openblas32.get_lib_dir())
+
+
 def executable() -> Path | None:
     """The built driver: $MEBP_NATIVE if set, else build/native/mebp-native, else on PATH."""
     if os.environ.get("MEBP_NATIVE"):
@@ -59,7 +70,9 @@ def build(build_dir: Path = BUILD_DIR) -> Path:
     """Configure and build the driver with CMake (nothing is fetched); return the executable."""
     if shutil.which("cmake") is None:
         raise NativeDriverError("building the native driver needs cmake and a C++20 compiler (g++ or clang++)")
-    commands = [["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), f"-DMLX_ROOT={mlx_root()}"],
+    blas = openblas_root()
+    commands = [["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), f"-DMLX_ROOT={mlx_root()}",
+                 f"-DOPENBLAS_ROOT={blas or ''}"],
                 ["cmake", "--build", str(build_dir), "--parallel", "2"]]
     for command in commands:
         done = subprocess.run(command, capture_output=True, text=True)
