@@ -403,9 +403,25 @@ def _t(ctx, input, **_):
     return input.T if input.ndim == 2 else input
 
 
+def _exp(x: mx.array) -> mx.array:
+    """e**x as `mx.power(e, x)`: MLX's CPU `exp` (its own polynomial, not vectorized on x86) took
+    6-8x as long on [256 x 1536] float32, and the power was the closer to float64's exp (max
+    relative error 6.6e-7 against 9.8e-7 on [-20, 20]; docs/native.md, "Where the seconds go")."""
+    return mx.power(math.e, x)
+
+
+def _sigmoid(x: mx.array) -> mx.array:
+    return 1 / (1 + _exp(-x))
+
+
+def _softmax(ctx, input, dim, half_to_float=False, **_):
+    exps = _exp(input - mx.max(input, axis=dim, keepdims=True))
+    return exps / _sum(exps, axis=dim, keepdims=True)
+
+
 def _log_softmax(ctx, input, dim, half_to_float=False, **_):
     shifted = input - mx.max(input, axis=dim, keepdims=True)
-    return shifted - mx.log(_sum(mx.exp(shifted), axis=dim, keepdims=True))
+    return shifted - mx.log(_sum(_exp(shifted), axis=dim, keepdims=True))
 
 
 def _softmax_backward(ctx, grad_output, output, dim, input_dtype, **_):
@@ -413,11 +429,11 @@ def _softmax_backward(ctx, grad_output, output, dim, input_dtype, **_):
 
 
 def _log_softmax_backward(ctx, grad_output, output, dim, input_dtype, **_):
-    return grad_output - mx.exp(output) * _sum(grad_output, axis=dim, keepdims=True)
+    return grad_output - _exp(output) * _sum(grad_output, axis=dim, keepdims=True)
 
 
 def _silu_backward(ctx, grad_output, input, **_):
-    s = mx.sigmoid(input)
+    s = _sigmoid(input)
     return grad_output * s * (1 + input * (1 - s))
 
 
@@ -514,11 +530,10 @@ def _distinct(x: mx.array, ctx) -> mx.array:
 
 def _dequantize_int4(ctx, packed, scales, **_):
     # Mirrors passes.quantize.dequantize_int4: two signed 4-bit values per byte, low nibble first.
-    packed = _distinct(packed, ctx)
-    low = (packed & 0x0F).astype(mx.int8)
-    high = (packed >> 4).astype(mx.int8)
-    q = mx.stack([low, high], axis=-1).reshape(packed.shape[0], -1)
-    q = mx.where(q > 7, q - 16, q).astype(scales.dtype)
+    # Sign-extended by int8 arithmetic shifts (low: << 4 then >> 4); MLX's CPU `where` and its int8
+    # scalar comparisons made the nibble-then-where form 18x slower (docs/native.md, "Seconds").
+    signed = _distinct(packed, ctx).astype(mx.int8)
+    q = mx.stack([(signed << 4) >> 4, signed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(scales.dtype)
     groups = scales.shape[1]
     return (q.reshape(q.shape[0], groups, -1) * mx.expand_dims(scales, -1)).reshape(q.shape)
 
@@ -644,12 +659,12 @@ RULES: dict[object, Callable] = {
     aten.pow.Tensor_Tensor: _binary(mx.power),
     aten.rsqrt.default: _unary(mx.rsqrt),
     aten.sqrt.default: _unary(mx.sqrt),
-    aten.exp.default: _unary(mx.exp),
+    aten.exp.default: _unary(_exp),
     aten.log.default: _unary(mx.log),
     aten.sin.default: _unary(mx.sin),
     aten.cos.default: _unary(mx.cos),
     aten.tanh.default: _unary(mx.tanh),
-    aten.sigmoid.default: _unary(mx.sigmoid),
+    aten.sigmoid.default: _unary(_sigmoid),
     aten.where.self: lambda ctx, condition, input, other, **_: mx.where(
         condition, _as(input, ctx.dtype), _as(other, ctx.dtype)
     ),
@@ -705,9 +720,9 @@ RULES: dict[object, Callable] = {
     aten.slice_backward.default: _slice_backward,
     aten.embedding_dense_backward.default: _embedding_dense_backward,
     # nn
-    aten._softmax.default: lambda ctx, input, dim, half_to_float=False, **_: mx.softmax(input, axis=dim, precise=True),
+    aten._softmax.default: _softmax,
     aten._log_softmax.default: _log_softmax,
-    aten.silu.default: lambda ctx, input, **_: input * mx.sigmoid(input),
+    aten.silu.default: lambda ctx, input, **_: input * _sigmoid(input),
     aten.gelu.default: _gelu,
     # backward
     aten._softmax_backward_data.default: _softmax_backward,

@@ -278,8 +278,8 @@ def test_exported_head_backward_keeps_each_int4_decode_apart(tmp_path):
     path = mlx_target.export_stage(stage.module, inputs, tmp_path / "head")
     args = [mx.array(x.numpy()) for x in inputs]
     mx.export_to_dot(str(tmp_path / "head.dot"), *mx.import_function(str(path))(*args))
-    # one right shift per decode (its high nibbles); merged decodes left 5 (4 slices + another op's)
-    assert (tmp_path / "head.dot").read_text().count('label ="RightShift"') >= len(decodes)
+    # one left shift per decode (its low nibbles' sign extension); merged decodes leave 4
+    assert (tmp_path / "head.dot").read_text().count('label ="LeftShift"') >= len(decodes)
 
 
 def test_exported_head_runs_in_the_plans_op_order(tmp_path):
