@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx import _lazy_graph_module
 
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
 
@@ -57,8 +58,8 @@ def truncated(layers: torch.nn.ModuleList | torch.nn.Sequential, depth: int) -> 
 
 def block_kinds(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> list[tuple]:
     """A key per block that equal blocks share: the block's entries of every per-layer list in
-    the model's configs (`layer_types`, ...), its parameters' and buffers' names, shapes, dtypes
-    and trainability, and its modules' names and classes."""
+    the model's config (`layer_types`, ...), its parameters' and buffers' names, shapes, dtypes
+    and trainability, and its modules' names, classes and plain settings (`_settings`)."""
     count = len(layers)
     configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")]
     per_layer = []
@@ -70,9 +71,16 @@ def block_kinds(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> li
     for i, layer in enumerate(layers):
         tensors = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in layer.named_parameters())
         buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in layer.named_buffers())
-        modules = tuple((n, type(m).__name__) for n, m in layer.named_modules())
+        modules = tuple((n, type(m).__name__, _settings(m)) for n, m in layer.named_modules())
         kinds.append((tuple((key, repr(value[i])) for key, value in per_layer), tensors, buffers, modules))
     return kinds
+
+
+def _settings(module: torch.nn.Module) -> tuple:
+    """A module's plain settings (numbers, strings, flags: an epsilon, a window, a sliding flag),
+    except its block number (`layer_idx`), which every block has its own of."""
+    return tuple(sorted((k, repr(v)) for k, v in vars(module).items()
+                        if isinstance(v, (int, float, bool, str, type(None))) and k != "layer_idx"))
 
 
 def stamp_depth(kinds: Sequence[tuple]) -> int | None:
@@ -300,8 +308,8 @@ def _stamp(traced: TrainingGraph, names: _Names, kinds: list[tuple], inputs: lis
         return made[rank]
 
     def copy(node: fx.Node, block: int | None) -> fx.Node:
-        args = fx.node.map_arg(node.args, lambda a: resolve(a, block))
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: resolve(a, block))
+        args = _map_nodes(node.args, resolve, block)
+        kwargs = _map_nodes(node.kwargs, resolve, block)
         new = graph.create_node(node.op, node.target, args, kwargs, name=re.sub(r"_\d+$", "", node.name))
         ti = traced.info[node.name]
         t = None if block is None else template[block]
@@ -347,9 +355,26 @@ def _stamp(traced: TrainingGraph, names: _Names, kinds: list[tuple], inputs: lis
             raise _CannotStamp(f"no traced gradient of {name} inside its block")
         new_grads.append(resolve(old, b) if isinstance(old, fx.Node) else old)
     graph.output((resolve(loss, None), *new_grads))
-    module = fx.GraphModule(traced.module, graph)
+    # Lazy: the code of a 20,000-node graph takes seconds to generate and compile, and planning never runs it.
+    with _lazy_graph_module._use_lazy_graph_module(True):
+        module = _lazy_graph_module._make_graph_module(traced.module, graph)
     return TrainingGraph(module=module, info=info, inputs=new_inputs, outputs=["loss", *lora_names],
                          num_blocks=count, batch_shape=traced.batch_shape, meta={**traced.meta, "traced_blocks": depth})
+
+
+def _map_nodes(value: Any, fn: Any, block: int | None) -> Any:
+    """`value` (an fx argument: nodes inside tuples, lists, dicts and slices) with each node `a` as `fn(a, block)`."""
+    if isinstance(value, fx.Node):
+        return fn(value, block)
+    if isinstance(value, tuple):
+        return tuple(_map_nodes(v, fn, block) for v in value)
+    if isinstance(value, list):
+        return [_map_nodes(v, fn, block) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_nodes(v, fn, block) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(*(_map_nodes(v, fn, block) for v in (value.start, value.stop, value.step)))
+    return value
 
 
 def _interface(traced: TrainingGraph, layout: _Layout, names: _Names, block: int, segment: int) -> list[tuple]:
