@@ -140,7 +140,8 @@ def _layout(graph: TrainingGraph) -> _Layout:
             position[node] = (block, 0, len(forward[block]))
             forward[block].append(node)
         elif ti.phase == Phase.BACKWARD and block is not None:
-            if stage > 3 or (stage < 3 and block != depth - 1) or (stage == 3 and block not in (last_block, last_block - 1)):
+            if stage > 3 or (stage < 3 and block != depth - 1) or \
+                    (stage == 3 and block not in (last_block, last_block - 1)):
                 raise _CannotStamp(f"backward of block {block} out of order at {node.name}")
             stage, last_block = 3, block
             position[node] = (block, 1, len(backward[block]))
@@ -224,7 +225,7 @@ def stamp(traced: TrainingGraph, stack: str, kinds: Sequence[tuple], inputs: Seq
     """
     try:
         return _stamp(traced, _Names(stack), list(kinds), list(inputs), list(lora_names))
-    except _CannotStamp:
+    except (_CannotStamp, KeyError, IndexError):  # a lookup that misses is a layout stamping does not know
         return None
 
 
