@@ -96,3 +96,13 @@ def test_lora_on_some_blocks_only_is_traced_whole():
     graph = capture(model, batch)
     assert "traced_blocks" not in graph.meta
     assert ops(graph) == ops(capture(model, batch, by_block=False))
+
+
+def test_trained_copies_of_block_modules_are_stamped_too():
+    # peft's modules_to_save: every block trains its own copy of a norm, each a LoRA input of its block.
+    model = deep_model("tiny-llama", 6, modules_to_save=("post_attention_layernorm",))
+    batch = random_batch(model.config.vocab_size, seq=16)
+    stamped = capture(model, batch)
+    assert stamped.meta.pop("traced_blocks") < 6
+    whole = capture(model, batch, by_block=False)
+    assert ops(stamped) == ops(whole) and stamped.inputs == whole.inputs and stamped.outputs == whole.outputs
