@@ -462,15 +462,19 @@ def test_native_fused_updates_match_python_driver_and_torch_optim(native, optimi
 
     python = driver.Driver.open(tmp_path / "artifacts", MLX)
     python_losses = [python.train_step(numpy_batch(b)).loss for b in batches]
-    # Both drivers run the same .mlxfn files through the same libmlx (the wheel's) and the
-    # stages apply the updates: the same kernels on the same inputs, so agreement to a few
-    # float32 ulps (rtol 1e-6 is ~8) is what the arithmetic gives, not a tuned margin.
+    # Both drivers run the same .mlxfn files through the same libmlx, but the native driver's
+    # matmuls run on OpenBLAS (targets/native/blas.cpp) and this process's on the wheel's reference
+    # BLAS: float32 rounding apart. SGD keeps that at rounding's size; AdamW's m / sqrt(v) does
+    # not where a gradient is near zero (its sign can tip: 1.2e-2 * LR measured on one element),
+    # so there the drivers agree only within what AdamW steps can move a parameter (~LR each).
+    # Exactness is each native update against autograd's gradients, below.
     np.testing.assert_allclose(result.losses, python_losses, rtol=1e-6)
     keys = part.manifest.adapter_keys
     adapter = load_file(out)
     assert adapter.keys() == {keys[source] for source in python.lora_arrays()}
     for source, array in python.lora_arrays().items():
-        np.testing.assert_allclose(adapter[keys[source]].numpy(), array, rtol=1e-6, atol=1e-7 * LR)
+        np.testing.assert_allclose(adapter[keys[source]].numpy(), array, rtol=1e-6,
+                                   atol=(2 * len(batches) if optimizer == "adamw" else 1e-7) * LR)
 
     settings = OptimizerSettings(optimizer, lr=LR)
     reference = copy.deepcopy(model)
