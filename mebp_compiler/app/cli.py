@@ -1117,6 +1117,9 @@ def _load_lora_model(args, device: str = "cpu"):
 
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
     model = models.load(args.model, device=device, dtype=dtype, seed=getattr(args, "seed", 0))
+    # peft draws LoRA's A matrices from torch's global RNG, which torch seeds at random in each
+    # process and loading real weights does not reseed: without this, each run of SmolLM2 differed
+    torch.manual_seed(getattr(args, "seed", 0))
     try:
         return models.add_lora(model, _lora_settings(args))
     except ValueError as exc:
