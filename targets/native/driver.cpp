@@ -543,6 +543,7 @@ struct StepResult {
   std::vector<int64_t> held_before, held_during;
   std::vector<double> stage_seconds;  // each stage's call, evaluation and offload writes
   std::vector<int64_t> stage_mlx_peak;  // MLX's allocator peak (bytes of arrays) during each stage
+  std::vector<int64_t> held_after, stage_mlx_active;  // held bytes and MLX's bytes of arrays after each stage's frees
   int64_t staged_peak = 0;
   Rss peak;  // most anonymous and file-backed RSS seen when a stage returned
 };
@@ -600,6 +601,8 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
       held -= int64_t(it->second.nbytes());
       env.erase(it);
     }
+    r.held_after.push_back(held);
+    r.stage_mlx_active.push_back(int64_t(mx::get_active_memory()));
   }
   mx::set_memory_limit(size_t(std::max<int64_t>(m.predicted_peak_bytes, 1)));
   r.loss = mx::contiguous(env.at(m.loss)).item<float>();
@@ -902,6 +905,8 @@ int run(const Args& args) {
             << ",\"held_peak_bytes\":" << *std::max_element(last.held_during.begin(), last.held_during.end())
             << ",\"staged_peak_bytes\":" << last.staged_peak
             << ",\"stage_mlx_peak_bytes\":" << json_list(last.stage_mlx_peak)
+            << ",\"held_after_bytes\":" << json_list(last.held_after)
+            << ",\"stage_mlx_active_bytes\":" << json_list(last.stage_mlx_active)
             << ",\"predicted_peak_bytes\":" << m.predicted_peak_bytes
             << ",\"flash_bytes_written\":" << store.bytes_written << ",\"flash_bytes_read\":" << store.bytes_read
             << ",\"vm_hwm_bytes\":" << end.hwm << ",\"rss_anon_peak_bytes\":" << peak.anon
