@@ -27,11 +27,6 @@ def write_artifacts(partition: Partition, target: ModuleType, directory: str | P
 
     Returns export facts: seconds per artifact and its size in bytes.
     """
-    refused = [option for option in getattr(target, "UNSUPPORTED_OPTIONS", ()) if partition.options.get(option)]
-    if refused:
-        raise ValueError(f"the {target.NAME} target does not support plans compiled with {refused[0]}="
-                         f"{partition.options[refused[0]]} (its stages hold ops it does not translate); "
-                         f"compile without it, or use the onnx target")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = partition.manifest

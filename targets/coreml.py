@@ -21,10 +21,12 @@ Core ML cannot run a model on Linux, so `load_stage` refuses with a clear error;
 the stage's names, shapes and dtypes, its ops are ones this translation emits (or the
 converter's passes introduce), and the saved program itself - read back from the package
 and evaluated op by op with MIL's value inference (`package_values`; numpy fallbacks for
-the ops that lack it) - equals the torch stage on the example inputs.
+the ops that lack it) - equals the torch stage on the example inputs. `value_inference_stage`
+evaluates a package the same way as a stage function, so a driver can run a whole artifact
+directory's step here.
 
 Translated ops (all ops of the captured training step of tiny Llama, Qwen2, Gemma-3 and
-SmolLM2-135M, without decomposition):
+SmolLM2-135M, without decomposition, the vocabulary-sliced loss's included):
 
     views and copies   view, _unsafe_view, reshape, t, transpose.int, permute, expand,
                        squeeze.dim, squeeze.dims, unsqueeze, slice.Tensor, select.int,
@@ -33,17 +35,17 @@ SmolLM2-135M, without decomposition):
                        new_ones, new_full, zeros_like, ones_like, full_like
     arithmetic         add/sub (Tensor, Scalar; alpha), mul/div (Tensor, Scalar), neg,
                        pow.Tensor_Scalar, rsqrt, sqrt, exp, log, sin, cos, tanh, sigmoid,
-                       where.self
+                       where.self, maximum, minimum, clamp, clamp_min, clamp_max
     comparison, logic  eq, ne, lt, le, gt, ge (Tensor, Scalar), bitwise_and/or.Tensor
                        and logical_and/or/not on bool tensors
     reductions         sum.default, sum.dim_IntList, mean.dim, amax, cumsum
     linear algebra     mm, bmm, addmm, matmul
-    indexing, shape    embedding, index.Tensor (leading adjacent indices), index_select,
+    indexing, shape    embedding, index.Tensor (leading adjacent indices), index_select, gather,
                        cat, stack, constant_pad_nd, slice_backward (step 1)
     nn                 _softmax, _log_softmax, silu, gelu (none / tanh)
     backward           _softmax_backward_data, _log_softmax_backward_data, silu_backward,
                        gelu_backward, nll_loss_forward, nll_loss_backward
-    INT4 weights       passes.quantize.dequantize_int4, passes.quantize.embedding_int4
+    INT4 weights       passes.quantize.dequantize_int4, dequantize_int4_rows, embedding_int4
     GGUF blocks        passes.gguf_blocks.dequantize_gguf, dequantize_gguf_rows, embedding_gguf
                        (Q4_1 / Q8_0 decoded with integer ops, fp16 scales from their bytes)
 
@@ -96,9 +98,6 @@ with warnings.catch_warnings():  # coremltools warns about the untested torch ve
 aten = torch.ops.aten
 SUFFIX = ".mlpackage"
 NAME = "coreml"
-#: Plan options whose stages hold ops this target does not translate yet (vocabulary-sliced
-#: loss: aten.maximum, aten.clamp, ...).
-UNSUPPORTED_OPTIONS = ("vocab_slices",)
 #: `verify_artifacts` writes its per-artifact check results here, in the artifact directory.
 CHECK_REPORT = "coreml-check.json"
 DEFAULT_DEPLOYMENT_TARGET = ct.target.iOS17
@@ -429,6 +428,20 @@ def package_values(path: pathlib.Path, inputs: Sequence[np.ndarray]) -> list[np.
         return [np.asarray(env[var].val) for var in function.outputs]
 
 
+def value_inference_stage(path: pathlib.Path) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """A saved package as a stage function on Linux: its inputs (in order) brought to Core ML
+    I/O form, its outputs computed by `package_values`, what `load_stage` gives on macOS
+    but in numpy's arithmetic. Slow; for checking a whole artifact directory's step here."""
+    path = pathlib.Path(path)
+    inputs, _ = describe_stage(path)
+
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return package_values(path, [np.asarray(x).astype(dtype).reshape(shape)
+                                     for x, (shape, dtype) in zip(arrays, inputs)])
+
+    return run
+
+
 def _const_value(value: Any) -> Any:
     # The loader gives scalar bools as numpy bools, which some value inferences cannot take.
     return bool(value) if np.asarray(value).dtype == np.bool_ and np.ndim(value) == 0 else value
@@ -701,6 +714,27 @@ def _pow(b: _Mil, ctx: OpContext, input, exponent, **_):
     return b.op("pow", x=x, y=b.cast(exponent, ctx.dtype))
 
 
+def _clamp(b: _Mil, ctx: OpContext, input, min=None, max=None, **_):
+    # maximum/minimum rather than MIL's clip, which takes floats only: the sliced loss clamps int labels.
+    x = b.cast(input, ctx.dtype)
+    if min is not None:
+        x = b.op("maximum", x=x, y=b.cast(min, ctx.dtype))
+    if max is not None:
+        x = b.op("minimum", x=x, y=b.cast(max, ctx.dtype))
+    return x
+
+
+def _gather(b: _Mil, ctx: OpContext, input, dim, index, sparse_grad=False, **_):
+    # torch.gather's index may be shorter than `input` off `dim`; gather_along_axis wants equal extents there.
+    dim %= input.rank
+    index = b.cast(index, "int32")
+    extent = [input.shape[d] if d == dim else index.shape[d] for d in range(input.rank)]
+    if extent != list(input.shape):
+        input = b.op("slice_by_index", x=input, begin=np.zeros(input.rank, dtype=np.int32),
+                     end=np.array(extent, dtype=np.int32))
+    return b.op("gather_along_axis", x=input, indices=index, axis=dim)
+
+
 def _where(b: _Mil, ctx: OpContext, condition, input, other, **_):
     # MIL's select takes its result shape from a and b alone (coremltools 9.0), not from
     # cond: give the operands full rank and, when a and b are smaller than the result, tile a.
@@ -849,6 +883,14 @@ def _dequantize_int4(b: _Mil, ctx: OpContext, packed, scales, **_):
     return _dequantize_rows(b, b.cast(packed, "int32"), scales)
 
 
+def _dequantize_int4_rows(b: _Mil, ctx: OpContext, packed, scales, start, end, **_):
+    def rows(x: Var) -> Var:
+        return b.op("slice_by_index", x=x, begin=np.array([start, 0], dtype=np.int32),
+                    end=np.array([end, x.shape[1]], dtype=np.int32))
+
+    return _dequantize_rows(b, rows(b.cast(packed, "int32")), rows(scales))
+
+
 def _embedding_int4(b: _Mil, ctx: OpContext, packed, scales, indices, **_):
     flat = b.reshape(b.cast(indices, "int32"), (-1,))
     packed_rows = b.op("gather", x=b.cast(packed, "int32"), indices=flat, axis=0)
@@ -972,6 +1014,11 @@ _RULES: dict[object, Callable] = {
     aten.tanh.default: _unary("tanh"),
     aten.sigmoid.default: _unary("sigmoid"),
     aten.where.self: _where,
+    aten.maximum.default: _binary("maximum"),
+    aten.minimum.default: _binary("minimum"),
+    aten.clamp.default: _clamp,
+    aten.clamp_min.default: lambda b, ctx, input, min, **_: _clamp(b, ctx, input, min=min),
+    aten.clamp_max.default: lambda b, ctx, input, max, **_: _clamp(b, ctx, input, max=max),
     # comparison and logic
     aten.eq.Tensor: _binary("equal"),
     aten.eq.Scalar: _binary("equal"),
@@ -1009,6 +1056,7 @@ _RULES: dict[object, Callable] = {
     aten.index_select.default: lambda b, ctx, input, dim, index, **_: b.op(
         "gather", x=input, indices=b.cast(index, "int32"), axis=dim
     ),
+    aten.gather.default: _gather,
     aten.cat.default: lambda b, ctx, tensors, dim=0, **_: b.op(
         "concat", values=[b.cast(t, ctx.dtype) for t in tensors], axis=dim
     ),
@@ -1031,6 +1079,7 @@ _RULES: dict[object, Callable] = {
     aten.nll_loss_backward.default: _nll_loss_backward,
     # INT4 frozen weights (passes.quantize)
     quantize.dequantize_int4: _dequantize_int4,
+    quantize.dequantize_int4_rows: _dequantize_int4_rows,
     quantize.embedding_int4: _embedding_int4,
     quantize.dequantize_gguf: _dequantize_gguf,
     quantize.dequantize_gguf_rows: _dequantize_gguf_rows,

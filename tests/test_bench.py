@@ -129,3 +129,27 @@ def test_native_bench_runs_and_holds_what_the_manifest_predicts(tmp_path):
     assert 0 < record["rss_anon_peak_bytes"] <= record["vm_hwm_bytes"]
     assert record["native_step_s"] > 0 and record["native_over_eager"] > 0
     assert set(record["native_seconds_by_stage_kind"]) >= {"block_forward", "block_backward"}
+
+
+def test_cost_model_bench_alternates_the_baselines_beside_the_plans(tmp_path):
+    """bench/cost_model.py on a tiny step: eager, transformers' checkpointing and the four plans side by side,
+    each step's loss checked against the plain step's, plans holding what liveness predicts."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cost_model.py"), "--model", "tiny-llama", "--seq-len", "32",
+         "--device", "cpu-local", "--rounds", "1", "--work-limit", "5", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "cost-model-tiny-llama-seq32.json").read_text())["plans"]
+    plans = ["none", "mebp", "optimal @ mebp's peak", "optimal @ least"]
+    assert list(rows) == ["eager", "hf-checkpointing", *plans]
+    assert 0 < rows["hf-checkpointing"]["allocator_peak_bytes"] < rows["eager"]["allocator_peak_bytes"]
+    for label in plans:
+        assert rows[label]["held_peak_computed_bytes"] == rows[label]["predicted_peak_computed_bytes"], label
+    assert rows["mebp"]["predicted_peak_computed_bytes"] < rows["none"]["predicted_peak_computed_bytes"]
+    assert all(rows[label]["first_solve_cpu_s"] > 0 for label in plans[2:])
+    assert "first_solve_cpu_s" not in rows["mebp"]
+    assert [rows[label]["extra_over"] for label in rows] == ["eager", "eager", *["none"] * 4]
+    md = (tmp_path / "cost-model-tiny-llama-seq32.md").read_text()
+    for name in ("eager autograd", "transformers gradient checkpointing", *(f"`{p}`" for p in plans)):
+        assert f"| {name} |" in md, name

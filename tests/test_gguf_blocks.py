@@ -298,15 +298,17 @@ def test_smollm2_artifacts_over_its_own_blocks_match_autograd(smollm2, smollm2_m
 
 
 def test_coreml_packages_over_gguf_blocks_check(tiny_gguf, tmp_path):
-    """Every package of a plan over GGUF blocks (the tied head decoded whole: CoreML refuses
-    vocabulary slices) equals its torch stage by MIL value inference, as tests/test_target_coreml.py
-    checks the float and INT4 ones."""
+    """Every package of a plan over GGUF blocks (the tied head over vocabulary slices, each
+    slice's rows decoded on their own) equals its torch stage by MIL value inference, as
+    tests/test_target_coreml.py checks the float and INT4 ones."""
     pytest.importorskip("coremltools", reason="the CoreML target needs coremltools")
     coreml = load_target("coreml")
     model = lora_model("tiny-llama")
     batch = random_batch(model.config.vocab_size)
-    plan = mebp_compiler.compile(model, batch, "mebp", checkpoints="disk", int4=True, gguf_file=tiny_gguf)
+    plan = mebp_compiler.compile(model, batch, "mebp", checkpoints="disk", int4=True, gguf_file=tiny_gguf,
+                                 vocab_slices=3)
     part = partition(plan.graph, model="test")
+    assert any(n.target is dequantize_gguf_rows for s in part.stages for n in s.module.graph.nodes)
     weights = step_weights(model, part, plan.weights)
     write_artifacts(part, coreml, tmp_path, weights=weights, progress=False)
     arrays = {k: v.detach().numpy() for k, v in weights.items()} | {k: v.numpy() for k, v in batch.items()}

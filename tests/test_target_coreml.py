@@ -3,28 +3,34 @@ translation, evaluated by value inference, equals the torch stage."""
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
+import types
 import warnings
 
 import coremltools as ct
 from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+import numpy as np
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import mebp_compiler
 from mebp_compiler.capture import capture
 from mebp_compiler.ir import Phase, Role
 from mebp_compiler.passes import quantize
 from mebp_compiler.passes.partition import partition
 from mebp_compiler.targets import TargetUnavailableError, driver, load_target
 from mebp_compiler.targets import coreml as coreml_target
-from mebp_compiler.targets.artifacts import step_weights, write_artifacts
+from mebp_compiler.targets.artifacts import recorded_stage_inputs, step_weights, write_artifacts
 from mebp_compiler.targets.fx_stage import UnsupportedStageOpError
-from tests.conftest import TINY_MODELS, lora_model, random_batch
+from tests.conftest import TINY_MODELS, assert_matches_autograd, autograd_reference, lora_model, random_batch
 from tests.stages import block_nodes, captured_step, extract_stage, step_inputs
-from tests.test_partition import compiled_tiny
+from tests.test_partition import (INT4_STAGED_PEAK_TOLERANCE, STAGED_PEAK_TOLERANCE, as_step_result,
+                                  assert_held_as_predicted, compiled_tiny)
+from tests.test_quantize import dequantized_copy
 
 
 def captured(name, **kwargs):
@@ -144,6 +150,19 @@ def test_check_reports_a_package_of_another_stage(tmp_path):
     assert not report.ok and any("inputs" in p for p in report.problems)
 
 
+def test_min_max_clamp_and_gather_with_a_shorter_index(tmp_path):
+    def stage(x, y, index):
+        return (torch.maximum(x, y), torch.minimum(x, y), torch.clamp(x, -0.5, 0.5), torch.clamp_max(x, 0.1),
+                torch.gather(x, 1, index))  # index shorter than x off dim 1: gather_along_axis needs a slice
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(4, 5, generator=generator), torch.randn(4, 5, generator=generator),
+              torch.randint(0, 5, (3, 2), generator=generator)]
+    traced = make_fx(stage)(*inputs)
+    report = assert_checks(coreml_target.export_stage(traced, inputs, tmp_path / "ops"), traced, inputs)
+    assert report.max_error == [0.0] * 5
+
+
 def test_unsupported_op_is_named(tmp_path):
     stage = make_fx(lambda x: (torch.cumprod(x, 0),))(torch.ones(3))
     with pytest.raises(UnsupportedStageOpError, match=r"aten\.cumprod\.default"):
@@ -240,3 +259,88 @@ def test_smollm2_partition_packages_check(smollm2, smollm2_mebp, tmp_path):
     part, facts, report = check_partition(smollm2, batch, plan, tmp_path, weights=False)
     assert_every_stage_checked(part, facts, report, tmp_path)
     assert len(part.manifest.stages) == 63 and len(facts) <= 12  # the 30 blocks share their packages
+
+
+# ---------------------------------------------------------------- vocabulary slices
+
+#: The CoreML target with each package evaluated by MIL value inference instead of by Core ML
+#: (`coreml.value_inference_stage`): a target `driver.Driver.open` runs here.
+VALUE_INFERENCE = types.SimpleNamespace(load_stage=COREML.value_inference_stage,
+                                        describe_stage=COREML.describe_stage, io_form=COREML.io_form)
+
+
+@functools.lru_cache(maxsize=2)
+def sliced_plan(name: str, int4: bool):
+    """(model, batch, plan, partition) of a tiny config under mebp (disk checkpoints) with its
+    head and loss over 3 vocabulary slices; INT4 weights with group size 32 if `int4`. Do not mutate."""
+    model = lora_model(name)
+    batch = random_batch(model.config.vocab_size, seq=16)
+    quantized = {"int4": True, "group_size": 32} if int4 else {}
+    plan = mebp_compiler.compile(model, batch, "mebp", checkpoints="disk", vocab_slices=3, **quantized)
+    return model, batch, plan, partition(plan.graph, model="test")
+
+
+@pytest.mark.parametrize("name, int4", [("tiny-llama", False), ("tiny-gemma3", True)])
+def test_vocab_sliced_step_from_the_packages_matches_autograd(name, int4, tmp_path):
+    """The sliced head and loss (running max, clamp, gather; tiny Gemma-3: softcapped logits'
+    tanh, and its INT4 head decoded one slice of rows at a time): the driver runs every saved
+    package by MIL value inference as the manifest says, and the step's loss and LoRA
+    gradients equal plain autograd's; `mebp compile`'s per-package check passes too."""
+    model, batch, plan, part = sliced_plan(name, int4)
+    weights = step_weights(model, part, plan.weights)
+    facts = write_artifacts(part, COREML, tmp_path, weights=weights, progress=False)
+    head = next(s for s in part.manifest.stages if s.kind == "head_forward")
+    _, emitted = COREML.build_program(part.unique_stages()[head.signature].module)
+    assert {"maximum", "minimum", "gather_along_axis", "reduce_max"} <= set(emitted)
+    result = driver.Driver.open(tmp_path, VALUE_INFERENCE).step({k: v.numpy() for k, v in batch.items()})
+    reference = dequantized_copy(model, plan) if int4 else model
+    assert_matches_autograd(as_step_result(result), autograd_reference(reference, batch))
+    assert_held_as_predicted(part, plan, result, INT4_STAGED_PEAK_TOLERANCE if int4 else STAGED_PEAK_TOLERANCE)
+    arrays = {k: v.detach().numpy() for k, v in weights.items()} | {k: v.numpy() for k, v in batch.items()}
+    report = COREML.verify_artifacts(part, tmp_path, arrays, progress=False)
+    assert_every_stage_checked(part, facts, report, tmp_path)
+
+
+def sliced_loss_stage(tokens: int = 32, width: int = 64, vocab: int = 256, slices: int = 3):
+    """The vocabulary-sliced loss's forward and backward alone, traced to ATen ops as `capture`
+    traces them: (hidden, head weight, labels) -> (summed loss, gradient of hidden), and example
+    inputs (hidden ~ N(0, 1), weight ~ N(0, 0.05^2), a quarter of the labels ignored)."""
+    from mebp_compiler.sliced_loss import IGNORE_INDEX, sliced_linear_cross_entropy
+
+    def step(hidden, weight, labels):
+        hidden = hidden.detach().requires_grad_()
+        loss = sliced_linear_cross_entropy(hidden, weight, labels, slices)
+        return loss, torch.autograd.grad(loss, hidden)[0]
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels[::4] = IGNORE_INDEX
+    inputs = [torch.randn(tokens, width, generator=generator),
+              torch.randn(vocab, width, generator=generator) * 0.05, labels]
+    return make_fx(step, tracing_mode="fake")(*inputs), inputs  # fake: as capture traces (no label check)
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("fp16", 5e-3)])
+def test_sliced_loss_forward_and_backward(precision, tol, tmp_path):
+    """The sliced loss's ops (running max, clamp, gather, the labels' masks) at fp32 and, like the
+    forward blocks above, at fp16 compute precision (tolerance 5e-3, ten fp16 unit roundoffs)."""
+    stage, inputs = sliced_loss_stage()
+    ops = {str(n.target) for n in stage.graph.nodes if n.op == "call_function"}
+    assert {"aten.maximum.default", "aten.clamp.default", "aten.clamp_min.default", "aten.gather.default"} <= ops
+    path = coreml_target.export_stage(stage, inputs, tmp_path / "loss", precision=precision)
+    report = assert_checks(path, stage, inputs, tol=tol)
+    assert all(e <= tol * s for e, s in zip(report.max_error, report.scale))  # of its own scale, not of max(1, it)
+    assert (report.package_ops["cast"] > 0) == (precision == "fp16")
+
+
+def test_fp16_vocab_sliced_head_forward(tmp_path):
+    """The tiny Llama's sliced head forward at fp16 compute precision, on the values it gets in
+    the step, within the forward blocks' fp16 tolerance. (Its head backward is not: at fp16 the
+    final RMSNorm's backward overflows, an rsqrt of 41.6 cubed being 7.2e4 > 65504, sliced or not.)"""
+    model, batch, plan, part = sliced_plan("tiny-llama", False)
+    arrays = {k: v.detach().numpy() for k, v in step_weights(model, part).items()}
+    recorded = recorded_stage_inputs(part, arrays | {k: v.numpy() for k, v in batch.items()})
+    signature, stage = next((sig, s) for sig, s in part.unique_stages().items() if s.spec.kind == "head_forward")
+    inputs = [torch.from_numpy(np.require(a, requirements="W")) for a in recorded[signature]]
+    path = coreml_target.export_stage(stage.module, inputs, tmp_path / "head", precision="fp16")
+    assert assert_checks(path, stage.module, inputs, tol=5e-3).package_ops["cast"] > 0

@@ -15,7 +15,8 @@ The model is left as it was: LoRA gradients cleared, checkpointing off, the same
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -69,31 +70,45 @@ def allocator_peak(fn: Callable[[], object]) -> int:
 def measure_baselines(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> list[BaselineMemory]:
     """One eager-autograd step and one gradient-checkpointed step of `model` (a peft LoRA causal LM) on `batch`."""
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    lora = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
     results = []
+    for name, label in BASELINES.items():
+        losses: list[torch.Tensor] = []
+        with baseline_mode(model, name):
+            peak = allocator_peak(lambda: losses.append(autograd_step(model, batch)))
+        results.append(BaselineMemory(name, label, parameter_bytes, peak, float(losses[0])))
+    return results
+
+
+def autograd_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One training step as autograd runs it, `model(**batch).loss.backward()`; the loss, detached.
+
+    The LoRA gradients are cleared first, so each step's are its own.
+    """
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = None
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach()
+
+
+@contextmanager
+def baseline_mode(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """`model` set up to run baseline `name` (a key of BASELINES): training mode, and for
+    "hf-checkpointing" transformers' checkpointing on. Left as it was: LoRA gradients
+    cleared, checkpointing off, the same mode."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}: choose from {', '.join(BASELINES)}")
+    was_training = model.training
     try:
         model.train()  # transformers checkpoints only in training mode
-        for name, label in BASELINES.items():
-            if name == "hf-checkpointing":
-                _checkpointing(model, enable=True)
-            losses: list[float] = []
-
-            def step() -> None:
-                loss = model(**batch).loss
-                loss.backward()
-                losses.append(float(loss.detach()))
-
-            peak = allocator_peak(step)
-            for p in lora:
-                p.grad = None
-            results.append(BaselineMemory(name, label, parameter_bytes, peak, losses[0]))
+        _checkpointing(model, enable=name == "hf-checkpointing")
+        yield
     finally:
         _checkpointing(model, enable=False)
-        for p in lora:
+        for p in model.parameters():
             p.grad = None
         model.train(was_training)
-    return results
 
 
 def _checkpointing(model: torch.nn.Module, enable: bool) -> None:
