@@ -9,6 +9,10 @@ CPU time mostly does not.
     python bench/solve_time.py --model qwen2.5-0.5b --vocab-slices 64 --mlp-chunks 4 --fuse-update
     python bench/solve_time.py --model qwen2.5-3b
     python bench/solve_time.py --model gemma3-4b --least
+
+`--whole-trace` captures without stamping repeated blocks (`capture(by_block=False)`);
+`--compare-capture N` instead alternates the two captures N times in this process and prints
+their CPU times (the stamped one first in each round).
 """
 
 from __future__ import annotations
@@ -47,16 +51,21 @@ def main() -> int:
     parser.add_argument("--mlp-chunks", type=int, default=0)
     parser.add_argument("--fuse-update", action="store_true")
     parser.add_argument("--least", action="store_true", help="first solve: the least feasible budget")
+    parser.add_argument("--whole-trace", action="store_true", help="trace every block (no stamping)")
+    parser.add_argument("--compare-capture", type=int, default=0, metavar="N",
+                        help="only alternate stamped and whole captures N times and print their CPU seconds")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = DeviceProfile.load(args.device)
     load_before = os.getloadavg()[0]
+    if args.compare_capture:
+        return compare_capture(args)
 
     t0 = clocks()
     model = models.add_lora(models.load(args.model, device="meta"))
     ids = torch.zeros((1, args.seq_len), dtype=torch.int64, device="meta")
     graph = capture(model, {"input_ids": ids, "labels": ids}, vocab_slices=args.vocab_slices,
-                    mlp_chunks=args.mlp_chunks)
+                    mlp_chunks=args.mlp_chunks, by_block=not args.whole_trace)
     if args.fuse_update:
         graph = fuse_lora_update(graph)
     captured = clocks()
@@ -74,7 +83,7 @@ def main() -> int:
                   "model_time_s": schedule.stats["model_time_s"], "gap": schedule.stats["gap"]}
     t3 = clocks()
     result.update({
-        "model": args.model, "nodes": len(graph.nodes()), "capture_cpu_s": captured[0] - t0[0],
+        "model": args.model, "nodes": len(graph.nodes()), "traced_blocks": graph.meta.get("traced_blocks"), "capture_cpu_s": captured[0] - t0[0],
         "capture_wall_s": captured[1] - t0[1], "problem_cpu_s": t2[0] - t1[0], "solve_cpu_s": t3[0] - t2[0],
         "solve_wall_s": t3[1] - t2[1], "total_cpu_s": captured[0] - t0[0] + t3[0] - t1[0],
         "total_wall_s": captured[1] - t0[1] + t3[1] - t1[1],
@@ -88,6 +97,25 @@ def main() -> int:
           f"{result['total_cpu_s']:.1f} s CPU / {result['total_wall_s']:.1f} s wall ({result['status']}{least}, work {result['work']:.2f}); "
           f"load {load_before:.1f} -> {result['load_after']:.1f}", file=sys.stderr)
     print(json.dumps(result))
+    return 0
+
+
+def compare_capture(args: argparse.Namespace) -> int:
+    """Alternate `capture` with and without stamping; print each one's process CPU seconds per round."""
+    model = models.add_lora(models.load(args.model, device="meta"))
+    ids = torch.zeros((1, args.seq_len), dtype=torch.int64, device="meta")
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.compare_capture):
+        for by_block in (True, False):
+            start = time.process_time()
+            graph = capture(model, {"input_ids": ids, "labels": ids}, vocab_slices=args.vocab_slices,
+                            mlp_chunks=args.mlp_chunks, by_block=by_block)
+            times[by_block].append(time.process_time() - start)
+            print(f"{'stamped' if by_block else 'whole'}: {times[by_block][-1]:.1f} s CPU, {len(graph.nodes())} nodes, "
+                  f"traced blocks {graph.meta.get('traced_blocks', 'all')}; load {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr)
+    print(json.dumps({"model": args.model, "stamped_cpu_s": times[True], "whole_cpu_s": times[False],
+                      "command": " ".join(sys.argv)}))
     return 0
 
 

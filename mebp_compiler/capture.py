@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
 from mebp_compiler.blocks import NoDecoderBlocksError, block_mlp, decoder_layers
 from mebp_compiler.sliced_loss import slice_bounds, sliced_linear_cross_entropy
+from mebp_compiler.stamp import block_kinds, stamp, stamp_depth, truncated
 
 #: Largest tensor allowed as a constant inside the graph; anything bigger is a weight
 #: that was baked in and could not be streamed.
@@ -60,6 +61,7 @@ def capture(
     head_chunks: int = 0,
     vocab_slices: int = 0,
     mlp_chunks: int = 0,
+    by_block: bool = True,
 ) -> TrainingGraph:
     """Trace one training step of `model` on a batch shaped like `example_batch`.
 
@@ -92,6 +94,11 @@ def capture(
     the same, but its `[seq x intermediate]` products and their gradients exist one
     `[seq/m x intermediate]` chunk at a time - in most models the largest tensors of a
     block's backward.
+
+    With `by_block=True` (the default) a model whose decoder blocks repeat is traced with its
+    block stack cut to a few blocks and the rest stamped out from them (`stamp`): the same
+    graph as the whole trace, where the traced blocks show that they repeat; otherwise, and
+    with `by_block=False`, the whole model is traced.
     """
     if mlp_chunks < 0 or mlp_chunks > example_batch["input_ids"].shape[-1]:
         raise CaptureError(f"mlp_chunks must be between 0 and the sequence length, got {mlp_chunks}")
@@ -100,20 +107,69 @@ def capture(
     if head_chunks < 0 or head_chunks > example_batch["input_ids"].shape[-1]:
         raise CaptureError(f"head_chunks must be between 0 and the sequence length, got {head_chunks}")
     input_ids, labels, attention_mask = _check_batch(example_batch)
+    trace = functools.partial(_trace, model, input_ids, labels, attention_mask, backward=backward,
+                              head_chunks=head_chunks, vocab_slices=vocab_slices, mlp_chunks=mlp_chunks)
+    if by_block and backward:
+        graph = _capture_by_block(model, trace)
+        if graph is not None:
+            return graph
+    return trace()
+
+
+def _capture_by_block(model: torch.nn.Module, trace: Callable[[], TrainingGraph]) -> TrainingGraph | None:
+    """The step traced over the first few blocks and stamped out to all of them, or None where it cannot be."""
+    try:
+        layers = decoder_layers(model)
+    except NoDecoderBlocksError:
+        return None
+    kinds = block_kinds(model, layers)
+    depth = stamp_depth(kinds)
+    if depth is None:
+        return None
+    stack = next(name for name, module in model.named_modules() if module is layers)
+    frozen, lora = _step_parameters(model)
+    with truncated(layers, depth):
+        try:
+            traced = trace()
+        except CaptureError:
+            return None
+    batch = [(spec.role, spec.source) for spec in traced.inputs if spec.role == Role.BATCH]
+    inputs = [(Role.FROZEN, k) for k in frozen] + [(Role.LORA, k) for k in lora] + batch
+    return stamp(traced, stack, kinds, inputs, list(lora))
+
+
+def _step_parameters(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The step's frozen inputs (frozen parameters, then buffers) and its LoRA parameters, by name."""
+    params = dict(model.named_parameters())
+    lora = {k: p for k, p in params.items() if p.requires_grad}
+    frozen = {k: p for k, p in params.items() if not p.requires_grad}
+    frozen.update(dict(model.named_buffers()))
+    return frozen, lora
+
+
+def _trace(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    backward: bool,
+    head_chunks: int,
+    vocab_slices: int,
+    mlp_chunks: int,
+) -> TrainingGraph:
+    """`capture` by one trace of the whole step."""
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise CaptureError(
             "the model has transformers' gradient checkpointing enabled; call "
             "model.gradient_checkpointing_disable() - mebp schedules recomputation itself"
         )
-    params = dict(model.named_parameters())
-    lora = {k: p for k, p in params.items() if p.requires_grad}
+    frozen, lora = _step_parameters(model)
     if not lora:
         raise CaptureError(
             "the model has no trainable parameters: add LoRA adapters first, e.g. "
             "mebp_compiler.app.models.add_lora(model)"
         )
-    frozen = {k: p for k, p in params.items() if not p.requires_grad}
-    frozen.update(dict(model.named_buffers()))
     if head_chunks or vocab_slices:
         _check_chunked_head(model, lora, vocab_slices)
     batch_inputs = {"input_ids": input_ids, "labels": labels}
