@@ -41,7 +41,7 @@ def dequantize_gguf(blocks: torch.Tensor, kind: str, dtype: torch.dtype = torch.
 
 
 def _decode(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """The fp32 weight of `blocks`, in gguf-py's order of operations, with integer arithmetic only.
+    """The fp32 weight of `blocks`, in gguf-py's order of operations, from exact integer-valued steps.
 
     No byte reinterpretation (`view(dtype)`): ONNX has none, so the fp16 scales are decoded
     from their two bytes (`half_to_float`) and Q8_0's signed codes cast from their unsigned byte.
@@ -50,37 +50,45 @@ def _decode(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """
     rows = blocks.shape[0]
     cells = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
-    scale = half_to_float(cells[..., 0:1], cells[..., 1:2])
     if kind == "q8_0":  # uint8 -> int8 wraps (two's complement), as in ONNX's Cast and MLX's astype
+        scale = half_to_float(cells[..., 0:1], cells[..., 1:2])
         return cells[..., 2:].to(torch.int8).to(torch.float32).mul_(scale).reshape(rows, -1)
-    minimum = half_to_float(cells[..., 2:3], cells[..., 3:4])
-    codes = cells[..., 4:]
-    # low nibbles, then the high ones as (byte & 0xF0) / 16, exact in fp32 (ONNX mistypes uint8 shifts)
-    weight = torch.cat(((codes & 0x0F).to(torch.float32), (codes & 0xF0).to(torch.float32).mul_(1 / 16)), dim=-1)
-    return weight.mul_(scale).add_(minimum).reshape(rows, -1)
+    scale_and_minimum = half_to_float(cells[..., 0:4:2], cells[..., 1:4:2])  # d's two bytes and m's, in one pass
+    scale, minimum = scale_and_minimum[..., 0:1], scale_and_minimum[..., 1:2]
+    # the nibbles in fp32, where byte // 16 and byte % 16 are exact (floor of a product by a power
+    # of two): contiguous float passes, faster here than integer ops on the strided bytes
+    codes = cells[..., 4:].to(torch.float32)
+    high = codes.mul(1 / 16).floor_()
+    low = codes.sub_(high, alpha=16)
+    return torch.cat((low, high), dim=-1).mul_(scale).add_(minimum).reshape(rows, -1)
 
 
-#: 2**(e - 25) for each fp16 exponent field e = 1..31 (2**-24 for e = 0, the subnormals): the
-#: weight of the 11-bit significand (1024 + mantissa, or the mantissa alone for a subnormal).
-_HALF_POWERS = torch.tensor([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=torch.float32)
+_HIGH_BYTE = np.arange(256)
+_EXPONENT = _HIGH_BYTE // 4 % 32
+#: For each value of an fp16's high byte: the significand's high part (1024 for a normal number,
+#: none for a subnormal, plus 256 * its mantissa bits 8..9), as int32.
+_SIGNIFICAND_HIGH = torch.tensor(np.where(_EXPONENT > 0, 1024, 0) + _HIGH_BYTE % 4 * 256, dtype=torch.int32)
+#: For each value of the high byte: the sign times the significand's weight, 2**(e - 25) for the
+#: exponent field e = 1..30, 2**-24 for e = 0 (the subnormals), infinity for e = 31.
+_SIGNED_POWER = torch.tensor(np.where(_HIGH_BYTE >= 128, -1.0, 1.0)
+                             * np.where(_EXPONENT == 31, np.inf, 2.0 ** (np.maximum(_EXPONENT, 1) - 25)),
+                             dtype=torch.float32)
 
 
 def half_to_float(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Graph-safe fp16 -> fp32: the IEEE half whose little-endian bytes are `low`, `high` (uint8), as fp32.
+    """Graph-safe fp16 -> fp32: the IEEE half whose little-endian bytes are `low`, `high` (uint8 or int32), as fp32.
 
     sign = bit 7 of `high`, exponent e = its bits 2..6, mantissa = its bits 0..1 and `low`; the
     value is (1024 + mantissa) * 2**(e - 25), a subnormal's mantissa * 2**-24, and e = 31 is
-    infinity (mantissa 0) or NaN, as numpy's `astype(float32)` of the half gives. Every fp16 is
-    exact in fp32 and each product is an integer below 2**11 times a power of two, so the result
-    is the conversion's bit for bit (NaN payloads aside).
+    infinity (mantissa 0) or NaN, as numpy's `astype(float32)` of the half gives. The parts that
+    depend on `high` alone are looked up in 256-entry tables. Every fp16 is exact in fp32 and
+    each product is an integer below 2**11 times a signed power of two, so the result is the
+    conversion's bit for bit (NaN payloads aside).
     """
-    high = high.to(torch.int32)
-    exponent = (high // 4) % 32
-    mantissa = ((high % 4) * 256 + low.to(torch.int32)).to(torch.float32)
-    significand = torch.where(exponent > 0, mantissa + 1024, mantissa)
-    magnitude = significand * _HALF_POWERS[exponent.long()]
-    magnitude = torch.where(exponent == 31, torch.where(mantissa == 0, torch.inf, torch.nan), magnitude)
-    return torch.where(high >= 128, -magnitude, magnitude)
+    index = high.reshape(-1).long()  # index_select: the fast lookup here (a [index] is ~10x slower)
+    significand = _SIGNIFICAND_HIGH.index_select(0, index).reshape(high.shape) + low.to(torch.int32)
+    value = significand.to(torch.float32) * _SIGNED_POWER.index_select(0, index).reshape(high.shape)
+    return torch.where((value.abs() == torch.inf) & (significand != 1024), torch.nan, value)
 
 
 def dequantize_gguf_rows(blocks: torch.Tensor, kind: str, start: int, end: int,

@@ -209,3 +209,18 @@ def test_train_a_saved_model_by_path_and_load_its_adapter_with_peft(tmp_path, ca
     for key, value in saved.items():
         assert torch.equal(state[key.replace(".weight", ".default.weight")], value)
     assert any(value.abs().sum() > 0 for key, value in saved.items() if "lora_B" in key)  # it did train
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_smollm2_the_same_lora_init_whatever_the_process_rng_was():
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(model="smollm2-135m", seed=0, dtype="float32", lora_r=16, lora_alpha=32)
+    inits = []
+    for process_seed in (1, 2):  # torch seeds its global RNG at random in each process
+        torch.manual_seed(process_seed)
+        model = cli._load_lora_model(args)
+        inits.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert inits[0].keys() == inits[1].keys() and all(torch.equal(inits[0][n], inits[1][n]) for n in inits[0])

@@ -263,3 +263,16 @@ def test_a_gguf_file_is_a_model_source():
     assert models.gguf_file_of(gguf) == models.smollm2_gguf_path()
     assert models.has_tokenizer(gguf)
     assert models.display_name(gguf) == "SmolLM2-135M-Instruct.Q4_1"
+
+
+@pytest.mark.slow
+def test_smollm2_loaded_with_the_gguf_file_parsed_once_has_transformers_own_weights():
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    loaded = models.load("smollm2-135m").state_dict()
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader_class, name_map)  # restored
+    path = models.smollm2_gguf_path()
+    plain = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).state_dict()
+    assert loaded.keys() == plain.keys() and all(torch.equal(loaded[k], plain[k]) for k in plain)

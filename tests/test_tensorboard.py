@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
+import numpy as np
 import pytest
 
 from mebp_compiler.app.cli import main
@@ -25,7 +27,7 @@ def test_tensorboard_is_refused_with_mezo(tmp_path, capsys):
     assert "--tensorboard" in capsys.readouterr().err
 
 
-def test_tensorboard_logs_loss_lr_held_bytes_and_step_time_per_step(tmp_path):
+def test_tensorboard_logs_each_steps_loss_lr_held_bytes_and_step_time(tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -38,3 +40,12 @@ def test_tensorboard_logs_loss_lr_held_bytes_and_step_time_per_step(tmp_path):
     for tag in ("train/loss", "train/lr", "train/held_peak_bytes", "train/step_s"):
         assert [e.step for e in events.Scalars(tag)] == [1, 2, 3], tag
     assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 3] and "eval/accuracy" in tags
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [e.value for e in events.Scalars("train/loss")] == _as_stored(history["loss"])
+    assert [e.value for e in events.Scalars("train/held_peak_bytes")] == _as_stored(history["held_peak_bytes"])
+    assert [e.value for e in events.Scalars("eval/loss")] == _as_stored(r["loss"] for r in history["evals"])
+
+
+def _as_stored(values) -> list[float]:
+    """`values` rounded as TensorBoard stores a scalar (float32)."""
+    return [float(np.float32(v)) for v in values]

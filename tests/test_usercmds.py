@@ -111,6 +111,20 @@ def test_mebp_generate_with_an_adapter_prints_the_prompt_and_its_continuation(tr
     assert capsys.readouterr().out.startswith("Question 3:")
 
 
+def test_generate_with_base_prints_the_base_models_continuation_then_the_adapters(trained, capsys):
+    common = ["generate", "--model", "tiny-llama", "--prompt", "Question 3:", "--max-new-tokens", "5"]
+    adapter = ["--adapter", str(trained / "adapter")]
+    capsys.readouterr()
+    assert main(common) == 0
+    base = capsys.readouterr().out
+    assert main([*common, *adapter]) == 0
+    tuned = capsys.readouterr().out
+    assert main([*common, *adapter, "--with-base"]) == 0
+    assert capsys.readouterr().out == (f"--- tiny-llama alone:\n{base}--- with the adapter {trained / 'adapter'}:\n"
+                                       f"{tuned}")
+    assert main([*common, "--with-base"]) == 2
+
+
 def test_merge_saves_a_plain_model_that_computes_what_base_plus_adapter_computes(trained, tmp_path, capsys):
     adapter = trained / "adapter"
     assert main(["merge", "--model", "tiny-llama", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0

@@ -715,6 +715,9 @@ def _add_generate(sub, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=_non_negative_float, default=0.0,
                    help="0: greedy decoding; above 0: sampling at this temperature (default: %(default)s)")
     p.add_argument("--top-p", type=_positive_float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--with-base", action="store_true",
+                   help="with --adapter: first continue the prompt with the base model alone (the adapter "
+                        "disabled, one model load), then with the adapter, each under a heading")
     p.set_defaults(run=_run_generate, check=_check_generate)
 
 
@@ -737,6 +740,8 @@ def _check_merge(args) -> None:
 def _check_generate(args) -> None:
     if args.top_p > 1:
         raise UsageError(f"--top-p {args.top_p:g} is more than 1: give a probability mass in (0, 1]")
+    if args.with_base and args.adapter is None:
+        raise UsageError("--with-base compares the base model with an adapter: give --adapter DIR")
 
 
 def _run_eval(args) -> int:
@@ -769,9 +774,15 @@ def _run_generate(args) -> int:
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
-    text = adapters.generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(f"{prompt}{text}")
+    def continuation() -> str:
+        return adapters.generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+    if args.with_base:
+        with model.disable_adapter():
+            base = continuation()
+        print(f"--- {args.model} alone:\n{prompt}{base}\n--- with the adapter {args.adapter}:")
+    print(f"{prompt}{continuation()}")
     return 0
 
 
@@ -1106,6 +1117,9 @@ def _load_lora_model(args, device: str = "cpu"):
 
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
     model = models.load(args.model, device=device, dtype=dtype, seed=getattr(args, "seed", 0))
+    # peft draws LoRA's A matrices from torch's global RNG, which torch seeds at random in each
+    # process and loading real weights does not reseed: without this, each run of SmolLM2 differed
+    torch.manual_seed(getattr(args, "seed", 0))
     try:
         return models.add_lora(model, _lora_settings(args))
     except ValueError as exc:

@@ -193,7 +193,9 @@ def _array_bytes(arrays: ArrayRecord) -> int:
 @functools.cache
 def _model_and_start(settings: ModelSettings) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The process's one copy of the LoRA model, and a copy of its LoRA parameters as peft initialised them."""
-    model = models.add_lora(models.load(settings.model, seed=settings.seed), settings.lora())
+    model = models.load(settings.model, seed=settings.seed)
+    torch.manual_seed(settings.seed)  # peft draws LoRA's A from the global RNG; real weights do not reseed it
+    model = models.add_lora(model, settings.lora())
     return model, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 

@@ -21,9 +21,12 @@ Nothing here touches the network.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -483,16 +486,18 @@ def load(
     device = torch.device(device)
     if not is_builtin(name) and device.type != "meta":
         source = resolve(name)
-        model = AutoModelForCausalLM.from_pretrained(source.location, attn_implementation="eager", dtype=dtype,
-                                                     local_files_only=True, **source.gguf_kwargs())
+        with gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(source.location, attn_implementation="eager", dtype=dtype,
+                                                         local_files_only=True, **source.gguf_kwargs())
         model.config.use_cache = False
         model = model.to(device=device, dtype=dtype)
         _no_dropout(model)
     elif name == "smollm2-135m" and device.type != "meta":
         gguf = smollm2_gguf_path()
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, attn_implementation="eager"
-        )
+        with gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, attn_implementation="eager"
+            )
         model.config.use_cache = False
         model = model.to(device=device, dtype=dtype)
     else:
@@ -504,6 +509,35 @@ def load(
         _no_dropout(model)
     model.train()
     return model
+
+
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """While inside, transformers' GGUF loading parses each file once and builds each tensor name map once.
+
+    `from_pretrained(..., gguf_file=)` parses the file with gguf-py's `GGUFReader` twice
+    (config, then weights; ~8 s each for SmolLM2's on a loaded 2-core machine, the vocabulary
+    read string by string) and builds gguf-py's `TensorNameMap` once per submodule (~400
+    times, ~24 ms each). Both are pure functions of their arguments and the unchanged file,
+    so here they are memoised: the same reader object and the same maps, the same weights.
+    Both names are restored on exit, and the readers released.
+    """
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | os.PathLike, mode: str = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def _no_dropout(model: torch.nn.Module) -> None:
@@ -549,7 +583,8 @@ def load_tokenizer(name: str = "smollm2-135m") -> transformers.PreTrainedTokeniz
     """
     if not is_builtin(name):
         source = resolve(name)
-        return AutoTokenizer.from_pretrained(source.location, local_files_only=True, **source.gguf_kwargs())
+        with gguf_parsed_once():
+            return AutoTokenizer.from_pretrained(source.location, local_files_only=True, **source.gguf_kwargs())
     if name != "smollm2-135m":
         raise ValueError(
             f"no tokenizer for {name!r}: only 'smollm2-135m' ships a tokenizer; the "
@@ -557,7 +592,8 @@ def load_tokenizer(name: str = "smollm2-135m") -> transformers.PreTrainedTokeniz
             f"random token ids below config({name!r}).vocab_size)"
         )
     gguf = smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with gguf_parsed_once():
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 #: `LoraSettings.target_modules` value for every linear layer but the LM head (peft's shorthand).
