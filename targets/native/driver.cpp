@@ -525,7 +525,10 @@ Rss read_rss() {
 // bytes), and a memory limit at the manifest's predicted peak,
 // at which MLX's evaluation waits for running kernels to finish (and free) before allocating
 // more. The limit is a soft one (MLX never fails for it): a stage whose transients exceed it
-// still runs. docs/native.md has the measurements.
+// still runs. run_stages lowers it to each stage's own planned peak while the stage runs: a
+// limit above the stage's plan lets MLX's main thread allocate several kernels' outputs ahead
+// of the kernels that free their inputs (SmolLM2's block forward: 31.0 MiB above its inputs
+// unlimited, 14.0 MiB at its plan's 7.5). docs/native.md has the measurements.
 void limit_mlx_memory(const Manifest& m, size_t cache_bytes) {
   mx::set_cache_limit(cache_bytes);
   mx::set_memory_limit(size_t(std::max<int64_t>(m.predicted_peak_bytes, 1)));
@@ -540,12 +543,15 @@ struct StepResult {
   std::vector<int64_t> held_before, held_during;
   std::vector<double> stage_seconds;  // each stage's call, evaluation and offload writes
   std::vector<int64_t> stage_mlx_peak;  // MLX's allocator peak (bytes of arrays) during each stage
+  std::vector<int64_t> held_after, stage_mlx_active;  // held bytes and MLX's bytes of arrays after each stage's frees
   int64_t staged_peak = 0;
   Rss peak;  // most anonymous and file-backed RSS seen when a stage returned
 };
 
+// `inputs` is taken over: a step input dropped after its last stage (a LoRA parameter or moment
+// a fused update replaces) is freed then only if nothing else holds it.
 StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunction>& fns,
-                      const std::map<std::string, mx::array>& inputs, OffloadStore& store) {
+                      std::map<std::string, mx::array> inputs, OffloadStore& store) {
   StepResult r;
   std::unordered_map<std::string, mx::array> env;
   std::unordered_map<std::string, OffloadStore::Handle> handles;
@@ -556,6 +562,7 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
     env.emplace(name, inputs.at(v.source));
     if (v.kind != "mapped") held += int64_t(inputs.at(v.source).nbytes());
   }
+  inputs.clear();
   for (const auto& stage : m.stages) {
     for (const auto& name : stage.inputs) {
       const ValueSpec& v = m.values.at(name);
@@ -566,6 +573,7 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
     }
     r.held_before.push_back(held);
     r.staged_peak = std::max(r.staged_peak, held + stage.internal_peak_bytes);
+    mx::set_memory_limit(size_t(std::max<int64_t>(held + stage.internal_peak_bytes, 1)));
     auto started = std::chrono::steady_clock::now();
     mx::reset_peak_memory();
     std::vector<mx::array> args;
@@ -593,7 +601,10 @@ StepResult run_stages(const Manifest& m, std::map<std::string, mx::ImportedFunct
       held -= int64_t(it->second.nbytes());
       env.erase(it);
     }
+    r.held_after.push_back(held);
+    r.stage_mlx_active.push_back(int64_t(mx::get_active_memory()));
   }
+  mx::set_memory_limit(size_t(std::max<int64_t>(m.predicted_peak_bytes, 1)));
   r.loss = mx::contiguous(env.at(m.loss)).item<float>();
   for (const auto& [param, value] : m.grads) {
     mx::array g = mx::contiguous(env.at(value));
@@ -800,6 +811,8 @@ int run(const Args& args) {
     lora.insert_or_assign(v.source, owned);
     weights.insert_or_assign(v.source, owned);
   }
+  std::set<std::string> lora_sources;
+  for (const auto& [source, value] : lora) lora_sources.insert(source);
   for (const auto& [param, value] : m.grads)
     if (!lora.count(param)) throw Failure("manifest: gradient for '" + param + "', which is not a LoRA step input");
   // Optimizer state (AdamW's moments and step count) starts at zeros, as torch's does.
@@ -823,8 +836,15 @@ int run(const Args& args) {
     std::map<std::string, mx::array> inputs = weights;
     inputs.insert_or_assign("input_ids", mx::array(tokens.input_ids.data() + step * per_step, m.batch_shape, mx::int64));
     inputs.insert_or_assign("labels", mx::array(tokens.labels.data() + step * per_step, m.batch_shape, mx::int64));
-    StepResult r = run_stages(m, fns, inputs, store);
-    inputs.clear();
+    // A value a fused update replaces is held by the stages alone, so that it is freed after its
+    // update as the plan counts (kept here too, each block's old LoRA parameters and moments
+    // stayed to the step's end: +27.9 MiB by SmolLM2's last block backward). Its new value
+    // comes back in r.updates; a failed step exits without an adapter.
+    for (const auto& [source, value] : m.updates) {
+      weights.erase(source);
+      lora.erase(source);
+    }
+    StepResult r = run_stages(m, fns, std::move(inputs), store);
     if (!std::isfinite(r.loss))
       throw Failure("step " + std::to_string(step + 1) + ": the loss is " + std::to_string(r.loss) +
                     "; no update applied and no adapter written; lower --lr");
@@ -846,7 +866,7 @@ int run(const Args& args) {
       // The stages' new LoRA parameters and optimizer state replace the old ones, for the next step.
       for (const auto& [source, u] : r.updates) {
         weights.insert_or_assign(source, u);
-        if (lora.count(source)) lora.insert_or_assign(source, u);
+        if (lora_sources.count(source)) lora.insert_or_assign(source, u);
       }
       r.updates.clear();
     } else {
@@ -885,6 +905,8 @@ int run(const Args& args) {
             << ",\"held_peak_bytes\":" << *std::max_element(last.held_during.begin(), last.held_during.end())
             << ",\"staged_peak_bytes\":" << last.staged_peak
             << ",\"stage_mlx_peak_bytes\":" << json_list(last.stage_mlx_peak)
+            << ",\"held_after_bytes\":" << json_list(last.held_after)
+            << ",\"stage_mlx_active_bytes\":" << json_list(last.stage_mlx_active)
             << ",\"predicted_peak_bytes\":" << m.predicted_peak_bytes
             << ",\"flash_bytes_written\":" << store.bytes_written << ",\"flash_bytes_read\":" << store.bytes_read
             << ",\"vm_hwm_bytes\":" << end.hwm << ",\"rss_anon_peak_bytes\":" << peak.anon
