@@ -12,7 +12,10 @@ CPU time mostly does not.
 
 `--whole-trace` captures without stamping repeated blocks (`capture(by_block=False)`);
 `--compare-capture N` instead alternates the two captures N times in this process and prints
-their CPU times (the stamped one first in each round).
+their CPU times (the stamped one first in each round). `--compare-least N` alternates, on one
+captured problem, `least_budget` as `--least` runs it (one pattern per block class, ended by
+`peak_lower_bound` when it meets it) with the flat model's least-memory search alone
+(`block_templates=0`), N times, and prints their CPU times and results.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from mebp_compiler.device import DeviceProfile
 from mebp_compiler.ir import format_bytes
 from mebp_compiler.passes.fuse_update import fuse_lora_update
 from mebp_compiler.passes.liveness import liveness
-from mebp_compiler.passes.policies import least_memory, mebp_schedule, optimal_schedule, scheduling_problem
+from mebp_compiler.passes.policies import (known_starts, least_memory, mebp_schedule, optimal_schedule,
+                                           scheduling_problem)
 from mebp_compiler.passes.rewrite import rewrite
-from mebp_compiler.passes.scheduler.solver import DEFAULT_WORK_LIMIT
+from mebp_compiler.passes.scheduler.solver import DEFAULT_BLOCK_TEMPLATES, DEFAULT_WORK_LIMIT, least_budget
 
 
 def clocks() -> tuple[float, float]:
@@ -54,12 +58,16 @@ def main() -> int:
     parser.add_argument("--whole-trace", action="store_true", help="trace every block (no stamping)")
     parser.add_argument("--compare-capture", type=int, default=0, metavar="N",
                         help="only alternate stamped and whole captures N times and print their CPU seconds")
+    parser.add_argument("--compare-least", type=int, default=0, metavar="N",
+                        help="only alternate the least-memory search with and without block patterns N times")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = DeviceProfile.load(args.device)
     load_before = os.getloadavg()[0]
     if args.compare_capture:
         return compare_capture(args)
+    if args.compare_least:
+        return compare_least(args, device)
 
     t0 = clocks()
     model = models.add_lora(models.load(args.model, device="meta"))
@@ -116,6 +124,30 @@ def compare_capture(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     print(json.dumps({"model": args.model, "stamped_cpu_s": times[True], "whole_cpu_s": times[False],
                       "command": " ".join(sys.argv)}))
+    return 0
+
+
+def compare_least(args: argparse.Namespace, device: DeviceProfile) -> int:
+    """Alternate the least-memory search as `--least` runs it and the flat model's alone; print CPU seconds."""
+    model = models.add_lora(models.load(args.model, device="meta"))
+    ids = torch.zeros((1, args.seq_len), dtype=torch.int64, device="meta")
+    graph = capture(model, {"input_ids": ids, "labels": ids}, vocab_slices=args.vocab_slices,
+                    mlp_chunks=args.mlp_chunks)
+    if args.fuse_update:
+        graph = fuse_lora_update(graph)
+    problem = scheduling_problem(graph, device)
+    starts = known_starts(graph, problem)
+    runs: dict[str, list[dict]] = {"patterns": [], "flat": []}
+    for _ in range(args.compare_least):
+        for name, templates in (("patterns", DEFAULT_BLOCK_TEMPLATES), ("flat", 0)):
+            start = time.process_time()
+            solution = least_budget(problem, device, work_limit=args.work_limit, starts=starts,
+                                    block_templates=templates)
+            runs[name].append({"cpu_s": time.process_time() - start, "least_bytes": solution.model_peak_bytes,
+                               "bound_bytes": solution.stats["peak_bound_bytes"], "status": solution.status})
+            print(f"{name}: {runs[name][-1]['cpu_s']:.1f} s CPU, least {solution.model_peak_bytes} B "
+                  f"({solution.status}); load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    print(json.dumps({"model": args.model, **runs, "command": " ".join(sys.argv)}))
     return 0
 
 

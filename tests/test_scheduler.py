@@ -26,6 +26,7 @@ from mebp_compiler.passes.scheduler.solver import (
     block_patterns,
     least_budget,
     model_peak,
+    peak_lower_bound,
     solve,
 )
 from mebp_compiler.passes.scheduler.synthetic import random_layered_dag, transformer_like_dag
@@ -105,6 +106,43 @@ def test_block_templates_against_the_flat_model_on_small_graphs(seed, templates)
             assert block_patterns(problem, patterned.decisions) <= templates
         else:
             assert patterned.objective_s == pytest.approx(flat.objective_s, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_peak_lower_bound_is_never_above_the_flat_models_proven_least(seed):
+    """`peak_lower_bound` lets the least-memory search stop without the flat search, so it must
+    be a true bound: at least what is always held, at most the flat model's proven least
+    (on small graphs also the exhaustive least), on transformer-like and random layered DAGs.
+    Where every saved tensor may be offloaded it is the least (offloading them all holds at
+    each checkpoint only what every schedule holds there); keep / recompute only, it is
+    it can be strictly below (next test)."""
+    dags = [transformer_like_dag(blocks=2 + seed % 4, ops_per_block=3 + seed % 3, seed=seed,
+                                 identical_blocks=seed % 3 != 2),
+            random_layered_dag(layers=4 + seed % 4, width=3, seed=seed)]
+    for dag in dags:
+        problem = build_problem(dag)
+        bound = peak_lower_bound(problem)
+        assert bound >= max(c.fixed_bytes for c in problem.checkpoints)
+        for offload in (True, False):
+            flat = least_budget(problem, DEVICE, block_templates=0, offload=offload)
+            assert flat.status == "OPTIMAL" and bound <= flat.model_peak_bytes
+            assert least_budget(problem, DEVICE, offload=offload).model_peak_bytes == flat.model_peak_bytes
+            if offload:
+                assert bound == flat.model_peak_bytes
+    small = build_problem(transformer_like_dag(blocks=2, ops_per_block=3, seed=seed))
+    exhaustive = min(model_peak(small, dict(zip(small.decidable, combo)))
+                     for combo in itertools.product([Decision.KEEP, Decision.RECOMPUTE, Decision.OFFLOAD],
+                                                    repeat=len(small.decidable)))
+    assert peak_lower_bound(small) <= exhaustive
+
+
+def test_the_peak_lower_bound_is_below_the_least_when_nothing_is_offloaded():
+    """Keep / recompute only, a recomputation needs its inputs held: the bound, each checkpoint
+    minimised alone, is then strictly below the least, and the flat search still proves it."""
+    problem = build_problem(transformer_like_dag(blocks=3, ops_per_block=4, seed=1))
+    least = least_budget(problem, DEVICE, offload=False)
+    assert least.status == "OPTIMAL" and peak_lower_bound(problem) < least.model_peak_bytes
+    assert least.model_peak_bytes == least_budget(problem, DEVICE, block_templates=0, offload=False).model_peak_bytes
 
 
 def test_solver_refuses_an_infeasible_budget_naming_the_least():
@@ -265,11 +303,13 @@ def test_the_cli_says_in_one_line_when_no_schedule_was_found_within_the_work_lim
 
     model = models.add_lora(models.load("tiny-llama", device="meta"), models.LoraSettings(r=16, alpha=32))
     ids = torch.zeros((1, 16), dtype=torch.int64, device="meta")
-    graph = capture(model, {"input_ids": ids, "labels": ids})  # what `mebp compile` schedules
+    # MLP chunks: without them `peak_lower_bound` proves the least at once, and every budget is decided
+    graph = capture(model, {"input_ids": ids, "labels": ids}, mlp_chunks=2)  # what `mebp compile` schedules
     least = least_memory(graph, DeviceProfile.load("iphone15promax"), work_limit=1e-9)
     assert least.status != "OPTIMAL"
     budget = (least.stats["peak_bound_bytes"] + least.model_peak_bytes) // 2 + optimizer_state_bytes(model, "adamw")
-    args = ["compile", "--model", "tiny-llama", "--seq-len", "16", "--budget", str(budget), "-o", str(tmp_path)]
+    args = ["compile", "--model", "tiny-llama", "--seq-len", "16", "--mlp-chunks", "2", "--budget", str(budget),
+            "-o", str(tmp_path)]
     assert main([*args, "--work-limit", "1e-9"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "did not prove" in err[-1] and "--work-limit" in err[-1]

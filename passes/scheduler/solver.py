@@ -292,20 +292,21 @@ def least_budget(
 
     With `block_templates`, the least schedule giving equal blocks equal decisions (one
     pattern, as `solve`) is found first; the flat model then starts from it and replaces
-    it only by a lower peak, so the bound and status are always the flat model's. The work
-    limit applies to each search.
+    it only by a lower peak, so the bound and status are always the flat model's. The flat
+    search is skipped when the tied peak is already `peak_lower_bound`, which no schedule
+    goes below. The work limit applies to each search.
     """
     _check_work_limit(work_limit)
+    floor = peak_lower_bound(problem)
     if not (block_templates and problem.equal_blocks):
-        return _least(problem, device, work_limit, starts, offload, progress, templates=0)
+        return _least(problem, device, work_limit, starts, offload, progress, 0, floor)
     clock = time.perf_counter()
-    tied = _least(problem, device, work_limit, starts, offload, progress, templates=1)
-    floor = max((c.fixed_bytes for c in problem.checkpoints), default=0)
-    if tied.model_peak_bytes <= floor:  # no schedule holds less than what is always held
-        tied.stats["peak_bound_bytes"], tied.status = floor, "OPTIMAL"
+    tied = _least(problem, device, work_limit, starts, offload, progress, 1, floor)
+    if tied.model_peak_bytes <= floor:  # no schedule, tied or not, holds less
+        tied.stats["peak_bound_bytes"], tied.status = tied.model_peak_bytes, "OPTIMAL"
         return tied
     flat = _least(problem, device, work_limit, {"block templates": tied.decisions, **(starts or {})}, offload,
-                  progress, templates=0)
+                  progress, 0, floor)
     flat.work += tied.work
     flat.solve_s = time.perf_counter() - clock
     return flat
@@ -313,7 +314,8 @@ def least_budget(
 
 def _least(problem: SchedulingProblem, device: DeviceProfile, work_limit: float,
            starts: Mapping[str, Mapping[str, Decision]] | None, offload: bool,
-           progress: ProgressCallback | None, templates: int) -> Solution:
+           progress: ProgressCallback | None, templates: int, floor: int) -> Solution:
+    """One least-memory search; `floor` is `peak_lower_bound(problem)`, what any decisions hold."""
     clock = time.perf_counter()
     model, var, costs = _build(problem, device, offload, templates)
     upper = sum(problem.size.values()) + max((c.fixed_bytes for c in problem.checkpoints), default=0)
@@ -335,7 +337,6 @@ def _least(problem: SchedulingProblem, device: DeviceProfile, work_limit: float,
         if model_peak(problem, found) < model_peak(problem, hint):  # an equal peak keeps the start
             decisions = found
     peak = model_peak(problem, decisions)
-    floor = max((c.fixed_bytes for c in problem.checkpoints), default=0)  # held whatever is decided
     bound = min(peak, max(floor, int(_finite(solver.BestObjectiveBound(), floor))))
     if peak <= bound:
         status_name = "OPTIMAL"
@@ -345,6 +346,40 @@ def _least(problem: SchedulingProblem, device: DeviceProfile, work_limit: float,
                     status_name, time.perf_counter() - clock, solver.deterministic_time, name,
                     {"variables": _count_variables(var), "checkpoints": len(problem.checkpoints),
                      "peak_bound_bytes": bound}, templates)
+
+
+def peak_lower_bound(problem: SchedulingProblem) -> int:
+    """A lower bound (bytes) of the modelled peak of every schedule the flat model accepts.
+
+    The largest over checkpoints of what any decisions must hold there: the fixed bytes,
+    plus each tensor the backward reads at the least it can add to that checkpoint. Such a
+    tensor is kept, recomputed or reloaded (exactly one), so where it counts both if kept
+    and if brought back it is held whatever is decided; every other term can be zero.
+    Each checkpoint is minimised on its own, so this is a relaxation: never above the
+    flat model's optimum, and often equal to it when the peak is where the backward starts
+    (Gemma-3-4B at seq 256: the least budget itself, which lets `least_budget` skip the
+    flat search).
+    """
+    if not problem.checkpoints:
+        return 0
+    rows = problem.memory_rows()
+    n = len(problem.size)
+    sizes = np.array(list(problem.size.values()), dtype=np.int64)
+    saved = np.array([v in problem.saved for v in problem.size], dtype=bool)
+
+    def counted(columns: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct (checkpoint, tensor) keys of a row layout and how often each is counted."""
+        row = np.repeat(np.arange(len(start) - 1, dtype=np.int64), np.diff(start))
+        return np.unique(row * n + columns, return_counts=True)
+
+    kept, kept_times = counted(rows.kept, rows.kept_start)
+    restored, restored_times = counted(rows.materialized, rows.materialized_start)
+    both, i, j = np.intersect1d(kept, restored, assume_unique=True, return_indices=True)
+    tensor = both % n
+    forced = np.where(saved[tensor], sizes[tensor] * np.minimum(kept_times[i], restored_times[j]), 0)
+    held = rows.fixed.copy()
+    np.add.at(held, both // n, forced)
+    return int(held.max())
 
 
 def known_schedules(problem: SchedulingProblem, starts: Mapping[str, Mapping[str, Decision]] | None,
