@@ -903,7 +903,8 @@ _HALF_POWERS = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], 
 
 
 def _half_to_float(b: _Mil, low: Var, high: Var) -> Var:
-    """Mirrors passes.gguf_blocks.half_to_float on int32 bytes: an fp16 from its two bytes, exact."""
+    """An fp16 from its two bytes (int32), exact: the value passes.gguf_blocks.half_to_float
+    gives (there by table lookup)."""
     exponent = b.op("mod", x=b.op("floor_div", x=high, y=np.int32(4)), y=np.int32(32))
     mantissa = b.op("add", x=b.op("mul", x=b.op("mod", x=high, y=np.int32(4)), y=np.int32(256)), y=low)
     mantissa = b.cast(mantissa, "fp32")

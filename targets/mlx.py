@@ -552,7 +552,8 @@ _HALF_POWERS = [2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)]
 
 
 def _half_to_float(low: mx.array, high: mx.array) -> mx.array:
-    """Mirrors passes.gguf_blocks.half_to_float: an fp16 from its two bytes, with integer ops and exact products."""
+    """An fp16 from its two bytes, with integer ops and exact products: the value
+    passes.gguf_blocks.half_to_float gives (there by table lookup)."""
     high = high.astype(mx.int32)
     exponent = (high // 4) % 32
     mantissa = ((high % 4) * 256 + low.astype(mx.int32)).astype(mx.float32)
