@@ -317,12 +317,15 @@ def _mean(x: mx.array, axis=None, keepdims: bool = False) -> mx.array:
     return _sum(x, axis=axes, keepdims=keepdims) / math.prod(x.shape[a] for a in axes)
 
 
-#: Length of the contraction (K) blocks `_matmul` multiplies separately: MLX's CPU float32
-#: matmul accumulates a long K with an error that grows with K (measured on SmolLM2's
+#: Length of the contraction (K) blocks `_matmul` multiplies separately: the mlx wheel's
+#: reference BLAS accumulates a long K with an error that grows with K (measured on SmolLM2's
 #: lm_head backward, [16, 49152] @ [49152, 576]: 2.3e-4 of the largest output entry away
 #: from float64, torch's mm 1.6e-6, in blocks of 256 1.3e-6), which carried through the 30
-#: blocks' backward drifted the LoRA gradients to ~1e-4 of the largest.
-MATMUL_BLOCK = 256
+#: blocks' backward drifted the LoRA gradients to ~1e-4 of the largest. Up to K = 2048 it is
+#: within 2.0e-6 (torch 3.2e-7; OpenBLAS, what `mebp-native` binds, 5.5e-7 at any K), and
+#: splitting a block's K of 576-1536 made its matmuls 1.6-2x as slow on OpenBLAS (strided
+#: slices copied, partial sums added): docs/native.md, "Where the seconds go".
+MATMUL_BLOCK = 2048
 
 
 def _matmul(a: mx.array, b: mx.array) -> mx.array:
