@@ -61,6 +61,15 @@ def decode_torch(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q.reshape(q.shape[0], scales.shape[1], -1) * scales.unsqueeze(-1)).reshape(q.shape)
 
 
+def blocked_matmul(a: mx.array, b: mx.array, block: int) -> mx.array:
+    """`a @ b` with the contraction in blocks of `block`, summed block by block (targets/mlx.py
+    `_matmul`, whose block is now 2048: a block's K of 576-1536 is no longer split)."""
+    total = mx.matmul(a[..., :block], b[..., :block, :])
+    for start in range(block, a.shape[-1], block):
+        total = total + mx.matmul(a[..., start:start + block], b[..., start:start + block, :])
+    return total
+
+
 def softmax_now(s: mx.array) -> mx.array:
     exps = mx.power(math.e, s - mx.max(s, axis=-1, keepdims=True))
     return exps / mx.sum(exps, axis=-1, keepdims=True)
@@ -83,6 +92,10 @@ def rows() -> list[tuple[str, Callable[[], float], Callable[[], float]]]:
          lambda: best_seconds(lambda: tx @ tw.T)),
         (f"matmul g @ W [{SEQ}x{MLP}] x [{MLP}x{HIDDEN}]", lambda: mlx_seconds(lambda: g @ w),
          lambda: best_seconds(lambda: tg @ tw)),
+        (f"matmul x @ W.T, before (K in blocks of 256)", lambda: mlx_seconds(lambda: blocked_matmul(x, w.T, 256)),
+         lambda: best_seconds(lambda: tx @ tw.T)),
+        (f"matmul g @ W, before (K in blocks of 256)", lambda: mlx_seconds(lambda: blocked_matmul(g, w, 256)),
+         lambda: best_seconds(lambda: tg @ tw)),
         (f"matmul g.T @ x (a weight gradient's shape)", lambda: mlx_seconds(lambda: g.T @ x),
          lambda: best_seconds(lambda: tg.T @ tx)),
         (f"batched q @ k.T [{HEADS}x{SEQ}x{HEAD_DIM}]", lambda: mlx_seconds(lambda: q @ q.transpose(0, 2, 1)),
@@ -99,6 +112,10 @@ def rows() -> list[tuple[str, Callable[[], float], Callable[[], float]]]:
          lambda: best_seconds(lambda: torch.sigmoid(tg))),
         (f"sigmoid [{SEQ}x{MLP}], now (1 / (1 + e**-x))", lambda: mlx_seconds(lambda: 1 / (1 + mx.power(math.e, -g))),
          lambda: best_seconds(lambda: torch.sigmoid(tg))),
+        (f"square [{SEQ}x{HIDDEN}], before (mx.power(x, 2))", lambda: mlx_seconds(lambda: mx.power(x, 2.0)),
+         lambda: best_seconds(lambda: tx.pow(2))),
+        (f"square [{SEQ}x{HIDDEN}], now (x * x)", lambda: mlx_seconds(lambda: x * x),
+         lambda: best_seconds(lambda: tx.pow(2))),
         (f"softmax [{HEADS}x{SEQ}x{SEQ}], before (mx.softmax precise)",
          lambda: mlx_seconds(lambda: mx.softmax(s, axis=-1, precise=True)),
          lambda: best_seconds(lambda: torch.softmax(ts, -1))),
