@@ -163,9 +163,10 @@ def build(args: argparse.Namespace, model_name: str, weights: str, plan_name: st
     budget = None
     if plan_name == "optimal":
         device = DeviceProfile.load(args.device)
-        budget = least_feasible_budget(plan.captured, device, work_limit=args.work_limit)
-        if not fused:  # fused: the moments are inputs of the captured step, already in its least budget
-            budget += optimizer_state_bytes(model, "adamw")
+        # AdamW's moments are held beside the captured step (fused or not: they become step
+        # inputs only in the exported stages), so the budget reserves them as compile does.
+        budget = least_feasible_budget(plan.captured, device, work_limit=args.work_limit) \
+            + optimizer_state_bytes(model, "adamw")
         plan = mebp_compiler.compile(model, batch, "optimal", budget=budget, device=device,
                                      work_limit=args.work_limit, **options)
     settings = OptimizerSettings(name="adamw", lr=args.lr) if fused else None
