@@ -535,21 +535,15 @@ def _distinct(x: mx.array, ctx) -> mx.array:
 
 def _dequantize_int4(ctx, packed, scales, **_):
     # Mirrors passes.quantize.dequantize_int4: two signed 4-bit values per byte, low nibble first.
-    # Sign-extended by int8 arithmetic shifts (low: << 4 then >> 4, high: >> 4), both nibbles by one
-    # broadcast shift of each byte by (4, 0) (one int8 temporary the size of the result, not the
-    # four a shift per nibble and their stack made: 24.9 -> 20.8 MiB for a 16.6 MiB Qwen2.5-0.5B MLP
-    # weight); MLX's CPU `where` and its int8 scalar comparisons made the nibble-then-where form
-    # 18x slower (docs/native.md, "Seconds").
+    # Sign-extended by int8 arithmetic shifts (low: << 4 then >> 4); MLX's CPU `where` and its int8
+    # scalar comparisons made the nibble-then-where form 18x slower (docs/native.md, "Seconds").
     packed = _distinct(packed, ctx)
     if _read_transposed_by_matmuls(ctx.node):
         return _decode_int4_columns(packed, scales).T
-    q = ((mx.expand_dims(packed.astype(mx.int8), -1) << _NIBBLE_SHIFTS) >> 4).reshape(packed.shape[0], -1)
+    signed = packed.astype(mx.int8)
+    q = mx.stack([(signed << 4) >> 4, signed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(scales.dtype)
     groups = scales.shape[1]
-    return (q.astype(scales.dtype).reshape(q.shape[0], groups, -1) * mx.expand_dims(scales, -1)).reshape(q.shape)
-
-
-#: Left shifts that bring a byte's low nibble (4) and high nibble (0) to its top, low first.
-_NIBBLE_SHIFTS = mx.array(np.array([4, 0], dtype=np.int8))
+    return (q.reshape(q.shape[0], groups, -1) * mx.expand_dims(scales, -1)).reshape(q.shape)
 
 
 def _decode_int4_columns(packed: mx.array, scales: mx.array) -> mx.array:
@@ -558,9 +552,10 @@ def _decode_int4_columns(packed: mx.array, scales: mx.array) -> mx.array:
     transposed (`x @ W.t()`) takes its contraction blocks from without copying them. In the
     rows layout each block of `W.t()` is strided and MLX copies it: 4.75 MiB per block of a
     Qwen2.5-0.5B MLP weight."""
-    q = ((mx.expand_dims(packed.T.astype(mx.int8), 1) << _NIBBLE_SHIFTS[:, None]) >> 4).reshape(-1, packed.shape[0])
+    signed = packed.T.astype(mx.int8)
+    q = mx.stack([(signed << 4) >> 4, signed >> 4], axis=1).reshape(-1, packed.shape[0]).astype(scales.dtype)
     groups = scales.shape[1]
-    return (q.astype(scales.dtype).reshape(groups, -1, q.shape[1]) * mx.expand_dims(scales.T, 1)).reshape(q.shape)
+    return (q.reshape(groups, -1, q.shape[1]) * mx.expand_dims(scales.T, 1)).reshape(q.shape)
 
 
 def _read_transposed_by_matmuls(node: fx.Node) -> bool:
