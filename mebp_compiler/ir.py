@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch.fx as fx
+from torch.fx import _lazy_graph_module
 
 
 class Role(str, enum.Enum):
@@ -170,6 +171,16 @@ class TrainingGraph:
 
     def replace(self, **changes) -> TrainingGraph:
         return dataclasses.replace(self, **changes)
+
+
+def graph_module(root: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """`fx.GraphModule(root, graph)` whose Python code is generated on first call (or `.code`), not now.
+
+    Generating and compiling the code of a 20,000-node step takes about a second, and the
+    passes that build graphs for planning (stamping, rewriting, fusing) never run them.
+    """
+    with _lazy_graph_module._use_lazy_graph_module(True):
+        return _lazy_graph_module._make_graph_module(root, graph)
 
 
 def format_bytes(nbytes: float) -> str:

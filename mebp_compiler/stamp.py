@@ -32,9 +32,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx import _lazy_graph_module
 
-from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
+from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, graph_module
 
 #: meta keys a stamped copy does not carry over from the traced block it copies: they name
 #: the traced block's modules and source lines, not the copy's.
@@ -356,9 +355,7 @@ def _stamp(traced: TrainingGraph, names: _Names, kinds: list[tuple], inputs: lis
             raise _CannotStamp(f"no traced gradient of {name} inside its block")
         new_grads.append(resolve(old, b) if isinstance(old, fx.Node) else old)
     graph.output((resolve(loss, None), *new_grads))
-    # Lazy: the code of a 20,000-node graph takes seconds to generate and compile, and planning never runs it.
-    with _lazy_graph_module._use_lazy_graph_module(True):
-        module = _lazy_graph_module._make_graph_module(traced.module, graph)
+    module = graph_module(traced.module, graph)
     return TrainingGraph(module=module, info=info, inputs=new_inputs, outputs=["loss", *lora_names],
                          num_blocks=count, batch_shape=traced.batch_shape, meta={**traced.meta, "traced_blocks": depth})
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
+from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, graph_module
 from mebp_compiler.schedule import ScheduleError
 
 Updater = Callable[[torch.Tensor, torch.Tensor], None]
@@ -132,7 +132,7 @@ def fuse_lora_update(graph: TrainingGraph) -> TrainingGraph:
                 flops=UPDATE_FLOPS_PER_ELEMENT * grad.meta["val"].numel(),
                 block=grad_info.block, part=grad_info.part, module=grad_info.module,
             )
-    module = fx.GraphModule(graph.module, new_graph)
+    module = graph_module(graph.module, new_graph)
     return graph.replace(module=module, info=info, outputs=["loss"], meta={**graph.meta, "fused_update": True})
 
 

@@ -286,6 +286,9 @@ def partition(graph: TrainingGraph, *, model: str = "", target: str = "",
         if value in producer:
             builders[producer[value]].mark_output(value)
     for value in result_names:
+        if value not in producer:
+            raise PartitionError(f"the step's result '{value}' is read back from flash at the step's end, which no "
+                                 "stage outputs; recompile the plan (the scheduler now holds every result)")
         builders[producer[value]].mark_output(value)
 
     values = _value_specs(graph, builders, offloaded, reload_of)

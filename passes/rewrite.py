@@ -13,7 +13,7 @@ import dataclasses
 import torch.fx as fx
 
 from mebp_compiler import offload
-from mebp_compiler.ir import Phase, Role, TensorInfo, TrainingGraph
+from mebp_compiler.ir import Phase, Role, TensorInfo, TrainingGraph, graph_module
 from mebp_compiler.schedule import Decision, Schedule, ScheduleError, StepKind
 
 
@@ -105,7 +105,7 @@ def rewrite(graph: TrainingGraph, schedule: Schedule) -> TrainingGraph:
     if missing:
         raise ScheduleError(f"the sequence never computes the outputs {missing[:5]}")
     new_graph.output(fx.node.map_arg(old_output.args[0], lambda a: current[a.name]))
-    module = fx.GraphModule(graph.module, new_graph)
+    module = graph_module(graph.module, new_graph)
     return graph.replace(module=module, info=new_info, meta={**graph.meta, "schedule": schedule.policy})
 
 

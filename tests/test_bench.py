@@ -113,22 +113,25 @@ def test_whole_step_bench_runs_and_holds_what_it_predicts(tmp_path):
 
 
 def test_native_bench_runs_and_holds_what_the_manifest_predicts(tmp_path):
-    """bench/native.py on a tiny INT4 config: the driver's held bytes are the manifest's, and
-    the native process's anonymous RSS and step time are measured beside eager torch's."""
+    """bench/native.py on a tiny INT4 config, under mebp and under optimal at its least budget with
+    fused AdamW (whose moments the budget reserves): the driver's held bytes are the manifest's,
+    and the native process's anonymous RSS and step time are measured beside eager torch's."""
     pytest.importorskip("mlx.core", reason="the native driver builds against the 'mlx' extra")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "native.py"), "--configs", "tiny-llama:int4:mebp", "--seq-len", "16",
+        [sys.executable, str(ROOT / "bench" / "native.py"), "--configs", "tiny-llama:int4:mebp,tiny-llama:int4:optimal:fused",
+         "--seq-len", "16",
          "--group-size", "32", "--vocab-slices", "4", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((tmp_path / "native-seq16-r8-slices4.json").read_text())
     assert data["failures"] == []
-    (record,) = data["records"]
-    assert record["held_as_predicted"] and record["mapped_bytes"] > 0
-    assert 0 < record["rss_anon_peak_bytes"] <= record["vm_hwm_bytes"]
-    assert record["native_step_s"] > 0 and record["native_over_eager"] > 0
-    assert set(record["native_seconds_by_stage_kind"]) >= {"block_forward", "block_backward"}
+    assert [r["config"] for r in data["records"]] == ["tiny-llama:int4:mebp", "tiny-llama:int4:optimal:fused"]
+    for record in data["records"]:
+        assert record["held_as_predicted"] and record["mapped_bytes"] > 0
+        assert 0 < record["rss_anon_peak_bytes"] <= record["vm_hwm_bytes"]
+        assert record["native_step_s"] > 0 and record["native_over_eager"] > 0
+        assert set(record["native_seconds_by_stage_kind"]) >= {"block_forward", "block_backward"}
 
 
 def test_cost_model_bench_alternates_the_baselines_beside_the_plans(tmp_path):

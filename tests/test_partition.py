@@ -181,6 +181,23 @@ def test_optimal_plans_ship_at_most_twice_mebps_artifacts(name):
         assert len(part.manifest.unique_artifacts()) <= 2 * len(mebp.manifest.unique_artifacts())
 
 
+def test_a_result_read_back_from_flash_at_the_end_is_refused_by_name():
+    """A schedule that pages the loss out (the scheduler no longer does: a result is held to the
+    end anyway) leaves it to an end-of-step reload no stage outputs: a one-line error, not a KeyError."""
+    from mebp_compiler.passes.fuse_update import fuse_lora_update
+    from mebp_compiler.passes.partition import PartitionError
+    from mebp_compiler.passes.policies import sequence_from_decisions
+    from mebp_compiler.schedule import Decision, Schedule
+
+    model = lora_model("tiny-llama")
+    graph = fuse_lora_update(mebp_compiler.compile(model, random_batch(model.config.vocab_size), "mebp").captured)
+    loss = graph.module.graph.output_node().args[0][0].name
+    decisions = {**mebp_schedule(graph).decisions, loss: Decision.OFFLOAD}
+    paged = rewrite(graph, Schedule("loss paged out", decisions, sequence_from_decisions(graph, decisions)))
+    with pytest.raises(PartitionError, match=f"result 'reload_{loss}' is read back from flash.*recompile"):
+        partition(paged)
+
+
 def test_manifest_round_trips_and_refuses_other_versions(tmp_path):
     model = lora_model("tiny-llama")
     batch = random_batch(model.config.vocab_size)

@@ -179,6 +179,20 @@ def test_mebp_is_a_start_the_model_accepts_at_its_own_peak(captured):
     assert model_peak(problem, keep_all) == liveness(rewrite(graph, none_schedule(graph))).peak_bytes
 
 
+def test_a_step_result_is_never_paged_out(captured):
+    """A result (the loss, which every fused update reads) is held to the step's end in the model
+    anyway, so paging it out saves nothing; reloaded at the end it would be no stage's output
+    (the partition of a fused `optimal` plan at its least budget failed on one)."""
+    from mebp_compiler.passes.fuse_update import fuse_lora_update
+    from mebp_compiler.passes.policies import scheduling_problem
+
+    fused = fuse_lora_update(captured[2])
+    problem = scheduling_problem(fused, DEVICE)
+    results = {n.name for n in fused.module.graph.output_node().all_input_nodes}
+    assert results & set(problem.offloadable), "the loss is decidable: the updates read it in the backward"
+    assert not any(problem.offloadable[v] for v in results & set(problem.offloadable))
+
+
 def keep_all_liveness_peak(dag) -> int:
     """What keep-all holds at its peak on a plain DAG: inputs always, every other tensor from
     the step that makes it to its last reader (or the end, for an output)."""

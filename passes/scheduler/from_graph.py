@@ -45,8 +45,9 @@ def training_dag(graph: TrainingGraph, device: DeviceProfile) -> nx.DiGraph:
             where = graph.info[name] if name in graph.info else ti  # a getitem's own phase and block
             held_bytes = 0 if ti.role in UNHELD_ROLES else ti.output_nbytes[pos]
             attrs = {"size_bytes": held_bytes, "phase": where.phase.value, "output": key in outputs,
-                     # Reading the INT4 weight again moves 8x fewer bytes than paging its float copy.
-                     "offloadable": ti.role != Role.DEQUANTIZED,
+                     # Reading the INT4 weight again moves 8x fewer bytes than paging its float copy;
+                     # a step result is held to the end anyway, so paging it out would save nothing.
+                     "offloadable": ti.role != Role.DEQUANTIZED and key not in outputs,
                      # rebuilt right before the backward op that reads it (policies.sequence_from_decisions)
                      "just_in_time": ti.role == Role.DEQUANTIZED}
             attrs["compute_s"] = 0.0 if ti.phase == Phase.INPUT else op_seconds(node, ti, device)

@@ -31,6 +31,7 @@ segment), so a schedule that fits the model fits for real.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -129,8 +130,8 @@ class MemoryRows:
         term_index: dict[HeldForRecomputation, int] = {}  # equal terms are one term
         kept, materialized, held = [], [], []
         for c in problem.checkpoints:
-            kept.append([index[v] for v in c.kept])
-            materialized.append([index[v] for v in c.materialized])
+            kept.append(list(map(index.__getitem__, c.kept)))
+            materialized.append(list(map(index.__getitem__, c.materialized)))
             held.append([term_index.setdefault(h, len(term_index)) for h in c.for_recomputation])
         terms = list(term_index)
         return MemoryRows(np.array([c.fixed_bytes for c in problem.checkpoints], dtype=np.int64),
@@ -141,7 +142,7 @@ def _csr(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Rows of indices as (all indices, where each row starts; one more entry than rows)."""
     start = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r) for r in rows], out=start[1:])
-    flat = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(start[-1]))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(start[-1]))
     return flat, start
 
 
@@ -377,7 +378,8 @@ def _members_by_event(events: list[int], tensors: list[str], first: dict[str, in
     at = np.asarray(events)
     lo = np.searchsorted(at, np.array([first[v] for v in tensors], dtype=np.int64), side="left")
     hi = np.searchsorted(at, np.array([last[v] for v in tensors], dtype=np.int64), side="right")
-    return [[tensors[j] for j in np.flatnonzero((lo <= i) & (i < hi)).tolist()] for i in range(len(events))]
+    names = np.array(tensors, dtype=object)
+    return [names[(lo <= i) & (i < hi)].tolist() for i in range(len(events))]
 
 
 def _drop_dominated(intervals: list[Checkpoint]) -> list[Checkpoint]:
