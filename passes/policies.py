@@ -93,8 +93,9 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
     produced. The backward runs as traced, in segments (runs of ops of one transformer
     block, or of none, and of one MLP chunk within it: `TensorInfo.segment`). Before a segment's first op comes its restore phase: every
     recomputed or offloaded forward tensor whose first backward use lies in the segment
-    is brought back, in forward order - reloaded if offloaded, else recomputed together
-    with the inputs it lacks (MeBP's "recompute the block just before its backward").
+    is brought back, all of them together in forward order - reloaded if offloaded, else
+    recomputed with the inputs they lack (MeBP's "recompute the block just before its
+    backward"; the order the scheduler's restore phases model).
     Anything else a backward op still lacks (views, mostly) is rebuilt right before it; so
     is a recomputed decompressed weight, which the restore phase drops after use.
     """
@@ -132,15 +133,14 @@ def sequence_from_decisions(graph: TrainingGraph, decisions: dict[str, Decision]
         if run_of[node.name] != previous_run:
             previous_run = run_of[node.name]
             restore_start = len(sequence)
-            for member in restore[previous_run]:
-                _bring_back(member, info, decisions, ready, sequence, position)
+            _bring_back(restore[previous_run], info, decisions, ready, sequence, position)
             # A weight decompressed to recompute the segment's activations is dropped after
             # that (with its views), and decompressed again right before the backward op
             # that reads it.
             ready -= {step.tensor for step in sequence[restore_start:] if step.kind == StepKind.RECOMPUTE
                       and _storage_root(by_name[step.tensor], info).name in dequantized}
         for arg in node.all_input_nodes:
-            _bring_back(arg, info, decisions, ready, sequence, position)
+            _bring_back([arg], info, decisions, ready, sequence, position)
         sequence.append(Step(StepKind.COMPUTE, node.name))
         ready.add(node.name)
     return sequence
@@ -170,15 +170,18 @@ def _first_backward_use(node: fx.Node, info, run_of: dict[str, int]) -> int | No
     return min(runs, default=None)
 
 
-def _bring_back(root, info, decisions, ready: set[str], sequence: list[Step], position: dict[str, int]) -> None:
-    """Emit the steps that make forward tensor `root` available to the backward.
+def _bring_back(roots: list[fx.Node], info, decisions, ready: set[str], sequence: list[Step],
+                position: dict[str, int]) -> None:
+    """Emit the steps that make forward tensors `roots` available to the backward.
 
-    What it lacks is found first and then brought back in forward order, not in the
-    order a depth-first walk meets it: a walk would recompute every input of a long chain
-    (e.g. all vocabulary slices of a streamed LM head) before the ops that consume each.
+    What they lack is found first and then brought back together in forward order, not
+    root by root nor in the order a depth-first walk meets it: a streamed LM head's
+    log-sum-exp and target logit both read every vocabulary slice's logits, and restoring
+    one after the other would hold all slices' logits at once, where the forward's order
+    holds one slice's.
     """
     missing: dict[str, fx.Node] = {}
-    stack = [root]
+    stack = list(roots)
     while stack:
         node = stack.pop()
         if node.name in ready or node.name in missing or info[node.name].phase != Phase.FORWARD:

@@ -324,7 +324,9 @@ def _mean(x: mx.array, axis=None, keepdims: bool = False) -> mx.array:
 #: blocks' backward drifted the LoRA gradients to ~1e-4 of the largest. Up to K = 2048 it is
 #: within 2.0e-6 (torch 3.2e-7; OpenBLAS, what `mebp-native` binds, 5.5e-7 at any K), and
 #: splitting a block's K of 576-1536 made its matmuls 1.6-2x as slow on OpenBLAS (strided
-#: slices copied, partial sums added): docs/native.md, "Where the seconds go".
+#: slices copied, partial sums added): docs/native.md, "Where the seconds go". One call also
+#: holds only its output, where the running sum holds the sum and a block's product (Qwen2.5-0.5B's
+#: block backward [256 x 896] @ [896 x 4864] held 10.0 MiB above its inputs in blocks of 256).
 MATMUL_BLOCK = 2048
 
 
@@ -333,13 +335,18 @@ def _matmul(a: mx.array, b: mx.array) -> mx.array:
     product per block, accumulated block by block. A running sum rather than a balanced tree
     of the products because MLX then evaluates few blocks at once (measured on [128, 49152]
     @ [49152, 576]: 7.5 MiB above the inputs, the tree 26.5 MiB, mx.matmul 0.3 MiB; MLX
-    copies each column slice of `a`) at the same accuracy."""
+    copies each column slice of `a`) at the same accuracy. Each block's product waits for
+    the sum before it (`mx.depends`, no copy): MLX otherwise computed every block's product
+    (and its operands' copies) before the first add, e.g. 16.9 MiB above the inputs for a
+    0.9 MiB [256 x 896] = [256 x 4864] @ [4864 x 896] in 19 blocks of 256, 3.1 MiB chained, with
+    every kernel waited for; the same products and sums, so the same values."""
     k = a.shape[-1]
     if k <= MATMUL_BLOCK or min(a.ndim, b.ndim) < 2 or not mx.issubdtype(a.dtype, mx.floating):
         return mx.matmul(a, b)
     total = mx.matmul(a[..., :MATMUL_BLOCK], b[..., :MATMUL_BLOCK, :])
     for start in range(MATMUL_BLOCK, k, MATMUL_BLOCK):
-        total = total + mx.matmul(a[..., start:start + MATMUL_BLOCK], b[..., start:start + MATMUL_BLOCK, :])
+        block = mx.depends([a[..., start:start + MATMUL_BLOCK]], [total])[0]
+        total = total + mx.matmul(block, b[..., start:start + MATMUL_BLOCK, :])
     return total
 
 
@@ -548,10 +555,34 @@ def _dequantize_int4(ctx, packed, scales, **_):
     # Mirrors passes.quantize.dequantize_int4: two signed 4-bit values per byte, low nibble first.
     # Sign-extended by int8 arithmetic shifts (low: << 4 then >> 4); MLX's CPU `where` and its int8
     # scalar comparisons made the nibble-then-where form 18x slower (docs/native.md, "Seconds").
-    signed = _distinct(packed, ctx).astype(mx.int8)
+    packed = _distinct(packed, ctx)
+    if _read_transposed_by_matmuls(ctx.node):
+        return _decode_int4_columns(packed, scales).T
+    signed = packed.astype(mx.int8)
     q = mx.stack([(signed << 4) >> 4, signed >> 4], axis=-1).reshape(packed.shape[0], -1).astype(scales.dtype)
     groups = scales.shape[1]
     return (q.reshape(q.shape[0], groups, -1) * mx.expand_dims(scales, -1)).reshape(q.shape)
+
+
+def _decode_int4_columns(packed: mx.array, scales: mx.array) -> mx.array:
+    """The transpose of `_dequantize_int4`'s [rows, columns] result, [columns, rows] and
+    contiguous: the same integer ops and products, in the layout a matmul reading the weight
+    transposed (`x @ W.t()`) takes its contraction blocks from without copying them. In the
+    rows layout each block of `W.t()` is strided and MLX copies it: 4.75 MiB per block of a
+    Qwen2.5-0.5B MLP weight."""
+    signed = packed.T.astype(mx.int8)
+    q = mx.stack([(signed << 4) >> 4, signed >> 4], axis=1).reshape(-1, packed.shape[0]).astype(scales.dtype)
+    groups = scales.shape[1]
+    return (q.reshape(groups, -1, q.shape[1]) * mx.expand_dims(scales.T, 1)).reshape(q.shape)
+
+
+def _read_transposed_by_matmuls(node: fx.Node) -> bool:
+    """Whether every use of `node` is `node.t()` as the right operand of an mm (a linear layer)."""
+    def right_operand(t: fx.Node) -> bool:
+        return bool(t.users) and all(u.target is torch.ops.aten.mm.default and u.args[1] is t
+                                     and u.args[0] is not t for u in t.users)
+
+    return bool(node.users) and all(u.target is torch.ops.aten.t.default and right_operand(u) for u in node.users)
 
 
 def _dequantize_int4_rows(ctx, packed, scales, start, end, **_):

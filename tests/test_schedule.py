@@ -130,3 +130,26 @@ def test_liveness_names_what_is_live_at_the_peak(tiny):
     assert sum(s.nbytes for s in profile.live_at_peak) == profile.peak_bytes
     assert profile.peak_bytes == profile.total[profile.peak_step]
     assert "largest live at the peak" in profile.report()
+
+
+def test_mebp_recomputes_a_vocabulary_sliced_head_one_slice_at_a_time():
+    """The head's restore recomputes the log-sum-exp and the target logit together, slice by
+    slice as the forward did: at most one slice's recomputed logits are live at once (restoring
+    one chain after the other held every slice's)."""
+    model = lora_model("tiny-qwen2")
+    batch = random_batch(model.config.vocab_size)
+    slices = 4
+    captured = capture(model, batch, vocab_slices=slices)
+    graph = rewrite(captured, mebp_schedule(captured))
+    assert graph.num_blocks == 2  # the head is "block" 2
+    tokens = batch["input_ids"].numel()
+    slice_shapes = {(tokens, model.config.vocab_size // slices), (tokens, -(-model.config.vocab_size // slices))}
+    nodes = [n for n in graph.module.graph.nodes if n.op == "call_function"]
+    position = {n.name: k for k, n in enumerate(nodes)}
+    logits = [n for n in nodes if graph.info[n.name].recompute_of is not None and graph.info[n.name].block == 2
+              and n.target is torch.ops.aten.mm.default and tuple(n.meta["val"].shape) in slice_shapes]
+    assert len(logits) == slices
+    spans = [(position[n.name], max(position[u.name] for u in n.users)) for n in logits]
+    live = max(sum(start <= k <= end for start, end in spans) for k in range(len(nodes)))
+    assert live == 1, f"{live} slices' recomputed logits live at once"
+    assert_matches_autograd(run(graph, model, batch), autograd_reference(model, batch))

@@ -319,3 +319,71 @@ def test_exported_head_runs_in_the_plans_op_order(tmp_path):
         # random inputs make some of the head backward's values NaN, in torch's stage as well
         assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(outputs[False], outputs[True])), kind
         assert peaks[True] < peaks[False], f"{kind}: in plan order {peaks[True]} bytes, MLX's own {peaks[False]}"
+
+
+def test_int4_linear_weight_is_decoded_in_the_layout_its_matmul_reads(tmp_path):
+    """A decoded INT4 weight read only as `x @ W.t()` is decoded straight into the transposed
+    layout (so the matmul's contraction blocks of `W.t()` are contiguous rows, not copies);
+    the decode stays bit for bit torch's in both layouts: `eye @ W.t()` is `W.t()` exactly."""
+    generator = torch.Generator().manual_seed(0)
+    packed, scales = quantize.quantize_int4(torch.randn(96, 640, generator=generator), group_size=64)
+    eye = torch.eye(640)
+
+    graph = torch.fx.Graph()
+    x, packed_in, scales_in = (graph.placeholder(name) for name in ("x", "packed", "scales"))
+    decodes = [graph.call_function(quantize.dequantize_int4, (packed_in, scales_in)) for _ in range(2)]
+    product = graph.call_function(torch.ops.aten.mm.default, (x, graph.call_function(torch.ops.aten.t.default,
+                                                                                      (decodes[0],))))
+    graph.output((product, decodes[1]))
+    values = {"x": eye, "packed": packed, "scales": scales}
+    for node in graph.nodes:  # the translation reads each value's shape and dtype from its meta
+        if node.op == "placeholder":
+            node.meta["val"] = values[node.name]
+        elif node.op == "call_function":
+            node.meta["val"] = node.target(*torch.fx.node.map_arg(node.args, lambda a: a.meta["val"]))
+    stage = torch.fx.GraphModule(torch.nn.Module(), graph)
+    decodes = [n for n in stage.graph.nodes if n.target is quantize.dequantize_int4]
+    assert [mlx_target._read_transposed_by_matmuls(n) for n in decodes] == [True, False]
+    product, decoded = run_exported(stage, [eye, packed, scales], tmp_path / "linear")
+    reference = quantize.dequantize_int4(packed, scales)
+    assert torch.equal(decoded, reference) and torch.equal(product, reference.t())
+
+
+def test_blocked_matmul_computes_one_block_product_at_a_time():
+    """`_matmul`'s blocks are chained: each block's product waits for the sum before it, so MLX
+    holds one product (and one copy of its operands' blocks), not all of them, and the result
+    is bit for bit the unchained running sum's (the same products and additions). Measured
+    under a memory limit, as the native driver runs each stage: past it MLX waits for running
+    kernels (which free their inputs) before it allocates the next op's output; without one
+    it allocates ahead of the kernels either way."""
+    import mlx.core as mx
+
+    generator = torch.Generator().manual_seed(0)
+    a = mx.array(torch.randn(256, 5 * mlx_target.MATMUL_BLOCK, generator=generator).numpy())
+    b = mx.array(torch.randn(5 * mlx_target.MATMUL_BLOCK, 896, generator=generator).numpy())
+    mx.eval(a, b)
+
+    def unchained(a, b):
+        block = mlx_target.MATMUL_BLOCK
+        total = mx.matmul(a[:, :block], b[:block])
+        for start in range(block, a.shape[1], block):
+            total = total + mx.matmul(a[:, start:start + block], b[start:start + block])
+        return total
+
+    peaks, results = [], []
+    limit = mx.set_memory_limit(1)
+    try:
+        for function in (unchained, mlx_target._matmul):
+            mx.synchronize()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            results.append(function(a, b))
+            mx.eval(results[-1])
+            peaks.append(mx.get_peak_memory() - base)
+    finally:
+        mx.set_memory_limit(limit)
+    assert mx.array_equal(results[0], results[1]).item()
+    output, block_copy = results[0].nbytes, a.shape[0] * mlx_target.MATMUL_BLOCK * a.itemsize
+    # chained: the sum, one block's product and the next sum, and two blocks' copies of `a`'s columns
+    assert peaks[1] <= 2 * block_copy + 3 * output, f"chained {peaks[1]} bytes, output {output}"
+    assert peaks[1] < peaks[0], f"chained {peaks[1]} bytes, unchained {peaks[0]}"
