@@ -320,9 +320,9 @@ def _stamp(traced: TrainingGraph, names: _Names, kinds: list[tuple], inputs: lis
             new_block = block
             module = names.renumber(ti.module, block) if names.block_of(ti.module) == t else ti.module
         if new_block == ti.block and module == ti.module:
-            new.meta = dict(node.meta)
+            new.meta.update(node.meta)
         else:
-            new.meta = {k: v for k, v in node.meta.items() if k not in _TRACE_ONLY_META}
+            new.meta.update((k, v) for k, v in node.meta.items() if k not in _TRACE_ONLY_META)
             new.meta["custom"] = {**node.meta.get("custom", {}), "block": new_block, "module": module}
         info[new.name] = replace(ti, block=new_block, module=module)
         return new

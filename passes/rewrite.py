@@ -71,7 +71,7 @@ def rewrite(graph: TrainingGraph, schedule: Schedule) -> TrainingGraph:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), arg)
             new = add_node(new_graph, "call_function", node.target, args, kwargs,
                            name=f"{node.name}_recompute")
-            new.meta = dict(node.meta)
+            new.meta.update(node.meta)
             new_info[new.name] = dataclasses.replace(ti, phase=Phase.BACKWARD, recompute_of=node.name)
             for_backward.add(node.name)
         elif step.kind == StepKind.OFFLOAD:
