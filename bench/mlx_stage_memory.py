@@ -17,13 +17,10 @@ seconds of each lazy run (one run each: not a timing comparison on a loaded mach
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
-import tempfile
 import time
 
-os.environ.setdefault("MLX_BFS_MAX_WIDTH", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 MIB = 2**20
@@ -50,35 +47,13 @@ def op_by_op_peak(module, inputs) -> int:
     """Peak bytes of arrays above `inputs` when each op is evaluated alone and freed after its last use."""
     import mlx.core as mx
 
-    from mebp_compiler.targets import fx_stage
-    from mebp_compiler.targets import mlx as target
+    import mlx_interpret  # first: it sets MLX_BFS_MAX_WIDTH before MLX is loaded
 
-    nodes = [n for n in module.graph.nodes if n.op != "output"]
-    last_use = {a: k for k, n in enumerate(nodes) for a in n.all_input_nodes}
-    env, placeholders = {}, iter(inputs)
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    for k, node in enumerate(nodes):
-        if node.op == "placeholder":
-            env[node] = next(placeholders)
-            continue
-        if node.op == "get_attr":
-            value = module
-            for part in node.target.split("."):
-                value = getattr(value, part)
-            env[node] = target._to_mx(value)
-        elif fx_stage.is_getitem(node):
-            env[node] = env[node.args[0]][node.args[1]]
-        else:
-            ctx = fx_stage.op_context(node)
-            env[node] = target._finish(ctx, target.RULES[node.target](ctx, **fx_stage.schema_kwargs(node, env.__getitem__)))
-            mx.eval(env[node])
-        for a in node.all_input_nodes:
-            if last_use.get(a) == k and a.op != "placeholder":
-                del env[a]
-    peak = mx.get_peak_memory() - base
-    env.clear()
-    return peak
+    for _, evaluate in mlx_interpret.each_op(module, inputs):
+        evaluate()
+    return mx.get_peak_memory() - base
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,25 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="block_forward,block_backward,head_forward,head_backward")
     args = parser.parse_args(argv)
 
-    import torch
+    import mlx_interpret  # first: it sets MLX_BFS_MAX_WIDTH before MLX is loaded
 
-    torch.set_num_threads(1)
-    import mlx.core as mx
-
-    import native
     from mebp_compiler.targets import mlx as target
 
-    settings = native.parse_args(["--configs", f"{args.model}:int4:mebp:fused"])
-    with tempfile.TemporaryDirectory(prefix="mebp-stage-memory-") as scratch:
-        _, _, _, part, _ = native.build(settings, args.model, "int4", "mebp", True, pathlib.Path(scratch))
-    mx.set_cache_limit(0)
+    part = mlx_interpret.build_partition(args.model, "mebp-stage-memory-")
     print("| stage | plan (internal peak) | no limit | limit at plan | limit 0 | op by op, freed at last use |")
     print("|---|---:|---:|---:|---:|---:|")
     kinds = args.kinds.split(",")
     for kind in kinds:
         stage = next(s for s in part.stages if s.spec.kind == kind)
-        inputs = [target._to_mx(x) for x in stage.example_inputs(part.manifest.values)]
-        mx.eval(inputs)
+        inputs = mlx_interpret.stage_inputs(stage, part.manifest.values)
         function = target.stage_function(stage.module)
         planned = stage.spec.internal_peak_bytes
         runs = [lazy_peak(function, inputs, limit) for limit in (None, planned, 0)]

@@ -20,67 +20,26 @@ import collections
 import os
 import pathlib
 import sys
-import tempfile
 import time
 
-os.environ.setdefault("MLX_BFS_MAX_WIDTH", "1")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 
 def op_seconds(module, inputs, runs: int) -> dict[str, float]:
     """Seconds per op kind of `module`'s ops evaluated one by one (best of `runs` per op)."""
-    import mlx.core as mx
+    import mlx_interpret  # first: it sets MLX_BFS_MAX_WIDTH before MLX is loaded
 
     from mebp_compiler.targets import fx_stage
-    from mebp_compiler.targets import mlx as target
 
-    nodes = [n for n in module.graph.nodes if n.op != "output"]
-    last_use = {a: k for k, n in enumerate(nodes) for a in n.all_input_nodes}
-    env, placeholders = {}, iter(inputs)
     seconds: dict[str, float] = collections.defaultdict(float)
-    for k, node in enumerate(nodes):
-        if node.op == "placeholder":
-            env[node] = next(placeholders)
-            continue
-        if node.op == "get_attr":
-            value = module
-            for part in node.target.split("."):
-                value = getattr(value, part)
-            env[node] = target._to_mx(value)
-        elif fx_stage.is_getitem(node):
-            env[node] = env[node.args[0]][node.args[1]]
-        else:
-            ctx = fx_stage.op_context(node)
-            kwargs = fx_stage.schema_kwargs(node, env.__getitem__)
-            best = float("inf")
-            for _ in range(runs):
-                started = time.perf_counter()
-                value = target._finish(ctx, target.RULES[node.target](ctx, **kwargs))
-                mx.eval(value)
-                best = min(best, time.perf_counter() - started)
-            env[node] = value
-            seconds[fx_stage.rule_name(node.target)] += best
-        for a in node.all_input_nodes:
-            if last_use.get(a) == k and a.op != "placeholder":
-                del env[a]
-    env.clear()
+    for node, evaluate in mlx_interpret.each_op(module, inputs):
+        best = float("inf")
+        for _ in range(runs):
+            started = time.perf_counter()
+            evaluate()
+            best = min(best, time.perf_counter() - started)
+        seconds[fx_stage.rule_name(node.target)] += best
     return dict(seconds)
-
-
-def random_inputs(stage, values):
-    import mlx.core as mx
-    import torch
-
-    from mebp_compiler.targets import mlx as target
-
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for x in stage.example_inputs(values):
-        if x.is_floating_point():
-            x = torch.randn(x.shape, generator=generator, dtype=x.dtype) * 0.5
-        inputs.append(target._to_mx(x))
-    mx.eval(inputs)
-    return inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,24 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
 
-    import torch
+    import mlx_interpret  # first: it sets MLX_BFS_MAX_WIDTH before MLX is loaded
 
-    torch.set_num_threads(1)
     import mlx.core as mx
 
-    import native
     from mebp_compiler.targets import mlx as target
 
     with open("/proc/self/maps") as maps:
         blas = "OpenBLAS (preloaded)" if "scipy_openblas" in maps.read() else "the mlx wheel's reference BLAS"
     print(f"MLX matmuls on {blas}; one thread, load {os.getloadavg()[0]:.1f}")
-    settings = native.parse_args(["--configs", f"{args.model}:int4:mebp:fused"])
-    with tempfile.TemporaryDirectory(prefix="mebp-stage-ops-") as scratch:
-        _, _, _, part, _ = native.build(settings, args.model, "int4", "mebp", True, pathlib.Path(scratch))
-    mx.set_cache_limit(0)
+    part = mlx_interpret.build_partition(args.model, "mebp-stage-ops-")
     for kind in args.kinds.split(","):
         stage = next(s for s in part.stages if s.spec.kind == kind)
-        inputs = random_inputs(stage, part.manifest.values)
+        inputs = mlx_interpret.stage_inputs(stage, part.manifest.values, random=True)
         function = target.stage_function(stage.module)
         lazy = float("inf")
         for _ in range(args.runs):

@@ -29,7 +29,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_flatten
 
-from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph
+from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, collects_new_objects_only
 from mebp_compiler.blocks import NoDecoderBlocksError, block_mlp, decoder_layers
 from mebp_compiler.sliced_loss import slice_bounds, sliced_linear_cross_entropy
 from mebp_compiler.stamp import block_kinds, stamp, stamp_depth, truncated
@@ -53,6 +53,7 @@ class UnsupportedOpError(CaptureError):
         self.module = module
 
 
+@collects_new_objects_only
 def capture(
     model: torch.nn.Module,
     example_batch: Mapping[str, torch.Tensor],

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, graph_module
+from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, add_node, graph_module
 
 #: meta keys a stamped copy does not carry over from the traced block it copies: they name
 #: the traced block's modules and source lines, not the copy's.
@@ -310,7 +310,7 @@ def _stamp(traced: TrainingGraph, names: _Names, kinds: list[tuple], inputs: lis
     def copy(node: fx.Node, block: int | None) -> fx.Node:
         args = _map_nodes(node.args, resolve, block)
         kwargs = _map_nodes(node.kwargs, resolve, block)
-        new = graph.create_node(node.op, node.target, args, kwargs, name=re.sub(r"_\d+$", "", node.name))
+        new = add_node(graph, node.op, node.target, args, kwargs, name=re.sub(r"_\d+$", "", node.name))
         ti = traced.info[node.name]
         t = None if block is None else template[block]
         if block is None:
@@ -320,9 +320,9 @@ def _stamp(traced: TrainingGraph, names: _Names, kinds: list[tuple], inputs: lis
             new_block = block
             module = names.renumber(ti.module, block) if names.block_of(ti.module) == t else ti.module
         if new_block == ti.block and module == ti.module:
-            new.meta = dict(node.meta)
+            new.meta.update(node.meta)
         else:
-            new.meta = {k: v for k, v in node.meta.items() if k not in _TRACE_ONLY_META}
+            new.meta.update((k, v) for k, v in node.meta.items() if k not in _TRACE_ONLY_META)
             new.meta["custom"] = {**node.meta.get("custom", {}), "block": new_block, "module": module}
         info[new.name] = replace(ti, block=new_block, module=module)
         return new

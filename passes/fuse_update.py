@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from mebp_compiler.ir import InputSpec, Phase, Role, TensorInfo, TrainingGraph, graph_module
+from mebp_compiler.ir import (InputSpec, Phase, Role, TensorInfo, TrainingGraph, collects_new_objects_only, copy_node,
+                             graph_module)
 from mebp_compiler.schedule import ScheduleError
 
 Updater = Callable[[torch.Tensor, torch.Tensor], None]
@@ -97,6 +98,7 @@ def optimizer_updater(optimizer: torch.optim.Optimizer) -> Updater:
     return update
 
 
+@collects_new_objects_only
 def fuse_lora_update(graph: TrainingGraph) -> TrainingGraph:
     """The graph with an update op per LoRA parameter placed where its gradient is final; outputs: loss."""
     nodes = list(graph.module.graph.nodes)
@@ -119,7 +121,7 @@ def fuse_lora_update(graph: TrainingGraph) -> TrainingGraph:
         if node.op == "output":
             new_graph.output((remap[loss],))
             continue
-        remap[node] = new_graph.node_copy(node, remap.__getitem__)
+        remap[node] = copy_node(new_graph, node, remap.__getitem__)
         for name, param, grad in update_after.get(node, []):
             update = new_graph.create_node("call_function", apply_lora_update,
                                            (remap[param], remap[grad], remap[loss], name),
@@ -287,7 +289,7 @@ def functional_updates(graph: TrainingGraph, settings: OptimizerSettings) -> Tra
             g.output((remap[loss], *(out for _, out in results)))
             continue
         if node.target is not apply_lora_update:
-            remap[node] = g.node_copy(node, remap.__getitem__)
+            remap[node] = copy_node(g, node, remap.__getitem__)
             info[remap[node].name] = graph.info[node.name]
             continue
         param, grad, _, name = node.args

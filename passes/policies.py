@@ -18,7 +18,7 @@ from typing import Literal
 import torch.fx as fx
 
 from mebp_compiler.device import DeviceProfile
-from mebp_compiler.ir import Phase, Role, TrainingGraph
+from mebp_compiler.ir import Phase, Role, TrainingGraph, collects_new_objects_only
 from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.passes.scheduler.from_graph import training_dag
@@ -195,11 +195,13 @@ def _bring_back(roots: list[fx.Node], info, decisions, ready: set[str], sequence
         ready.add(name)
 
 
+@collects_new_objects_only
 def scheduling_problem(graph: TrainingGraph, device: DeviceProfile) -> SchedulingProblem:
     """The scheduler's problem for a captured graph (build once, solve for many budgets)."""
     return build_problem(training_dag(graph, device))
 
 
+@collects_new_objects_only
 def optimal_schedule(
     graph: TrainingGraph,
     budget_bytes: int,
@@ -307,6 +309,7 @@ def _with_kept_views(graph: TrainingGraph, decisions: dict[str, Decision]) -> di
     return out
 
 
+@collects_new_objects_only
 def least_memory(
     graph: TrainingGraph,
     device: DeviceProfile,

@@ -13,10 +13,12 @@ import dataclasses
 import torch.fx as fx
 
 from mebp_compiler import offload
-from mebp_compiler.ir import Phase, Role, TensorInfo, TrainingGraph, graph_module
+from mebp_compiler.ir import (Phase, Role, TensorInfo, TrainingGraph, add_node, collects_new_objects_only, copy_node,
+                             graph_module)
 from mebp_compiler.schedule import Decision, Schedule, ScheduleError, StepKind
 
 
+@collects_new_objects_only
 def rewrite(graph: TrainingGraph, schedule: Schedule) -> TrainingGraph:
     """Build the graph that executes `schedule`; raise ScheduleError if it is not valid for `graph`."""
     old_nodes = {n.name: n for n in graph.module.graph.nodes}
@@ -29,7 +31,7 @@ def rewrite(graph: TrainingGraph, schedule: Schedule) -> TrainingGraph:
 
     for node in graph.module.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
-            current[node.name] = new_graph.node_copy(node)
+            current[node.name] = copy_node(new_graph, node)
             new_info[current[node.name].name] = info[node.name]
     for name, decision in schedule.decisions.items():
         if name not in old_nodes or info[name].phase != Phase.FORWARD:
@@ -60,24 +62,24 @@ def rewrite(graph: TrainingGraph, schedule: Schedule) -> TrainingGraph:
         if step.kind == StepKind.COMPUTE:
             if node.name in computed:
                 raise ScheduleError(f"step {index} computes '{node.name}' a second time; use recompute")
-            new = new_graph.node_copy(node, arg)
+            new = copy_node(new_graph, node, arg)
             new_info[new.name] = ti
             computed.add(node.name)
         elif step.kind == StepKind.RECOMPUTE:
             if ti.phase != Phase.FORWARD:
                 raise ScheduleError(f"step {index} recomputes '{node.name}', which is not a forward op")
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), arg)
-            new = new_graph.create_node("call_function", node.target, args, kwargs,
-                                        name=f"{node.name}_recompute")
-            new.meta = dict(node.meta)
+            new = add_node(new_graph, "call_function", node.target, args, kwargs,
+                           name=f"{node.name}_recompute")
+            new.meta.update(node.meta)
             new_info[new.name] = dataclasses.replace(ti, phase=Phase.BACKWARD, recompute_of=node.name)
             for_backward.add(node.name)
         elif step.kind == StepKind.OFFLOAD:
             if node.name not in current or len(ti.output_nbytes) != 1:
                 raise ScheduleError(f"step {index} offloads '{node.name}' before it is computed "
                                     "or it is not a single tensor")
-            new = new_graph.create_node("call_function", offload.offload, (current[node.name], node.name),
-                                        name=f"offload_{node.name}")
+            new = add_node(new_graph, "call_function", offload.offload, (current[node.name], node.name),
+                           name=f"offload_{node.name}")
             new.meta["val"] = None
             new_info[new.name] = TensorInfo(
                 role=Role.OFFLOADED, phase=ti.phase, shape=None, dtype=None,
@@ -88,8 +90,8 @@ def rewrite(graph: TrainingGraph, schedule: Schedule) -> TrainingGraph:
         elif step.kind == StepKind.RELOAD:
             if node.name not in handles:
                 raise ScheduleError(f"step {index} reloads '{node.name}', which was never offloaded")
-            new = new_graph.create_node("call_function", offload.reload, (handles[node.name],),
-                                        name=f"reload_{node.name}")
+            new = add_node(new_graph, "call_function", offload.reload, (handles[node.name],),
+                           name=f"reload_{node.name}")
             new.meta["val"] = node.meta.get("val")
             new_info[new.name] = dataclasses.replace(
                 ti, phase=Phase.BACKWARD, output_nbytes=(sum(ti.output_nbytes),), output_alias=(None,),

@@ -18,7 +18,7 @@ from mebp_compiler.passes.liveness import liveness
 from mebp_compiler.passes.policies import known_starts, mebp_schedule, none_schedule, optimal_schedule
 from mebp_compiler.passes.rewrite import rewrite
 from mebp_compiler.passes.scheduler.pareto import pareto_frontier
-from mebp_compiler.passes.scheduler.problem import ProblemError, build_problem
+from mebp_compiler.passes.scheduler.problem import ProblemError, _members_by_event, build_problem
 from mebp_compiler.passes.scheduler.solver import (
     BudgetInfeasible,
     ScheduleNotFound,
@@ -457,3 +457,17 @@ def test_pareto_frontier_spans_least_to_none_with_fixed_policies_marked():
     assert optimal[-1].budget_bytes == none.predicted_peak_bytes
     assert optimal[-1].extra_time_s <= none.extra_time_s + 1e-4  # at none's peak nothing need be recomputed
     assert optimal[0].extra_time_s <= mebp.extra_time_s
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_members_by_event_says_which_consecutive_member_sets_contain_each_other(seed):
+    """The grows/shrinks flags read off the runs equal comparing the member sets (empty runs among them)."""
+    rng = np.random.default_rng(seed)
+    events = sorted(set(rng.integers(0, 40, size=12).tolist()))
+    tensors = [f"t{k}" for k in range(15)]
+    first = {v: int(rng.integers(-2, 42)) for v in tensors}
+    last = {v: first[v] + int(rng.integers(-5, 20)) for v in tensors}
+    members, grows, shrinks = _members_by_event(events, tensors, first, last)
+    assert members == [[v for v in tensors if first[v] <= e <= last[v]] for e in events]
+    assert grows == [set(a) <= set(b) for a, b in zip(members, members[1:])]
+    assert shrinks == [set(b) <= set(a) for a, b in zip(members, members[1:])]

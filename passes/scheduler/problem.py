@@ -280,17 +280,19 @@ def build_problem(dag: nx.DiGraph) -> SchedulingProblem:
                     | {held_until[v] + 1 for v in decidable} | {group[v] + 1 for v in decidable}
                     | {materialized_from[v] for v in decidable} | {0, len(forward)} | set(restore_of_run))
     events = [e for e in events if e < end]
-    kept_at = _members_by_event(events, list(decidable), kept_from, held_until)
-    materialized_at = _members_by_event(events, [v for v in decidable if v not in transient], materialized_from,
-                                        held_until)
+    kept_at, kept_grows, kept_shrinks = _members_by_event(events, list(decidable), kept_from, held_until)
+    materialized_at, materialized_grows, materialized_shrinks = _members_by_event(
+        events, [v for v in decidable if v not in transient], materialized_from, held_until)
     intervals = []
     for i, start in enumerate(events):
         stop = events[i + 1] if i + 1 < len(events) else end
         peak = max(range(start, stop), key=fixed.__getitem__)
         intervals.append(Checkpoint(peak, fixed[peak], kept_at[i], materialized_at[i], for_recomputation(start)))
-    checkpoints = _drop_dominated(intervals) + _restore_phases(decidable, group, held_until, kept_from,
-                                                               transient | just_in_time, materialized_from,
-                                                               fwd_users, fixed, for_recomputation)
+    grows = [a and b for a, b in zip(kept_grows, materialized_grows)]
+    shrinks = [a and b for a, b in zip(kept_shrinks, materialized_shrinks)]
+    checkpoints = _drop_dominated(intervals, grows, shrinks) + _restore_phases(
+        decidable, group, held_until, kept_from, transient | just_in_time, materialized_from, fwd_users, fixed,
+        for_recomputation)
     needs = {v: [w for w in dag.predecessors(v) if w in group] for v in decidable}
     offloadable = {v: bool(dag.nodes[v].get("offloadable", True)) and size[v] > 0 for v in decidable}
     compute_s = {v: float(dag.nodes[v]["compute_s"]) for v in decidable}
@@ -372,40 +374,53 @@ def _restore_phases(decidable, group, held_until, kept_from, transient, material
     return out
 
 
-def _members_by_event(events: list[int], tensors: list[str], first: dict[str, int], last: dict[str, int]) -> list[list[str]]:
+def _members_by_event(events: list[int], tensors: list[str], first: dict[str, int],
+                      last: dict[str, int]) -> tuple[list[list[str]], list[bool], list[bool]]:
     """For each event position, the tensors (in the given order) with first[v] <= position <= last[v]:
-    each tensor's run of events is bisected once, and each event takes the tensors whose run covers it."""
+    each tensor's run of events is bisected once, and each event takes the tensors whose run covers it.
+
+    Also, for each event i but the last, whether its tensors are among event i + 1's
+    (`grows[i]`: no run ends at i) and whether event i + 1's are among its own (`shrinks[i]`:
+    no run starts at i + 1), read off the runs instead of comparing the member sets.
+    """
     at = np.asarray(events)
     lo = np.searchsorted(at, np.array([first[v] for v in tensors], dtype=np.int64), side="left")
     hi = np.searchsorted(at, np.array([last[v] for v in tensors], dtype=np.int64), side="right")
     names = np.array(tensors, dtype=object)
-    return [names[(lo <= i) & (i < hi)].tolist() for i in range(len(events))]
+    members = [names[(lo <= i) & (i < hi)].tolist() for i in range(len(events))]
+    runs = lo < hi
+    ends = np.bincount(hi[runs] - 1, minlength=len(events))  # runs whose last event is i
+    starts = np.bincount(lo[runs], minlength=len(events) + 1)  # runs whose first event is i
+    return members, (ends[:-1] == 0).tolist(), (starts[1:len(events)] == 0).tolist()
 
 
-def _drop_dominated(intervals: list[Checkpoint]) -> list[Checkpoint]:
+def _drop_dominated(intervals: list[Checkpoint], grows: list[bool], shrinks: list[bool]) -> list[Checkpoint]:
     """Drop checkpoints implied by another: fewer (or equal) terms and no more fixed bytes.
 
     Consecutive intervals mostly only gain terms (the forward keeps more and more) or only
     lose them (the backward frees); inside such a run a checkpoint is implied by any
     later (gaining) or earlier (losing) one whose fixed part is at least as large.
+    `grows[i]` (`shrinks[i]`) says whether interval i's kept and materialized terms are
+    among interval i + 1's (interval i + 1's among interval i's), as `_members_by_event` finds.
     """
-    sets = [(set(c.kept), set(c.materialized), set(c.for_recomputation)) for c in intervals]
+    held = [set(c.for_recomputation) for c in intervals]
 
-    def within(small, large) -> bool:
-        return all(a <= b for a, b in zip(small, large))
+    def within(j: int, gaining: bool) -> bool:
+        """Whether interval j's terms are among j + 1's (gaining), or j + 1's among j's."""
+        if gaining:
+            return grows[j] and held[j] <= held[j + 1]
+        return shrinks[j] and held[j + 1] <= held[j]
 
     keep = [True] * len(intervals)
     i = 0
     while i < len(intervals) - 1:
         j = i
-        grows = within(sets[j], sets[j + 1])
-        while j + 1 < len(intervals) and (
-            within(sets[j], sets[j + 1]) if grows else within(sets[j + 1], sets[j])
-        ):
+        gaining = within(j, True)
+        while j + 1 < len(intervals) and within(j, gaining):
             j += 1
         run = range(i, j + 1)
         best = -1
-        for k in (reversed(run) if grows else run):
+        for k in (reversed(run) if gaining else run):
             if intervals[k].fixed_bytes <= best:
                 keep[k] = False
             best = max(best, intervals[k].fixed_bytes)
