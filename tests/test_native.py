@@ -322,6 +322,29 @@ def test_bad_artifacts_fail_in_one_line_before_any_compute(native, artifacts, tm
     assert re.search(message, stderr), stderr
 
 
+def test_a_full_disk_fails_the_offload_in_one_line_and_writes_no_adapter(native, artifacts, tmp_path):
+    """The offload file cannot grow (RLIMIT_FSIZE stands in for a full disk): the driver stops at
+    its first offload with a one-line error naming the fix, and no adapter is written."""
+    import resource
+    import signal
+
+    directory, _, manifest = artifacts
+    assert any(stage.offload_after for stage in manifest.stages)
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "lora.safetensors"
+    done = subprocess.run([str(native), str(directory / "artifacts"), "--tokens", str(directory / "tokens.bin"),
+                           "--out", str(out), "--offload-dir", str(tmp_path / "flash")],
+                          capture_output=True, text=True, preexec_fn=small_files)
+    assert done.returncode != 0
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert re.search(r"cannot offload .*free disk space or choose another offload directory", done.stderr)
+    assert not out.exists() and not (tmp_path / ".lora.tmp.safetensors").exists()
+
+
 def token_file(path, ids, labels=None):
     return native_driver.write_tokens(path, [{"input_ids": ids, "labels": ids if labels is None else labels}])
 

@@ -466,15 +466,20 @@ class OffloadStore {
       throw Failure("cannot offload '" + key + "': " + std::to_string(size) + " bytes needed in " + dir_.string() +
                     ": " + std::strerror(err) + "; free disk space or choose another offload directory");
     }
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    ::close(fd);
-    if (p == MAP_FAILED) throw Failure("cannot map " + h.path.string() + ": " + std::strerror(errno));
-    auto* base = static_cast<char*>(p);
+    // pwrite, not a shared mapping and memcpy: the kernel copies into its page cache without a
+    // page fault per 4 KiB of the file.
+    char prefix[kPrefix] = {};
     uint64_t word = h.nbytes;
-    std::memcpy(base + kPrefix - 8, &word, 8);
-    std::memcpy(base + kPrefix, a.data<char>(), h.nbytes);
-    h.crc = digest::crc32(base + kPrefix, h.nbytes);
-    ::munmap(p, size);
+    std::memcpy(prefix + kPrefix - 8, &word, 8);
+    bool written = write_all(fd, prefix, kPrefix, 0) && write_all(fd, a.data<char>(), h.nbytes, kPrefix);
+    int write_errno = errno;
+    ::close(fd);
+    if (!written) {
+      fs::remove(h.path);
+      throw Failure("cannot offload '" + key + "' to " + h.path.string() + ": " + std::strerror(write_errno) +
+                    "; check the disk or choose another offload directory");
+    }
+    h.crc = digest::crc32(a.data<char>(), h.nbytes);
     bytes_written += h.nbytes;
     return h;
   }
@@ -491,6 +496,16 @@ class OffloadStore {
   size_t bytes_written = 0, bytes_read = 0;
 
  private:
+  static bool write_all(int fd, const char* data, size_t n, off_t offset) {
+    while (n) {
+      ssize_t done = ::pwrite(fd, data, n, offset);
+      if (done < 0 && errno == EINTR) continue;
+      if (done <= 0) return false;
+      data += done, n -= size_t(done), offset += done;
+    }
+    return true;
+  }
+
   fs::path dir_;
   bool owned_ = false;
 };
