@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import resource
 import shutil
+import signal
 import subprocess
 from types import SimpleNamespace
 
@@ -325,9 +327,6 @@ def test_bad_artifacts_fail_in_one_line_before_any_compute(native, artifacts, tm
 def test_a_full_disk_fails_the_offload_in_one_line_and_writes_no_adapter(native, artifacts, tmp_path):
     """The offload file cannot grow (RLIMIT_FSIZE stands in for a full disk): the driver stops at
     its first offload with a one-line error naming the fix, and no adapter is written."""
-    import resource
-    import signal
-
     directory, _, manifest = artifacts
     assert any(stage.offload_after for stage in manifest.stages)
 
