@@ -45,9 +45,9 @@ def lazy_peak(function, inputs, limit_above: int | None) -> tuple[int, float]:
 
 def op_by_op_peak(module, inputs) -> int:
     """Peak bytes of arrays above `inputs` when each op is evaluated alone and freed after its last use."""
-    import mlx.core as mx
-
     import mlx_interpret  # first: it sets MLX_BFS_MAX_WIDTH before MLX is loaded
+
+    import mlx.core as mx
 
     base = mx.get_active_memory()
     mx.reset_peak_memory()
